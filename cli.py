@@ -1,0 +1,68 @@
+"""The `seqserve` command: one entry point, a subcommand per job.
+
+Each subcommand lives in the module that does the work and exposes
+``add_arguments(parser)`` and ``run(args) -> int``. Only the chosen subcommand's
+module is imported, so `seqserve serve` never imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "data": ("seqserve.models.data", "rebuild the corpora from their registry sources, or validate TSV/prose files"),
+    "train": ("seqserve.models.train", "train a translator (lstm, gru, birnn-*, transformer) or a BERT"),
+    "evaluate": ("seqserve.models.evaluate", "BLEU/chrF of a translator, MLM/NSP accuracy of a BERT"),
+    "import-hf": ("seqserve.models.hf", "turn a local Hugging Face BERT directory into a seqserve checkpoint"),
+    "export": ("seqserve.export.cli", "export a checkpoint to ONNX into the model repository"),
+    "export-hf": ("seqserve.export.cli_hf", "export a local Hugging Face BERT directory into the model repository"),
+    "build-default": ("seqserve.export.default_repo", "build the default model repository (data, training, export)"),
+    "serve": ("seqserve.server.cli", "serve a model repository over gRPC"),
+}
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="seqserve",
+        description="Train, export and serve sequence models. `seqserve COMMAND --help` explains each command.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="commands:\n" + "\n".join(f"  {name:<14} {text}" for name, (_, text) in COMMANDS.items()),
+    )
+    parser.add_argument("command", choices=sorted(COMMANDS), metavar="COMMAND", help="the job to run (listed below)")
+    parser.add_argument("--version", action="version", version=_version())
+    return parser
+
+
+def _version() -> str:
+    from seqserve import __version__
+
+    return f"seqserve {__version__}"
+
+
+def build_command_parser(name: str) -> tuple[argparse.ArgumentParser, object]:
+    """The full parser of one subcommand and the module that runs it."""
+    module_name, text = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(
+        prog=f"seqserve {name}", description=text, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    module.add_arguments(parser)
+    return parser, module
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        _top_parser().parse_args(argv[:1] or ["--help"])
+        return 2
+    parser, module = build_command_parser(argv[0])
+    args = parser.parse_args(argv[1:])
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
