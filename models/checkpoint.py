@@ -1,0 +1,140 @@
+"""Checkpoint folders: weights (safetensors), config JSON, tokenizers, metrics. No pickles.
+
+Layout (see docs/design.md)::
+
+    model.safetensors   config.json   source_tokenizer.json + target_tokenizer.json | tokenizer.json   metrics.json
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
+
+# family -> (module, config class, model class)
+FAMILIES: dict[str, tuple[str, str, str]] = {
+    "rnn": ("seqserve.models.rnn", "RNNConfig", "RNNTranslator"),
+    "transformer": ("seqserve.models.transformer", "TransformerConfig", "TransformerTranslator"),
+    "bert": ("seqserve.models.bert", "BertConfig", "Bert"),
+}
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+METRICS_FILE = "metrics.json"
+TOKENIZER_FILES = {"source": "source_tokenizer.json", "target": "target_tokenizer.json", "text": "tokenizer.json"}
+
+
+class CheckpointError(Exception):
+    """A checkpoint folder is missing a file or holds something we cannot read."""
+
+
+@dataclass
+class Checkpoint:
+    family: str
+    config: Any  # the family's frozen dataclass config
+    model: torch.nn.Module
+    tokenizers: dict[str, Tokenizer]  # "source"/"target" for translators, "text" for BERT
+    metrics: dict[str, Any]
+    path: Path
+
+
+def family_of(model: torch.nn.Module) -> str:
+    for family, (module, _, cls) in FAMILIES.items():
+        if type(model).__name__ == cls and type(model).__module__ == module:
+            return family
+    raise CheckpointError(f"{type(model).__name__} is not a seqserve model family ({', '.join(FAMILIES)})")
+
+
+def build_model(family: str, config_dict: dict[str, Any]) -> tuple[Any, torch.nn.Module]:
+    """The config dataclass and a freshly initialised model of a family."""
+    if family not in FAMILIES:
+        raise CheckpointError(f"unknown model family {family!r}; known: {', '.join(FAMILIES)}")
+    module_name, config_name, model_name = FAMILIES[family]
+    module = importlib.import_module(module_name)
+    config_cls = getattr(module, config_name)
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(config_dict) - fields)
+    if unknown:
+        raise CheckpointError(f"{config_name} has no field(s) {unknown}")
+    config = config_cls(**config_dict)
+    return config, getattr(module, model_name)(config)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    # Write then rename, so a reader never sees half a file.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def save_checkpoint(
+    directory: str | os.PathLike,
+    model: torch.nn.Module,
+    tokenizers: dict[str, Tokenizer],
+    metrics: dict[str, Any] | None = None,
+) -> Path:
+    """Write a checkpoint folder (weights, config, tokenizers, metrics)."""
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    family = family_of(model)
+    config = model.config
+    _write_json(path / CONFIG_FILE, {"family": family, "config": dataclasses.asdict(config)})
+    # safetensors refuses tensors that share storage (tied embeddings): store contiguous clones.
+    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    tmp = path / f".{WEIGHTS_FILE}.tmp"
+    save_file(state, str(tmp))
+    os.replace(tmp, path / WEIGHTS_FILE)
+    for role, tok in tokenizers.items():
+        if role not in TOKENIZER_FILES:
+            raise CheckpointError(f"tokenizer role {role!r} is not one of {sorted(TOKENIZER_FILES)}")
+        tok.save(str(path / TOKENIZER_FILES[role]))
+    if metrics is not None:
+        save_metrics(path, metrics)
+    return path
+
+
+def save_metrics(directory: str | os.PathLike, metrics: dict[str, Any]) -> None:
+    """Merge `metrics` into the checkpoint's metrics.json."""
+    path = Path(directory) / METRICS_FILE
+    current = json.loads(path.read_text()) if path.exists() else {}
+    current.update(metrics)
+    _write_json(path, current)
+
+
+def load_checkpoint(directory: str | os.PathLike, map_location: str = "cpu") -> Checkpoint:
+    """Read a checkpoint folder back into a model in eval mode."""
+    path = Path(directory)
+    config_path = path / CONFIG_FILE
+    if not config_path.is_file():
+        raise CheckpointError(f"{path} is not a checkpoint: {CONFIG_FILE} is missing")
+    meta = json.loads(config_path.read_text())
+    config, model = build_model(meta["family"], meta["config"])
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise CheckpointError(f"{path} is not a checkpoint: {WEIGHTS_FILE} is missing")
+    state = load_file(str(weights), device=map_location)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # Tied weights are stored twice and loaded once; anything else missing is an error.
+    missing = [k for k in missing if k not in state]
+    if missing or unexpected:
+        raise CheckpointError(f"{weights}: missing weights {missing[:5]}, unexpected weights {unexpected[:5]}")
+    model.eval()
+    tokenizers = {
+        role: Tokenizer.from_file(str(path / name))
+        for role, name in TOKENIZER_FILES.items()
+        if (path / name).is_file()
+    }
+    metrics_path = path / METRICS_FILE
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    return Checkpoint(meta["family"], config, model, tokenizers, metrics, path)
