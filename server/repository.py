@@ -1,0 +1,392 @@
+"""The model repository, read side: manifests, hash checks and onnxruntime sessions. No torch.
+
+Layout (docs/design.md)::
+
+    REPO/NAME/VERSION/manifest.json + the files it lists     NAME: [a-z0-9][a-z0-9._-]*, VERSION: positive integer
+    REPO/NAME/config.json                                    optional serving settings
+
+Only folders whose name is a positive integer and that hold a ``manifest.json`` are versions; the export writes a
+version into a hidden temporary folder and renames it into place, so a half-written version is never listed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+SERVING_CONFIG_FILE = "config.json"
+NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]*\Z")
+VERSION_PATTERN = re.compile(r"[1-9][0-9]*\Z")
+TASKS = ("translation", "bert")
+
+_OPTIMIZATION_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Errors
+
+
+class RepositoryError(Exception):
+    """A model repository, model or version that cannot be read or trusted."""
+
+
+class ModelNotFound(RepositoryError):
+    """No such model or version; the message lists what exists."""
+
+    def __init__(self, name: str, version: int | None, available: dict[str, list[int]]):
+        self.name, self.version, self.available = name, version, available
+        what = name if version is None else f"{name} version {version}"
+        listing = "; ".join(
+            f"{n} (versions {', '.join(map(str, v))})" for n, v in sorted(available.items())
+        ) or "none"
+        super().__init__(f"model {what} is not in the repository; available: {listing}")
+
+
+class TamperedFile(RepositoryError):
+    """A file whose sha256 (or size) differs from the manifest, or that is missing."""
+
+    def __init__(self, path: Path, expected: str, actual: str | None):
+        self.path, self.expected, self.actual = path, expected, actual
+        if actual is None:
+            super().__init__(f"{path.name} is listed in the manifest but missing from {path.parent}")
+        else:
+            super().__init__(
+                f"{path.name} in {path.parent} does not match its manifest: sha256 {actual} != expected {expected}"
+            )
+
+
+class UnknownFormatVersion(RepositoryError):
+    def __init__(self, path: Path, found: Any, supported: int = FORMAT_VERSION):
+        self.path, self.found, self.supported = path, found, supported
+        super().__init__(
+            f"{path}: manifest format_version {found!r} is not supported (this server reads format_version "
+            f"{supported}); re-export the model with a matching seqserve"
+        )
+
+
+class ProviderUnavailable(RepositoryError):
+    def __init__(self, provider: str, available: list[str]):
+        self.provider, self.available = provider, available
+        hint = " (install onnxruntime-gpu: pip install 'seqserve[cuda]')" if provider == "cuda" else ""
+        super().__init__(
+            f"execution provider {provider!r} ({_PROVIDERS.get(provider, provider)}) is not available in this "
+            f"onnxruntime; available: {', '.join(available)}{hint}"
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Manifest
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name: "int64", "bool", "float32"
+    shape: tuple[str | int, ...]  # symbolic axes are names ("batch", "src_len"), fixed ones ints
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TensorSpec":
+        return cls(d["name"], d["dtype"], tuple(d["shape"]))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    file: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "GraphSpec":
+        return cls(
+            d["file"],
+            tuple(TensorSpec.from_dict(t) for t in d["inputs"]),
+            tuple(TensorSpec.from_dict(t) for t in d["outputs"]),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "file": self.file,
+            "inputs": [t.to_dict() for t in self.inputs],
+            "outputs": [t.to_dict() for t in self.outputs],
+        }
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """manifest.json of one model version (docs/design.md); `raw` keeps every field, known or not."""
+
+    format_version: int
+    name: str
+    version: int
+    task: str  # "translation" | "bert"
+    architecture: str
+    config: dict[str, Any]
+    files: dict[str, dict[str, Any]]  # file -> {"sha256", "bytes"}
+    graphs: dict[str, GraphSpec]  # "encoder"/"decoder" for translators, "model" for BERT
+    tokenizers: dict[str, str]  # role ("source"/"target" or "text") -> file
+    special_tokens: dict[str, int]
+    limits: dict[str, int]
+    decoder: dict[str, list[str]] | None = None  # translators: {"memory": [...], "state": [...]}
+    outputs: tuple[str, ...] = ()  # BERT: the outputs model.onnx has
+    pooling: str | None = None  # BERT: "cls" | "mean"
+    quantization: str | None = None
+    parity: dict[str, Any] = field(default_factory=dict)
+    quality: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    created: str = ""
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], path: Path | None = None) -> "Manifest":
+        where = path or Path(MANIFEST_FILE)
+        if d.get("format_version") != FORMAT_VERSION:
+            raise UnknownFormatVersion(where, d.get("format_version"))
+        try:
+            manifest = cls(
+                format_version=d["format_version"],
+                name=d["name"],
+                version=int(d["version"]),
+                task=d["task"],
+                architecture=d["architecture"],
+                config=d["config"],
+                files=d["files"],
+                graphs={k: GraphSpec.from_dict(g) for k, g in d["graphs"].items()},
+                tokenizers=d["tokenizers"],
+                special_tokens=d["special_tokens"],
+                limits=d.get("limits", {}),
+                decoder=d.get("decoder"),
+                outputs=tuple(d.get("outputs") or ()),
+                pooling=d.get("pooling"),
+                quantization=d.get("quantization"),
+                parity=d.get("parity") or {},
+                quality=d.get("quality") or {},
+                metrics=d.get("metrics") or {},
+                created=d.get("created", ""),
+                raw=d,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RepositoryError(f"{where}: malformed manifest ({type(exc).__name__}: {exc})") from exc
+        if manifest.task not in TASKS:
+            raise RepositoryError(f"{where}: unknown task {manifest.task!r}; known: {', '.join(TASKS)}")
+        for role, file in manifest.tokenizers.items():
+            if file not in manifest.files:
+                raise RepositoryError(f"{where}: tokenizer {role} file {file} is not in the manifest's file list")
+        for graph, spec in manifest.graphs.items():
+            if spec.file not in manifest.files:
+                raise RepositoryError(f"{where}: graph {graph} file {spec.file} is not in the manifest's file list")
+        return manifest
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dict(self.raw)
+        d.update(
+            format_version=self.format_version, name=self.name, version=self.version, task=self.task,
+            architecture=self.architecture, config=self.config, files=self.files,
+            graphs={k: g.to_dict() for k, g in self.graphs.items()}, tokenizers=self.tokenizers,
+            special_tokens=self.special_tokens, limits=self.limits, decoder=self.decoder,
+            outputs=list(self.outputs), pooling=self.pooling, quantization=self.quantization, parity=self.parity,
+            quality=self.quality, metrics=self.metrics, created=self.created,
+        )  # fmt: skip
+        return d
+
+    @classmethod
+    def read(cls, version_dir: str | os.PathLike) -> "Manifest":
+        path = Path(version_dir) / MANIFEST_FILE
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise RepositoryError(f"{path.parent} is not a model version: {MANIFEST_FILE} is missing") from exc
+        except json.JSONDecodeError as exc:
+            raise RepositoryError(f"{path}: not valid JSON ({exc})") from exc
+        return cls.from_dict(data, path)
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_files(version_dir: str | os.PathLike, manifest: Manifest) -> None:
+    """Check the size and sha256 of every file the manifest lists; raise TamperedFile naming the first bad one."""
+    root = Path(version_dir)
+    for name, entry in sorted(manifest.files.items()):
+        path = root / name
+        if not path.is_file():
+            raise TamperedFile(path, entry["sha256"], None)
+        # Size first: a cheap check that catches truncation without hashing.
+        if "bytes" in entry and path.stat().st_size != entry["bytes"]:
+            raise TamperedFile(path, entry["sha256"], f"(size {path.stat().st_size} != {entry['bytes']} bytes)")
+        actual = sha256_file(path)
+        if actual != entry["sha256"]:
+            raise TamperedFile(path, entry["sha256"], actual)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sessions
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    """How onnxruntime runs a model: execution provider, threads, spinning, graph optimisation."""
+
+    provider: str = "cpu"  # "cpu" | "cuda"
+    intra_op_threads: int = 1
+    inter_op_threads: int = 1
+    # Spinning threads burn idle CPU between requests and starve other instances: off unless asked for.
+    allow_spinning: bool = False
+    graph_optimization: str = "all"  # "disable" | "basic" | "extended" | "all"
+    verify_hashes: bool = True
+
+    def __post_init__(self) -> None:
+        if self.provider not in _PROVIDERS:
+            raise ValueError(f"provider {self.provider!r} is not one of {sorted(_PROVIDERS)}")
+        if self.graph_optimization not in _OPTIMIZATION_LEVELS:
+            raise ValueError(
+                f"graph_optimization {self.graph_optimization!r} is not one of {sorted(_OPTIMIZATION_LEVELS)}"
+            )
+        if self.intra_op_threads < 0 or self.inter_op_threads < 0:
+            raise ValueError(
+                f"thread counts must be >= 0 (0 = onnxruntime's default), got intra {self.intra_op_threads}, "
+                f"inter {self.inter_op_threads}"
+            )
+
+    def providers(self) -> list[str]:
+        available = ort.get_available_providers()
+        wanted = _PROVIDERS[self.provider]
+        if wanted not in available:
+            raise ProviderUnavailable(self.provider, available)
+        return [wanted, "CPUExecutionProvider"] if self.provider != "cpu" else [wanted]
+
+    def ort_options(self) -> ort.SessionOptions:
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = self.intra_op_threads
+        so.inter_op_num_threads = self.inter_op_threads
+        so.graph_optimization_level = _OPTIMIZATION_LEVELS[self.graph_optimization]
+        spin = "1" if self.allow_spinning else "0"
+        so.add_session_config_entry("session.intra_op.allow_spinning", spin)
+        so.add_session_config_entry("session.inter_op.allow_spinning", spin)
+        return so
+
+
+@dataclass
+class LoadedModel:
+    manifest: Manifest
+    sessions: dict[str, ort.InferenceSession]  # graph name ("encoder", "decoder", "model") -> session
+    tokenizers: dict[str, Tokenizer]  # role -> tokenizer
+    path: Path
+
+
+def load_model(version_dir: str | os.PathLike, options: SessionOptions | None = None) -> LoadedModel:
+    """Read a version's manifest, verify its files and open one onnxruntime session per graph."""
+    options = options or SessionOptions()
+    root = Path(version_dir)
+    manifest = Manifest.read(root)
+    if options.verify_hashes:
+        verify_files(root, manifest)
+    providers = options.providers()
+    sessions: dict[str, ort.InferenceSession] = {}
+    for graph, spec in manifest.graphs.items():
+        try:
+            session = ort.InferenceSession(str(root / spec.file), sess_options=options.ort_options(), providers=providers)
+        except Exception as exc:  # onnxruntime raises its own untyped errors
+            raise RepositoryError(f"{root / spec.file}: onnxruntime could not load the graph: {exc}") from exc
+        got_in = [i.name for i in session.get_inputs()]
+        got_out = [o.name for o in session.get_outputs()]
+        if got_in != spec.input_names or got_out != spec.output_names:
+            raise RepositoryError(
+                f"{root / spec.file}: graph inputs {got_in} / outputs {got_out} differ from the manifest's "
+                f"{spec.input_names} / {spec.output_names}"
+            )
+        sessions[graph] = session
+    tokenizers = {role: Tokenizer.from_file(str(root / file)) for role, file in manifest.tokenizers.items()}
+    log.info(
+        "loaded %s version %d from %s (provider %s, intra-op threads %d, inter-op threads %d, optimisation %s)",
+        manifest.name, manifest.version, root, options.provider, options.intra_op_threads,
+        options.inter_op_threads, options.graph_optimization,
+    )  # fmt: skip
+    return LoadedModel(manifest, sessions, tokenizers, root)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Repository
+
+
+class ModelRepository:
+    """A folder of models, each a folder of numbered versions."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise RepositoryError(f"model repository {self.root} does not exist or is not a folder")
+
+    def versions(self, name: str) -> list[int]:
+        """Complete versions of a model (those with a manifest), ascending."""
+        folder = self.root / name
+        if not NAME_PATTERN.match(name) or not folder.is_dir():
+            return []
+        return sorted(
+            int(p.name) for p in folder.iterdir() if VERSION_PATTERN.match(p.name) and (p / MANIFEST_FILE).is_file()
+        )
+
+    def models(self) -> dict[str, list[int]]:
+        """Every model with at least one complete version -> its versions, ascending."""
+        found = {}
+        for p in sorted(self.root.iterdir()):
+            if p.is_dir() and NAME_PATTERN.match(p.name) and (versions := self.versions(p.name)):
+                found[p.name] = versions
+        return found
+
+    def version_dir(self, name: str, version: int | None = None) -> Path:
+        """The folder of a version (the highest when `version` is None or 0)."""
+        versions = self.versions(name)
+        if not versions or (version and version not in versions):
+            raise ModelNotFound(name, version or None, self.models())
+        return self.root / name / str(version or versions[-1])
+
+    def manifest(self, name: str, version: int | None = None) -> Manifest:
+        return Manifest.read(self.version_dir(name, version))
+
+    def load(self, name: str, version: int | None = None, options: SessionOptions | None = None) -> LoadedModel:
+        return load_model(self.version_dir(name, version), options)
+
+    def serving_config(self, name: str) -> dict[str, Any]:
+        """REPO/NAME/config.json (batching budget, queue delay, instances, threads), or {} when absent."""
+        path = self.root / name / SERVING_CONFIG_FILE
+        if not path.is_file():
+            return {}
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise RepositoryError(f"{path}: not valid JSON ({exc})") from exc

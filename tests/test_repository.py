@@ -1,0 +1,206 @@
+"""The model repository: atomic versions written by export, read by the torch-free loader."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from seqserve.export.writer import StagedVersion, VersionExists, next_version
+from seqserve.server.repository import (
+    FORMAT_VERSION,
+    Manifest,
+    ModelNotFound,
+    ModelRepository,
+    ProviderUnavailable,
+    RepositoryError,
+    SessionOptions,
+    TamperedFile,
+    UnknownFormatVersion,
+    load_model,
+)
+
+INPUTS = ["input_ids", "attention_mask", "token_type_ids"]
+
+
+def _write_toy_bert(folder: Path) -> dict:
+    """A real (if trivial) BERT-shaped ONNX graph and tokenizer; returns the manifest fields export would write."""
+    inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "seq"]) for n in INPUTS]
+    out = helper.make_tensor_value_info("sequence_output", TensorProto.FLOAT, ["batch", "seq"])
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["input_ids"], ["sequence_output"], to=TensorProto.FLOAT)], "toy", inputs, [out]
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, folder / "model.onnx")
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "[MASK]": 4, "hello": 5}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(folder / "tokenizer.json"))
+    spec = {
+        "file": "model.onnx",
+        "inputs": [{"name": n, "dtype": "int64", "shape": ["batch", "seq"]} for n in INPUTS],
+        "outputs": [{"name": "sequence_output", "dtype": "float32", "shape": ["batch", "seq"]}],
+    }
+    return {
+        "task": "bert",
+        "architecture": "bert",
+        "config": {"family": "bert", "config": {"hidden": 1}},
+        "graphs": {"model": spec},
+        "tokenizers": {"text": "tokenizer.json"},
+        "special_tokens": {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4},
+        "limits": {"max_tokens": 16},
+        "outputs": ["sequence_output"],
+        "pooling": "mean",
+        "quantization": None,
+        "parity": {"max_abs_diff": 0.0, "tolerance": 1e-4},
+        "metrics": {},
+    }
+
+
+def _publish(repo: Path, name: str = "toy", version: int | None = None, force: bool = False) -> Path:
+    with StagedVersion(repo, name, version, force) as stage:
+        fields = _write_toy_bert(stage.dir)
+        return stage.commit(fields)
+
+
+def test_manifest_round_trips(tmp_path):
+    path = _publish(tmp_path)
+    written = json.loads((path / "manifest.json").read_text())
+    manifest = Manifest.read(path)
+    assert manifest.to_dict() == written
+    assert Manifest.from_dict(manifest.to_dict()) == manifest
+    assert manifest.format_version == FORMAT_VERSION and manifest.version == 1 and manifest.name == "toy"
+    assert set(manifest.files) == {"model.onnx", "tokenizer.json"}
+    assert manifest.files["model.onnx"]["bytes"] == (path / "model.onnx").stat().st_size
+    assert manifest.graphs["model"].input_names == INPUTS
+
+
+def test_loaded_model_runs_and_carries_its_tokenizer(tmp_path):
+    loaded = load_model(_publish(tmp_path))
+    ids = np.array([[2, 5, 3], [2, 3, 0]], dtype=np.int64)
+    (out,) = loaded.sessions["model"].run(None, {"input_ids": ids, "attention_mask": ids, "token_type_ids": ids})
+    np.testing.assert_array_equal(out, ids.astype(np.float32))
+    assert loaded.tokenizers["text"].token_to_id("hello") == 5
+
+
+def test_tampered_file_is_refused_with_its_name(tmp_path):
+    path = _publish(tmp_path)
+    data = bytearray((path / "model.onnx").read_bytes())
+    data[-1] ^= 0xFF  # same size, different content
+    (path / "model.onnx").write_bytes(bytes(data))
+    with pytest.raises(TamperedFile, match="model.onnx") as info:
+        load_model(path)
+    assert info.value.actual != info.value.expected
+
+
+def test_missing_file_is_refused_with_its_name(tmp_path):
+    path = _publish(tmp_path)
+    (path / "tokenizer.json").unlink()
+    with pytest.raises(TamperedFile, match="tokenizer.json"):
+        load_model(path)
+
+
+def test_unknown_format_version_is_refused(tmp_path):
+    path = _publish(tmp_path)
+    data = json.loads((path / "manifest.json").read_text())
+    data["format_version"] = FORMAT_VERSION + 1
+    (path / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(UnknownFormatVersion, match=f"format_version {FORMAT_VERSION + 1}"):
+        load_model(path)
+
+
+def test_half_written_version_is_never_visible(tmp_path):
+    _publish(tmp_path, "toy")
+    with pytest.raises(RuntimeError, match="export failed"):
+        with StagedVersion(tmp_path, "toy") as stage:
+            _write_toy_bert(stage.dir)
+            # Everything but the manifest and the rename is done: readers still see only version 1.
+            assert ModelRepository(tmp_path).models() == {"toy": [1]}
+            raise RuntimeError("export failed")
+    assert ModelRepository(tmp_path).models() == {"toy": [1]}
+    assert sorted(p.name for p in (tmp_path / "toy").iterdir()) == ["1"]  # staging folder removed
+
+
+def test_version_defaults_to_the_next_number(tmp_path):
+    assert next_version(tmp_path, "toy") == 1
+    _publish(tmp_path, "toy")
+    _publish(tmp_path, "toy", version=5)
+    assert _publish(tmp_path, "toy").name == "6"
+    assert ModelRepository(tmp_path).versions("toy") == [1, 5, 6]
+
+
+def test_existing_version_is_not_overwritten_without_force(tmp_path):
+    path = _publish(tmp_path, "toy", version=1)
+    before = (path / "manifest.json").read_text()
+    with pytest.raises(VersionExists, match="--force"):
+        _publish(tmp_path, "toy", version=1)
+    assert (path / "manifest.json").read_text() == before
+
+
+def test_force_replaces_an_existing_version(tmp_path):
+    path = _publish(tmp_path, "toy", version=1)
+    created = json.loads((path / "manifest.json").read_text())["created"]
+    with StagedVersion(tmp_path, "toy", 1, force=True) as stage:
+        fields = _write_toy_bert(stage.dir)
+        fields["created"] = "2000-01-01T00:00:00Z"
+        stage.commit(fields)
+    assert Manifest.read(path).created == "2000-01-01T00:00:00Z" != created
+    assert sorted(p.name for p in (tmp_path / "toy").iterdir()) == ["1"]
+
+
+def test_invalid_model_name_is_refused(tmp_path):
+    with pytest.raises(RepositoryError, match="Bad_Name"):
+        StagedVersion(tmp_path, "Bad_Name")
+
+
+def test_manifest_without_version_is_the_highest(tmp_path):
+    _publish(tmp_path, "toy", version=2)
+    _publish(tmp_path, "toy", version=3)
+    repo = ModelRepository(tmp_path)
+    assert repo.manifest("toy").version == 3
+    assert repo.manifest("toy", 2).version == 2
+
+
+def test_unknown_model_lists_what_exists(tmp_path):
+    _publish(tmp_path, "toy")
+    with pytest.raises(ModelNotFound, match=r"toy \(versions 1\)"):
+        ModelRepository(tmp_path).manifest("other")
+    with pytest.raises(ModelNotFound, match="toy version 7"):
+        ModelRepository(tmp_path).manifest("toy", 7)
+
+
+def test_session_options_set_threads_spinning_and_optimisation():
+    so = SessionOptions(intra_op_threads=2, inter_op_threads=1, graph_optimization="basic").ort_options()
+    assert so.intra_op_num_threads == 2 and so.inter_op_num_threads == 1
+    assert so.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    assert so.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert SessionOptions(allow_spinning=True).ort_options().get_session_config_entry(
+        "session.intra_op.allow_spinning"
+    ) == "1"
+
+
+def test_cuda_provider_is_used_or_refused_clearly(tmp_path):
+    path = _publish(tmp_path)
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        loaded = load_model(path, SessionOptions(provider="cuda"))
+        assert loaded.sessions["model"].get_providers()[0] == "CUDAExecutionProvider"
+    else:
+        with pytest.raises(ProviderUnavailable, match="CUDAExecutionProvider.*onnxruntime-gpu"):
+            load_model(path, SessionOptions(provider="cuda"))
+
+
+def test_loader_imports_no_torch():
+    code = (
+        "import sys, seqserve.server.repository, seqserve.export.writer; "
+        "assert 'torch' not in sys.modules, 'torch imported'; assert 'onnx' not in sys.modules, 'onnx imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
