@@ -1,0 +1,218 @@
+"""`seqserve evaluate`: BLEU and chrF of a translator on a TSV, MLM and NSP accuracy of a BERT on prose.
+
+Translations are greedy (``models/decoding.py``), batched by a token budget; the scores are sacrebleu's. Metrics are
+merged into the checkpoint's ``metrics.json``.
+
+Letters: B batch, S source length, T target length, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import sacrebleu
+import torch
+from tokenizers import Tokenizer
+
+from seqserve.models.batching import token_budget_batches
+from seqserve.models.checkpoint import Checkpoint, load_checkpoint, save_metrics
+
+logger = logging.getLogger(__name__)
+
+# Translator special ids are fixed by docs/design.md.
+PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
+
+
+class EvaluationError(ValueError):
+    """The checkpoint and the evaluation data do not fit together."""
+
+
+@dataclass(frozen=True)
+class TranslationScores:
+    bleu: float
+    chrf: float
+    exact_match: float  # fraction of hypotheses equal to their reference
+    sentences: int
+
+
+@dataclass(frozen=True)
+class BertScores:
+    mlm_accuracy: float  # over the positions chosen for masking
+    nsp_accuracy: float
+    masked_tokens: int
+    pairs: int
+
+
+def decode_limit(source_len: int) -> int:
+    """Greedy decoding stops at this many target tokens for a source of ``source_len`` tokens."""
+    return 2 * source_len + 10
+
+
+@torch.no_grad()
+def translate(
+    model: torch.nn.Module,
+    source_tokenizer: Tokenizer,
+    target_tokenizer: Tokenizer,
+    sources: Sequence[str],
+    token_budget: int = 4096,
+    max_source_tokens: int | None = None,
+) -> list[str]:
+    """Greedy translations of ``sources``, in order, batched by length under ``token_budget`` source tokens."""
+    from seqserve.models.decoding import greedy_decode
+
+    model.eval()
+    encoded = [source_tokenizer.encode(text).ids for text in sources]
+    if max_source_tokens is not None:
+        # Keep the closing </s>: the model never saw a source without it.
+        encoded = [ids if len(ids) <= max_source_tokens else ids[: max_source_tokens - 1] + [ids[-1]] for ids in encoded]
+    outputs: list[str] = [""] * len(sources)
+    # Budget on source length and the decode limit together: both are padded for the batch.
+    lengths = [(len(ids), decode_limit(len(ids))) for ids in encoded]
+    for batch in token_budget_batches(lengths, token_budget, seed=0, shuffle=False):
+        longest = max(len(encoded[i]) for i in batch)
+        src = torch.full((len(batch), longest), PAD_ID, dtype=torch.long)  # (B, S)
+        for row, i in enumerate(batch):
+            src[row, : len(encoded[i])] = torch.tensor(encoded[i])
+        src_pad_mask = src.eq(PAD_ID)  # (B, S) True at padding
+        hyp = greedy_decode(model, src, src_pad_mask, decode_limit(longest), BOS_ID, EOS_ID)  # (B, <=T)
+        for row, i in enumerate(batch):
+            ids = hyp[row].tolist()
+            if EOS_ID in ids:
+                ids = ids[: ids.index(EOS_ID)]
+            outputs[i] = target_tokenizer.decode(ids, skip_special_tokens=True)
+    return outputs
+
+
+def score_translations(hypotheses: Sequence[str], references: Sequence[str]) -> TranslationScores:
+    """Corpus BLEU and chrF (sacrebleu defaults) and exact match of hypotheses against one reference each."""
+    if len(hypotheses) != len(references):
+        raise EvaluationError(f"{len(hypotheses)} hypotheses for {len(references)} references")
+    if not references:
+        raise EvaluationError("nothing to score: no references")
+    bleu = sacrebleu.corpus_bleu(list(hypotheses), [list(references)])
+    chrf = sacrebleu.corpus_chrf(list(hypotheses), [list(references)])
+    exact = sum(h.strip() == r.strip() for h, r in zip(hypotheses, references)) / len(references)
+    return TranslationScores(bleu=bleu.score, chrf=chrf.score, exact_match=exact, sentences=len(references))
+
+
+def evaluate_translator(
+    checkpoint: Checkpoint, pairs: Sequence[tuple[str, str]], token_budget: int = 4096
+) -> TranslationScores:
+    """Greedy-translate the sources of ``pairs`` and score them against the targets."""
+    if checkpoint.family not in ("rnn", "transformer"):
+        raise EvaluationError(f"{checkpoint.path} holds a {checkpoint.family} model, not a translator")
+    sources = [s for s, _ in pairs]
+    references = [t for _, t in pairs]
+    hypotheses = translate(
+        checkpoint.model, checkpoint.tokenizers["source"], checkpoint.tokenizers["target"], sources, token_budget
+    )
+    return score_translations(hypotheses, references)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# BERT
+
+
+@dataclass(frozen=True)
+class BertExample:
+    input_ids: list[int]  # [CLS] A [SEP] B [SEP]
+    token_type_ids: list[int]
+    special_mask: list[int]  # 1 at [CLS]/[SEP]: never masked
+    nsp_label: int
+
+
+def bert_examples(tokenizer: Tokenizer, pairs: Sequence[Any], max_len: int) -> list[BertExample]:
+    """Encode NSP pairs (``first``, ``second``, ``label``) as ``[CLS] A [SEP] B [SEP]``, truncated to ``max_len``."""
+    truncating = Tokenizer.from_str(tokenizer.to_str())  # a copy: the saved tokenizer keeps no truncation
+    truncating.no_padding()
+    truncating.enable_truncation(max_length=max_len, strategy="longest_first")
+    encodings = truncating.encode_batch([(p.first, p.second) for p in pairs])
+    return [BertExample(e.ids, e.type_ids, e.special_tokens_mask, p.label) for e, p in zip(encodings, pairs)]
+
+
+def bert_batch(examples: Sequence[BertExample], pad_id: int) -> tuple[torch.Tensor, ...]:
+    """``input_ids``, ``attention_mask`` (1 at real tokens), ``token_type_ids``, ``special_mask`` (True where masking
+    may not choose: special tokens and padding), all (B, S), and the NSP labels (B,)."""
+    longest = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)  # (B, S)
+    type_ids = torch.zeros((len(examples), longest), dtype=torch.long)  # (B, S)
+    special = torch.ones((len(examples), longest), dtype=torch.bool)  # (B, S)
+    attention_mask = torch.zeros((len(examples), longest), dtype=torch.long)  # (B, S)
+    for row, e in enumerate(examples):
+        n = len(e.input_ids)
+        input_ids[row, :n] = torch.tensor(e.input_ids)
+        attention_mask[row, :n] = 1
+        type_ids[row, :n] = torch.tensor(e.token_type_ids)
+        special[row, :n] = torch.tensor(e.special_mask, dtype=torch.bool)
+    labels = torch.tensor([e.nsp_label for e in examples], dtype=torch.long)  # (B,)
+    return input_ids, attention_mask, type_ids, special, labels
+
+
+def bert_special_ids(tokenizer: Tokenizer) -> dict[str, int]:
+    """``pad`` and ``mask`` ids, read from the tokenizer (docs/design.md: never assumed)."""
+    ids = {"pad": tokenizer.token_to_id("[PAD]"), "mask": tokenizer.token_to_id("[MASK]")}
+    missing = [name for name, i in ids.items() if i is None]
+    if missing:
+        raise EvaluationError(f"the BERT tokenizer has no {missing} token")
+    return ids
+
+
+@torch.no_grad()
+def bert_scores(
+    model: torch.nn.Module,
+    tokenizer: Tokenizer,
+    examples: Sequence[BertExample],
+    token_budget: int = 8192,
+    seed: int = 0,
+    mlm_probability: float = 0.15,
+) -> dict[str, float]:
+    """MLM and NSP loss and accuracy over ``examples``, masked with a generator seeded by ``seed`` (repeatable)."""
+    from seqserve.models.bert import mask_tokens, pretraining_loss
+
+    model.eval()
+    ids = bert_special_ids(tokenizer)
+    generator = torch.Generator().manual_seed(seed)
+    mlm_sum = nsp_sum = 0.0
+    mlm_correct = mlm_count = nsp_correct = 0
+    lengths = [len(e.input_ids) for e in examples]
+    for indices in token_budget_batches(lengths, token_budget, seed=0, shuffle=False):
+        input_ids, attention_mask, type_ids, special, labels = bert_batch([examples[i] for i in indices], ids["pad"])
+        masked, mlm_labels = mask_tokens(
+            input_ids, special, tokenizer.get_vocab_size(), ids["mask"], generator, mlm_probability)  # (B, S)
+        output = model(masked, attention_mask, type_ids)
+        loss = pretraining_loss(output, mlm_labels, labels)
+        chosen = mlm_labels.ne(-100)  # (B, S)
+        mlm_count += int(chosen.sum())
+        mlm_sum += float(loss.mlm) * int(chosen.sum())
+        mlm_correct += int((output.mlm_logits.argmax(-1).eq(mlm_labels) & chosen).sum())
+        nsp_sum += float(loss.nsp) * len(indices)
+        nsp_correct += int(output.nsp_logits.argmax(-1).eq(labels).sum())
+    n = len(examples)
+    return {
+        "mlm_loss": mlm_sum / max(mlm_count, 1), "nsp_loss": nsp_sum / max(n, 1),
+        "mlm_accuracy": mlm_correct / max(mlm_count, 1), "nsp_accuracy": nsp_correct / max(n, 1),
+        "masked_tokens": mlm_count, "pairs": n,
+    }
+
+
+def evaluate_bert(
+    checkpoint: Checkpoint, documents: list[list[str]], seed: int = 0, max_len: int = 128, token_budget: int = 8192
+) -> BertScores:
+    """MLM accuracy on masked positions and NSP accuracy on next-sentence pairs drawn from ``documents``."""
+    from seqserve.models.bert import make_nsp_pairs
+
+    if checkpoint.family != "bert":
+        raise EvaluationError(f"{checkpoint.path} holds a {checkpoint.family} model, not a BERT")
+    if not checkpoint.config.with_heads:
+        raise EvaluationError(f"{checkpoint.path} has no MLM/NSP heads to evaluate")
+    tokenizer = checkpoint.tokenizers["text"]
+    max_len = min(max_len, checkpoint.config.max_position_embeddings)
+    examples = bert_examples(tokenizer, make_nsp_pairs(documents, random.Random(seed)), max_len)
+    scores = bert_scores(checkpoint.model, tokenizer, examples, token_budget, seed)
+    return BertScores(scores["mlm_accuracy"], scores["nsp_accuracy"], scores["masked_tokens"], scores["pairs"])
