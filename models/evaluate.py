@@ -9,10 +9,11 @@ Letters: B batch, S source length, T target length, V vocabulary.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -216,3 +217,55 @@ def evaluate_bert(
     examples = bert_examples(tokenizer, make_nsp_pairs(documents, random.Random(seed)), max_len)
     scores = bert_scores(checkpoint.model, tokenizer, examples, token_budget, seed)
     return BertScores(scores["mlm_accuracy"], scores["nsp_accuracy"], scores["masked_tokens"], scores["pairs"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Command line: seqserve evaluate CKPT --tsv FILE | --prose FILE
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", type=Path, help="checkpoint folder (from `seqserve train` or `import-hf`)")
+    data = parser.add_mutually_exclusive_group(required=True)
+    data.add_argument("--tsv", type=Path, help="translator: pairs source<TAB>target; reports BLEU and chrF")
+    data.add_argument("--prose", type=Path, help="BERT: prose documents; reports masked-LM and next-sentence accuracy")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N pairs / documents")
+    parser.add_argument("--token-budget", type=int, default=4096, help="padded tokens per evaluation batch")
+    parser.add_argument("--max-len", type=int, default=128, help="BERT: truncate sentence pairs to this many tokens")
+    parser.add_argument("--seed", type=int, default=0, help="BERT: seed of the masking and the random next sentences")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--hypotheses", type=Path, default=None,
+                        help="translator: also write the translations here, one a line")
+    parser.add_argument("--no-save", action="store_true", help="print the metrics without saving them in metrics.json")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    checkpoint = load_checkpoint(args.checkpoint)
+    metrics: dict[str, Any]
+    if args.tsv is not None:
+        from seqserve.models.data import read_pairs
+
+        pairs = list(read_pairs(args.tsv))[: args.limit]
+        if checkpoint.family not in ("rnn", "transformer"):
+            raise EvaluationError(f"{args.checkpoint} holds a {checkpoint.family} model: use --prose, not --tsv")
+        sources, references = [s for s, _ in pairs], [t for _, t in pairs]
+        hypotheses = translate(checkpoint.model, checkpoint.tokenizers["source"], checkpoint.tokenizers["target"],
+                               sources, args.token_budget)
+        if args.hypotheses is not None:
+            args.hypotheses.write_text("".join(h + "\n" for h in hypotheses), encoding="utf-8")
+        scores = score_translations(hypotheses, references)
+        metrics = {"bleu": scores.bleu, "chrf": scores.chrf, "exact_match": scores.exact_match,
+                   "eval_sentences": scores.sentences, "eval_tsv": os.fspath(args.tsv)}
+    else:
+        from seqserve.models.data import read_documents
+
+        documents = [list(d) for d in read_documents(args.prose)][: args.limit]
+        bert = evaluate_bert(checkpoint, documents, args.seed, args.max_len, args.token_budget)
+        metrics = {"mlm_accuracy": bert.mlm_accuracy, "nsp_accuracy": bert.nsp_accuracy,
+                   "eval_masked_tokens": bert.masked_tokens, "eval_pairs": bert.pairs, "eval_prose": os.fspath(args.prose)}
+    if not args.no_save:
+        save_metrics(args.checkpoint, metrics)
+    # The command's output is the metrics: stdout, not the log.
+    print(json.dumps(metrics, indent=2, sort_keys=True))
+    return 0
