@@ -1,0 +1,173 @@
+"""Channels, call metadata and the retry loop shared by the sync and asyncio clients.
+
+Retries: only UNAVAILABLE is retried (server not up yet, restarting, draining, model not ready), with exponential
+backoff and jitter, inside the call's deadline: the timeout bounds all attempts together, not each one. A small
+explicit loop rather than grpc's service-config retry policy, because that policy caps attempts at 5 and gives
+a client started before its server no say over the window. INVALID_ARGUMENT and every other code fail at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Awaitable, Callable, TypeVar, Union
+
+import grpc
+
+from seqserve.clients.errors import SeqServeError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TARGET = "localhost:50051"
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
+T = TypeVar("T")
+
+
+class _Default:
+    """The type of DEFAULT: "use the config's timeout", distinct from None ("no deadline")."""
+
+    def __repr__(self) -> str:
+        return "DEFAULT"
+
+
+DEFAULT = _Default()
+Timeout = Union[float, None, _Default]  # a method's timeout argument
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Attempts and backoff for UNAVAILABLE; ``attempts=1`` turns retrying off."""
+
+    attempts: int = 5
+    initial_backoff_s: float = 0.1
+    max_backoff_s: float = 2.0
+    multiplier: float = 2.0
+    jitter: float = 0.2  # each wait is scaled by a random factor in [1 - jitter, 1 + jitter]
+
+    def backoff(self, retry: int) -> float:
+        """Seconds to wait before retry number ``retry`` (1-based)."""
+        base = min(self.max_backoff_s, self.initial_backoff_s * self.multiplier ** (retry - 1))
+        return base * random.uniform(1.0 - self.jitter, 1.0 + self.jitter)
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """PEM files for a TLS channel: the CA to trust (None: system roots), and a client cert and key for mutual TLS."""
+
+    root_certificates: Path | None = None
+    certificate_chain: Path | None = None
+    private_key: Path | None = None
+    server_name_override: str | None = None  # for certificates issued to another name (tests, tunnels)
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        def read(path: Path | None) -> bytes | None:
+            return Path(path).read_bytes() if path is not None else None
+
+        if (self.certificate_chain is None) != (self.private_key is None):
+            raise ValueError("mutual TLS needs both a client certificate chain and its private key")
+        return grpc.ssl_channel_credentials(
+            root_certificates=read(self.root_certificates),
+            private_key=read(self.private_key),
+            certificate_chain=read(self.certificate_chain),
+        )
+
+
+@dataclass(frozen=True)
+class ConnectionConfig:
+    """Everything about reaching a server, shared by Client and AsyncClient."""
+
+    target: str = DEFAULT_TARGET
+    timeout_s: float | None = 30.0  # default deadline of a call, over all its attempts; None: no deadline
+    retry: RetryPolicy = RetryPolicy()
+    tls: TLSConfig | None = None  # None: plaintext
+    token: str | None = None  # sent as "authorization: Bearer <token>"
+    metadata: tuple[tuple[str, str], ...] = ()  # extra headers on every call
+    max_message_bytes: int | None = None  # send and receive limit (grpc's default receive limit is 4 MiB)
+
+    def channel_options(self) -> list[tuple[str, Any]]:
+        options: list[tuple[str, Any]] = [
+            ("grpc.enable_retries", 0),  # the loop below retries, not grpc
+            # A channel that failed to connect waits out its reconnect backoff (1 s, growing 1.6x) and fails calls
+            # fast meanwhile; matching it to the retry backoff lets a retry reach a server that has just come up.
+            ("grpc.initial_reconnect_backoff_ms", max(1, int(self.retry.initial_backoff_s * 1000))),
+            ("grpc.max_reconnect_backoff_ms", max(1, int(self.retry.max_backoff_s * 1000))),
+        ]
+        if self.max_message_bytes is not None:
+            options += [
+                ("grpc.max_send_message_length", self.max_message_bytes),
+                ("grpc.max_receive_message_length", self.max_message_bytes),
+            ]
+        if self.tls is not None and self.tls.server_name_override:
+            options.append(("grpc.ssl_target_name_override", self.tls.server_name_override))
+        return options
+
+    def call_metadata(self) -> tuple[tuple[str, str], ...]:
+        headers = tuple(self.metadata)
+        if self.token:
+            headers += (("authorization", f"Bearer {self.token}"),)
+        return headers
+
+    def resolve_timeout(self, timeout: Timeout) -> float | None:
+        return self.timeout_s if isinstance(timeout, _Default) else timeout
+
+    def sync_channel(self) -> grpc.Channel:
+        if self.tls is None:
+            return grpc.insecure_channel(self.target, options=self.channel_options())
+        return grpc.secure_channel(self.target, self.tls.credentials(), options=self.channel_options())
+
+    def aio_channel(self) -> grpc.aio.Channel:
+        if self.tls is None:
+            return grpc.aio.insecure_channel(self.target, options=self.channel_options())
+        return grpc.aio.secure_channel(self.target, self.tls.credentials(), options=self.channel_options())
+
+
+def _remaining(deadline: float | None) -> float | None:
+    return None if deadline is None else deadline - time.monotonic()
+
+
+def call_with_retry(
+    method: str, invoke: Callable[[float | None], T], timeout: float | None, retry: RetryPolicy
+) -> T:
+    """Run ``invoke(remaining_timeout)``, retrying UNAVAILABLE with backoff until attempts or the deadline run out."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    attempt = 1
+    while True:
+        try:
+            return invoke(_remaining(deadline))
+        except grpc.RpcError as error:
+            wait = _next_wait(method, error, attempt, deadline, retry)
+        time.sleep(wait)
+        attempt += 1
+
+
+async def call_with_retry_async(
+    method: str, invoke: Callable[[float | None], Awaitable[T]], timeout: float | None, retry: RetryPolicy
+) -> T:
+    """The asyncio twin of call_with_retry."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    attempt = 1
+    while True:
+        try:
+            return await invoke(_remaining(deadline))
+        except grpc.RpcError as error:
+            wait = _next_wait(method, error, attempt, deadline, retry)
+        await asyncio.sleep(wait)
+        attempt += 1
+
+
+def _next_wait(method: str, error: grpc.RpcError, attempt: int, deadline: float | None, retry: RetryPolicy) -> float:
+    """Seconds to wait before the next attempt, or raise the error as a SeqServeError when there is none."""
+    failure = SeqServeError.from_rpc_error(error)
+    if failure.code not in RETRYABLE or attempt >= retry.attempts:
+        raise failure from None
+    wait = retry.backoff(attempt)
+    remaining = _remaining(deadline)
+    if remaining is not None and remaining <= wait:
+        # No time left for another attempt: the caller learns why the last one failed, not just that time ran out.
+        raise SeqServeError(failure.code, f"{failure.message} (gave up after {attempt} attempts within the deadline)")
+    log.info("%s: %s, retry %d of %d in %.2f s", method, failure, attempt, retry.attempts - 1, wait)
+    return wait

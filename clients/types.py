@@ -1,0 +1,235 @@
+"""What the client methods take and return: small frozen dataclasses, and their conversion to and from the protos.
+
+Letters: n number of texts, H hidden size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import grpc
+import numpy as np
+
+from seqserve.clients.errors import SeqServeError
+from seqserve.protos.v1 import seqserve_pb2 as pb
+
+POOLINGS = {"model": pb.POOLING_UNSPECIFIED, "cls": pb.POOLING_CLS, "mean": pb.POOLING_MEAN}
+_STATE_NAMES = {
+    pb.MODEL_STATE_UNSPECIFIED: "UNSPECIFIED",
+    pb.MODEL_STATE_AVAILABLE: "AVAILABLE",
+    pb.MODEL_STATE_LOADING: "LOADING",
+    pb.MODEL_STATE_READY: "READY",
+    pb.MODEL_STATE_UNLOADING: "UNLOADING",
+    pb.MODEL_STATE_FAILED: "FAILED",
+}
+
+
+@dataclass(frozen=True)
+class DecodingOptions:
+    """Translation search settings (DecodingOptions in the proto; zeros mean the server's defaults)."""
+
+    beam_size: int = 1  # 1: greedy
+    n_best: int = 1  # hypotheses per text, at most beam_size
+    length_penalty: float = 0.0  # alpha of ((5 + len) / 6) ** alpha
+    max_output_tokens: int = 0  # 0: the model's limit
+    max_output_ratio: float = 0.0  # > 0: at most ratio * source tokens + 5
+    return_token_scores: bool = False
+
+    def to_proto(self) -> pb.DecodingOptions:
+        return pb.DecodingOptions(
+            beam_size=self.beam_size,
+            n_best=self.n_best,
+            length_penalty=self.length_penalty,
+            max_output_tokens=self.max_output_tokens,
+            max_output_ratio=self.max_output_ratio,
+            return_token_scores=self.return_token_scores,
+        )
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """The model version that served a call."""
+
+    name: str
+    version: int
+
+
+@dataclass(frozen=True)
+class Hypothesis:
+    text: str
+    score: float  # length-penalised sum of log-probabilities
+    tokens: tuple[str, ...] = ()
+    token_scores: tuple[float, ...] = ()  # per token and EOS, when asked for
+
+
+@dataclass(frozen=True)
+class Translation:
+    """The hypotheses for one source text, best first."""
+
+    hypotheses: tuple[Hypothesis, ...]
+    source_tokens: int
+    model: ModelRef | None = None
+
+    @property
+    def text(self) -> str:
+        """The best translation ('' when the server returned none)."""
+        return self.hypotheses[0].text if self.hypotheses else ""
+
+
+@dataclass(frozen=True)
+class StreamResult:
+    """One TranslateStream answer: either a translation or the error for that item (the stream goes on)."""
+
+    id: str
+    translation: Translation | None
+    error: SeqServeError | None = None
+
+
+@dataclass(frozen=True)
+class TokenCandidate:
+    token: str
+    token_id: int
+    probability: float
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """One model version as the Models service lists it."""
+
+    name: str
+    version: int
+    state: str  # AVAILABLE | LOADING | READY | UNLOADING | FAILED
+    reason: str = ""
+    task: str = ""
+    architecture: str = ""
+    capabilities: tuple[str, ...] = ()
+    metrics: dict[str, float] = field(default_factory=dict)
+    quantization: str = ""
+    max_input_tokens: int = 0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Responses: proto -> dataclass
+
+
+def model_spec(name: str, version: int) -> pb.ModelSpec:
+    return pb.ModelSpec(name=name, version=version)
+
+
+def truncation(truncate: bool) -> int:
+    return pb.TRUNCATION_TRUNCATE if truncate else pb.TRUNCATION_REJECT
+
+
+def model_ref(ref: pb.ModelRef) -> ModelRef:
+    return ModelRef(name=ref.name, version=ref.version)
+
+
+def embeddings(tensor: pb.Tensor) -> np.ndarray:
+    """The float32 buffer as an (n, H) array (a writable copy, so callers may normalise in place)."""
+    if tensor.dtype != "float32":
+        raise SeqServeError(grpc.StatusCode.INTERNAL, f"expected float32 embeddings, got {tensor.dtype!r}")
+    shape = tuple(int(d) for d in tensor.shape) or (0, 0)  # no shape: no texts were sent
+    values = np.frombuffer(tensor.data, dtype="<f4")
+    needed = int(np.prod(shape))
+    if values.size != needed:
+        message = f"embeddings buffer holds {values.size} values, shape {shape} needs {needed}"
+        raise SeqServeError(grpc.StatusCode.INTERNAL, message)
+    return values.reshape(shape).astype(np.float32, copy=True)  # (n, H)
+
+
+def translation(message: pb.Translation, ref: ModelRef | None) -> Translation:
+    return Translation(
+        hypotheses=tuple(
+            Hypothesis(
+                text=h.text, score=h.score, tokens=tuple(h.tokens), token_scores=tuple(h.token_scores)
+            )
+            for h in message.hypotheses
+        ),
+        source_tokens=message.source_tokens,
+        model=ref,
+    )
+
+
+def stream_result(message: pb.TranslateStreamResponse) -> StreamResult:
+    if message.error_code:
+        return StreamResult(message.id, None, SeqServeError.from_code_number(message.error_code, message.error_message))
+    ref = model_ref(message.model) if message.HasField("model") else None
+    return StreamResult(message.id, translation(message.translation, ref))
+
+
+def fill_mask_result(result: pb.FillMaskResult) -> list[list[TokenCandidate]]:
+    return [
+        [TokenCandidate(token=c.token, token_id=c.token_id, probability=c.probability) for c in mask.candidates]
+        for mask in result.masks
+    ]
+
+
+def model_info(status: pb.ModelStatus) -> ModelInfo:
+    return ModelInfo(
+        name=status.name,
+        version=status.version,
+        state=_STATE_NAMES.get(status.state, str(status.state)),
+        reason=status.reason,
+        task=status.task,
+        architecture=status.architecture,
+        capabilities=tuple(status.capabilities),
+        metrics=dict(status.metrics),
+        quantization=status.quantization,
+        max_input_tokens=status.max_input_tokens,
+    )
+
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Requests (built once here for the sync and asyncio clients)
+
+
+def _pairs(pairs: Sequence[tuple[str, str]]) -> list[pb.TextPair]:
+    return [pb.TextPair(first=first, second=second) for first, second in pairs]
+
+
+def encode_request(
+    model: str, texts: Sequence[str], pairs: Sequence[tuple[str, str]], version: int, pooling: str, normalize: bool,
+    truncate: bool,
+) -> pb.EncodeRequest:
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {sorted(POOLINGS)}, got {pooling!r}")
+    return pb.EncodeRequest(
+        model=model_spec(model, version), texts=list(texts), pairs=_pairs(pairs), pooling=POOLINGS[pooling],
+        normalize=normalize, truncation=truncation(truncate),
+    )
+
+
+def translate_request(
+    model: str, texts: Sequence[str], options: DecodingOptions, version: int, truncate: bool
+) -> pb.TranslateRequest:
+    return pb.TranslateRequest(
+        model=model_spec(model, version), texts=list(texts), options=options.to_proto(), truncation=truncation(truncate)
+    )
+
+
+def stream_request_factory(
+    model: str, options: DecodingOptions, version: int, truncate: bool
+) -> Callable[[str, str], pb.TranslateStreamRequest]:
+    """A function (id, text) -> TranslateStreamRequest with the shared fields built once."""
+    spec, decoding, trunc = model_spec(model, version), options.to_proto(), truncation(truncate)
+
+    def build(item_id: str, text: str) -> pb.TranslateStreamRequest:
+        return pb.TranslateStreamRequest(id=item_id, model=spec, text=text, options=decoding, truncation=trunc)
+
+    return build
+
+
+def nsp_request(
+    model: str, pairs: Sequence[tuple[str, str]], version: int, truncate: bool
+) -> pb.ScoreNextSentenceRequest:
+    return pb.ScoreNextSentenceRequest(
+        model=model_spec(model, version), pairs=_pairs(pairs), truncation=truncation(truncate)
+    )
+
+
+def fill_mask_request(model: str, texts: Sequence[str], top_k: int, version: int, truncate: bool) -> pb.FillMaskRequest:
+    return pb.FillMaskRequest(
+        model=model_spec(model, version), texts=list(texts), top_k=top_k, truncation=truncation(truncate)
+    )
