@@ -1,0 +1,258 @@
+"""`seqserve import-hf DIR --output CKPT`: a local Hugging Face BERT directory becomes a seqserve checkpoint.
+
+Reads config.json, the weights (model.safetensors, its sharded index, or pytorch_model.bin with weights_only=True)
+and tokenizer.json, renames the weights to models/bert.py's names, and records the sentence pooling of a
+sentence-transformers directory (modules.json -> 1_Pooling/config.json, Normalize). The mapping is ours: importing
+needs neither `transformers` nor `sentence-transformers`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from safetensors.torch import load_file
+from tokenizers import Tokenizer
+
+from seqserve.models.bert import Bert, BertConfig
+from seqserve.models.checkpoint import save_checkpoint
+
+logger = logging.getLogger(__name__)
+
+BERT_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+# Hugging Face name (after dropping the "bert." prefix and renaming gamma/beta) -> ours, first match wins.
+_RENAMES: list[tuple[re.Pattern[str], str]] = [
+    (re.compile(p), r)
+    for p, r in [
+        (r"^embeddings\.word_embeddings\.", "embeddings.word."),
+        (r"^embeddings\.position_embeddings\.", "embeddings.position."),
+        (r"^embeddings\.token_type_embeddings\.", "embeddings.segment."),
+        (r"^embeddings\.LayerNorm\.", "embeddings.norm."),
+        (r"^encoder\.layer\.(\d+)\.attention\.self\.(query|key|value)\.", r"layers.\1.attention.\2."),
+        (r"^encoder\.layer\.(\d+)\.attention\.output\.dense\.", r"layers.\1.attention.out."),
+        (r"^encoder\.layer\.(\d+)\.attention\.output\.LayerNorm\.", r"layers.\1.attention_norm."),
+        (r"^encoder\.layer\.(\d+)\.intermediate\.dense\.", r"layers.\1.ffn.up."),
+        (r"^encoder\.layer\.(\d+)\.output\.dense\.", r"layers.\1.ffn.down."),
+        (r"^encoder\.layer\.(\d+)\.output\.LayerNorm\.", r"layers.\1.ffn_norm."),
+        (r"^pooler\.dense\.", "pooler.dense."),
+        (r"^cls\.predictions\.transform\.dense\.", "mlm.transform."),
+        (r"^cls\.predictions\.transform\.LayerNorm\.", "mlm.norm."),
+        (r"^cls\.predictions\.decoder\.", "mlm.decoder."),
+        (r"^cls\.predictions\.bias$", "mlm.decoder.bias"),  # tied to cls.predictions.decoder.bias in HF
+        (r"^cls\.seq_relationship\.", "nsp."),
+    ]
+]
+# Buffers some Hugging Face versions save; ours are rebuilt from the config.
+_IGNORED = re.compile(r"^embeddings\.(position_ids|token_type_ids)$")
+
+
+class HFImportError(Exception):
+    """A Hugging Face directory that cannot become a seqserve BERT checkpoint; the message says which file and why."""
+
+
+class ImportedBert(NamedTuple):
+    model: Bert  # in eval mode
+    tokenizer: Tokenizer  # padding off, truncation at max_seq_length
+    info: dict[str, Any]  # imported_from, pooling, normalize_embeddings, max_seq_length, hf_name_or_path
+
+
+# --- reading the directory ----------------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise HFImportError(f"{path} is missing") from None
+    except json.JSONDecodeError as e:
+        raise HFImportError(f"{path} is not valid JSON: {e}") from None
+
+
+def read_hf_config(hf_dir: Path) -> dict[str, Any]:
+    """config.json of a BERT, refusing the variants models/bert.py does not compute."""
+    path = hf_dir / "config.json"
+    hf = _read_json(path)
+    if hf.get("model_type") != "bert":
+        raise HFImportError(f"{path}: model_type={hf.get('model_type')!r}, only 'bert' can be imported")
+    if hf.get("position_embedding_type", "absolute") != "absolute":
+        raise HFImportError(f"{path}: position_embedding_type={hf['position_embedding_type']!r} is not 'absolute'")
+    if hf.get("is_decoder") or hf.get("add_cross_attention"):
+        raise HFImportError(f"{path}: decoder BERTs (is_decoder / add_cross_attention) are not supported")
+    return hf
+
+
+def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
+    """The state dict stored in the directory, as float32, whatever the file format."""
+    if (hf_dir / "model.safetensors").is_file():
+        state = load_file(str(hf_dir / "model.safetensors"))
+    elif (hf_dir / "model.safetensors.index.json").is_file():
+        index = _read_json(hf_dir / "model.safetensors.index.json")
+        state = {}
+        for shard in sorted(set(index["weight_map"].values())):
+            state.update(load_file(str(hf_dir / shard)))
+    elif (hf_dir / "pytorch_model.bin").is_file():
+        # weights_only: a pickle from the internet must not run code.
+        state = torch.load(hf_dir / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    else:
+        raise HFImportError(f"{hf_dir} has no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def map_weight_names(hf_state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Hugging Face weights under our names, and the Hugging Face names that have no place in our model."""
+    ours, skipped = {}, []
+    for name, tensor in hf_state.items():
+        key = name.removeprefix("bert.")
+        key = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", key)  # names of checkpoints converted from TF
+        key = re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", key)
+        if _IGNORED.match(key):
+            continue
+        for pattern, replacement in _RENAMES:
+            if pattern.search(key):
+                ours[pattern.sub(replacement, key)] = tensor
+                break
+        else:
+            skipped.append(name)
+    return ours, skipped
+
+
+def read_pooling(hf_dir: Path) -> tuple[str, bool]:
+    """(pooling, normalize) of a sentence-transformers directory; ("cls", False) for a plain Hugging Face BERT."""
+    modules_path = hf_dir / "modules.json"
+    if not modules_path.is_file():
+        return "cls", False
+    pooling, normalize = "cls", False
+    for module in _read_json(modules_path):
+        kind = module.get("type", "").rsplit(".", 1)[-1]
+        if kind == "Transformer":
+            continue
+        if kind == "Normalize":
+            normalize = True
+        elif kind == "Pooling":
+            path = hf_dir / module.get("path", "") / "config.json"
+            modes = sorted(k.removeprefix("pooling_mode_") for k, v in _read_json(path).items()
+                           if k.startswith("pooling_mode_") and v)
+            known = {"mean_tokens": "mean", "cls_token": "cls"}
+            if len(modes) != 1 or modes[0] not in known:
+                raise HFImportError(f"{path}: pooling modes {modes}; seqserve serves exactly one of cls_token, mean_tokens")
+            pooling = known[modes[0]]
+        else:
+            raise HFImportError(f"{modules_path}: module {module.get('type')!r} is not supported (Pooling, Normalize)")
+    return pooling, normalize
+
+
+def read_tokenizer(hf_dir: Path, max_length: int) -> Tokenizer:
+    """tokenizer.json with padding off (the caller pads a batch) and truncation at the model's sequence limit."""
+    path = hf_dir / "tokenizer.json"
+    if not path.is_file():
+        raise HFImportError(f"{path} is missing (save the tokenizer with a fast tokenizer to create it)")
+    tokenizer = Tokenizer.from_file(str(path))
+    tokenizer.no_padding()
+    tokenizer.enable_truncation(max_length=max_length)
+    missing = [t for t in BERT_SPECIAL_TOKENS if tokenizer.token_to_id(t) is None]
+    if missing:
+        logger.warning("%s lacks the BERT special tokens %s", path, missing)
+    return tokenizer
+
+
+# --- import -------------------------------------------------------------------------------------------------------
+
+
+def load_hf_bert(hf_dir: str | Path) -> ImportedBert:
+    """A Hugging Face BERT directory as our Bert (eval mode), its tokenizer and what was learned about it."""
+    hf_dir = Path(hf_dir)
+    if not hf_dir.is_dir():
+        raise HFImportError(f"{hf_dir} is not a directory")
+    hf = read_hf_config(hf_dir)
+    state, skipped = map_weight_names(read_hf_weights(hf_dir))
+    if skipped:
+        logger.warning("%s: %d weights have no place in a seqserve BERT and are left out: %s",
+                       hf_dir, len(skipped), skipped[:5])
+    has_mlm = any(k.startswith("mlm.") for k in state)
+    has_nsp = any(k.startswith("nsp.") for k in state)
+    if has_mlm != has_nsp:
+        logger.warning("%s has only the %s head; seqserve keeps both heads or neither, so it is left out",
+                       hf_dir, "MLM" if has_mlm else "NSP")
+        state = {k: v for k, v in state.items() if not k.startswith(("mlm.", "nsp."))}
+    pooling, normalize = read_pooling(hf_dir)
+    config = BertConfig(
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        num_hidden_layers=hf["num_hidden_layers"],
+        num_attention_heads=hf["num_attention_heads"],
+        intermediate_size=hf["intermediate_size"],
+        hidden_act=hf.get("hidden_act", "gelu"),
+        max_position_embeddings=hf.get("max_position_embeddings", 512),
+        type_vocab_size=hf.get("type_vocab_size", 2),
+        layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
+        hidden_dropout_prob=hf.get("hidden_dropout_prob", 0.1),
+        attention_probs_dropout_prob=hf.get("attention_probs_dropout_prob", 0.1),
+        initializer_range=hf.get("initializer_range", 0.02),
+        pad_token_id=hf.get("pad_token_id") or 0,
+        tie_word_embeddings=hf.get("tie_word_embeddings", True),
+        with_pooler="pooler.dense.weight" in state,
+        with_heads=has_mlm and has_nsp,
+        pooling=pooling,
+        normalize_embeddings=normalize,
+    )
+    model = Bert(config)
+    if config.with_heads and config.tie_word_embeddings:
+        state.pop("mlm.decoder.weight", None)  # Hugging Face ties it to the word embeddings too
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (k == "mlm.decoder.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise HFImportError(f"{hf_dir}: weights missing for {missing[:5]}, weights without a place {unexpected[:5]}")
+    model.eval()
+    sentence_config = hf_dir / "sentence_bert_config.json"
+    max_seq_length = config.max_position_embeddings
+    if sentence_config.is_file():
+        max_seq_length = min(max_seq_length, int(_read_json(sentence_config).get("max_seq_length") or max_seq_length))
+    info = {
+        "imported_from": str(hf_dir.resolve()),
+        "hf_name_or_path": hf.get("_name_or_path", ""),
+        "pooling": pooling,
+        "normalize_embeddings": normalize,
+        "max_seq_length": max_seq_length,
+    }
+    return ImportedBert(model, read_tokenizer(hf_dir, max_seq_length), info)
+
+
+def import_hf_bert(hf_dir: str | Path, output_dir: str | Path, force: bool = False) -> Path:
+    """Write the seqserve checkpoint of a Hugging Face BERT directory; returns the checkpoint folder."""
+    output = Path(output_dir)
+    if output.exists() and any(output.iterdir()) and not force:
+        raise HFImportError(f"{output} exists and is not empty (use force=True / --force to overwrite)")
+    imported = load_hf_bert(hf_dir)
+    path = save_checkpoint(output, imported.model, {"text": imported.tokenizer}, imported.info)
+    logger.info("imported %s -> %s (pooling %s)", hf_dir, path, imported.info["pooling"])
+    return path
+
+
+# --- command ------------------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("hf_dir", metavar="DIR", type=Path,
+                        help="local Hugging Face BERT directory (config.json, model.safetensors or pytorch_model.bin, "
+                             "tokenizer.json; sentence-transformers' modules.json and 1_Pooling/ when present)")
+    parser.add_argument("--output", "-o", required=True, type=Path, metavar="CKPT",
+                        help="checkpoint folder to write (model.safetensors, config.json, tokenizer.json, metrics.json)")
+    parser.add_argument("--force", action="store_true", help="overwrite the output folder when it is not empty")
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        path = import_hf_bert(args.hf_dir, args.output, force=args.force)
+    except HFImportError as e:
+        logger.error("%s", e)
+        return 1
+    sys.stdout.write(f"{path}\n")
+    return 0
