@@ -1,0 +1,263 @@
+"""torch models -> ONNX graphs with the names and dynamic axes of docs/design.md.
+
+Letters: B batch, S source length, t cache length (decoder steps so far), V vocabulary, L sequence length (BERT).
+
+We use the TorchScript exporter (``dynamo=False``): onnxruntime's BERT optimizer fuses attention only in the graphs it
+produces, and it exports our tiny graphs in about a second where torch.export takes several. Dynamic axes are not
+guessed from the model code: each graph's example is run at two batch sizes and two lengths, and every output axis
+that moved is declared dynamic (an LSTM's memory would otherwise keep the example's length as a fixed dimension).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from seqserve.server.repository import GraphSpec, TensorSpec
+
+log = logging.getLogger(__name__)
+
+OPSET = 17
+BERT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+BERT_OUTPUTS = ("sequence_output", "pooled_output", "mlm_logits", "nsp_logits")
+
+_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.int64: "int64", torch.bool: "bool"}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Graph wrappers: flat tensor tuples in and out, in the order of the contract.
+
+
+class BertGraph(nn.Module):
+    """Bert.forward with the outputs that exist, as a flat tuple."""
+
+    def __init__(self, model: nn.Module, outputs: Sequence[str]):
+        super().__init__()
+        self.model = model
+        self.outputs = tuple(outputs)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor) -> tuple[Tensor, ...]:
+        out = self.model(input_ids, attention_mask, token_type_ids)
+        return tuple(getattr(out, name) for name in self.outputs)
+
+
+class EncoderGraph(nn.Module):
+    """encode(src_ids, src_pad_mask) -> (*memory, *initial state)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, src_ids: Tensor, src_pad_mask: Tensor) -> tuple[Tensor, ...]:
+        memory, state = self.model.encode(src_ids, src_pad_mask)
+        return (*memory, *state)
+
+
+class DecoderStepGraph(nn.Module):
+    """decode_step(prev_ids, memory, src_pad_mask, state) -> (log_probs, *new state), memory and state flattened."""
+
+    def __init__(self, model: nn.Module, n_memory: int):
+        super().__init__()
+        self.model = model
+        self.n_memory = n_memory
+
+    def forward(self, prev_ids: Tensor, src_pad_mask: Tensor, *memory_and_state: Tensor) -> tuple[Tensor, ...]:
+        memory = tuple(memory_and_state[: self.n_memory])
+        state = tuple(memory_and_state[self.n_memory :])
+        log_probs, new_state = self.model.decode_step(prev_ids, memory, src_pad_mask, state)
+        return (log_probs, *new_state)
+
+
+def memory_names(model: nn.Module) -> list[str]:
+    return list(model.memory_names())
+
+
+def state_names(model: nn.Module) -> list[str]:
+    return list(model.state_names())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Dynamic axes by experiment
+
+
+def _moved_axes(a: Sequence[Tensor], b: Sequence[Tensor], label: str) -> list[dict[int, str]]:
+    """For each pair of same-named tensors, the axes whose size differs between the two runs, labelled."""
+    axes = []
+    for x, y in zip(a, b):
+        if x.dim() != y.dim():
+            raise ValueError(f"an output changed rank between example runs: {tuple(x.shape)} vs {tuple(y.shape)}")
+        axes.append({i: label for i in range(x.dim()) if x.shape[i] != y.shape[i]})
+    return axes
+
+
+def _merge(*axis_maps: list[dict[int, str]]) -> list[dict[int, str]]:
+    merged = [dict() for _ in axis_maps[0]]
+    for maps in axis_maps:
+        for m, extra in zip(merged, maps):
+            for axis, name in extra.items():
+                if axis in m and m[axis] != name:
+                    raise ValueError(f"axis {axis} moves with both {m[axis]} and {name}")
+                m[axis] = name
+    return merged
+
+
+def _specs(names: Sequence[str], tensors: Sequence[Tensor], axes: Sequence[dict[int, str]]) -> tuple[TensorSpec, ...]:
+    return tuple(
+        TensorSpec(name, _DTYPES[t.dtype], tuple(ax.get(i, int(t.shape[i])) for i in range(t.dim())))
+        for name, t, ax in zip(names, tensors, axes)
+    )
+
+
+@dataclass(frozen=True)
+class ExportedGraph:
+    spec: GraphSpec
+    path: Path
+
+
+def _export(
+    module: nn.Module,
+    args: tuple[Tensor, ...],
+    path: Path,
+    inputs: tuple[TensorSpec, ...],
+    outputs: tuple[TensorSpec, ...],
+) -> ExportedGraph:
+    dynamic_axes = {
+        spec.name: {i: d for i, d in enumerate(spec.shape) if isinstance(d, str)} for spec in (*inputs, *outputs)
+    }
+    # Grad mode on: under no_grad the tracer fails on the custom autograd.Function that models/rnn.py exports as one
+    # ONNX LSTM/GRU node ("unordered_map::at").
+    with warnings.catch_warnings(), torch.enable_grad():
+        # The TorchScript exporter is deprecated in favour of dynamo; see the module docstring for why we keep it.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            args,
+            str(path),
+            input_names=[s.name for s in inputs],
+            output_names=[s.name for s in outputs],
+            dynamic_axes={k: v for k, v in dynamic_axes.items() if v},
+            opset_version=OPSET,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+    return ExportedGraph(GraphSpec(path.name, inputs, outputs), path)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Examples
+
+
+def example_source(batch: int, length: int, vocab: int, seed: int, pad_id: int = 0) -> tuple[Tensor, Tensor]:
+    """src_ids (B, S) with unequal lengths (row i shorter by i, at least 1) and src_pad_mask (B, S), True at padding."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, vocab, (batch, length), generator=g)  # (B, S), past the special tokens
+    lengths = torch.tensor([max(1, length - i) for i in range(batch)])  # (B,)
+    pad_mask = torch.arange(length)[None, :] >= lengths[:, None]  # (B, S)
+    return ids.masked_fill(pad_mask, pad_id), pad_mask
+
+
+def example_bert_inputs(batch: int, length: int, vocab: int, seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    """input_ids, attention_mask (1 at real tokens, rows of unequal length), token_type_ids (second half = 1)."""
+    ids, pad_mask = example_source(batch, length, vocab, seed)
+    attention_mask = (~pad_mask).long()  # (B, L)
+    token_type_ids = (torch.arange(length)[None, :] >= length // 2).long().expand(batch, length) * attention_mask
+    return ids, attention_mask, token_type_ids.contiguous()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Exports
+
+
+def bert_outputs(model: nn.Module) -> list[str]:
+    """The outputs a Bert has: sequence_output, plus pooled_output and the heads when configured."""
+    config = model.config
+    names = ["sequence_output"]
+    if config.with_pooler:
+        names.append("pooled_output")
+    if config.with_heads:
+        names += ["mlm_logits", "nsp_logits"]
+    return names
+
+
+@torch.no_grad()
+def export_bert(model: nn.Module, folder: Path, file: str = "model.onnx") -> ExportedGraph:
+    """model.onnx: input_ids, attention_mask, token_type_ids -> the outputs `bert_outputs(model)` names."""
+    # Export a copy: the TorchScript tracer can leave hooks on the module it traced.
+    graph = BertGraph(copy.deepcopy(model).eval(), bert_outputs(model))
+    vocab = model.config.vocab_size
+    a = example_bert_inputs(2, 7, vocab, seed=0)
+    b = example_bert_inputs(3, 7, vocab, seed=1)
+    c = example_bert_inputs(2, 9, vocab, seed=2)
+    out_a, out_b, out_c = graph(*a), graph(*b), graph(*c)
+    in_axes = [{0: "batch", 1: "seq"}] * 3
+    out_axes = _merge(_moved_axes(out_a, out_b, "batch"), _moved_axes(out_a, out_c, "seq"))
+    return _export(
+        graph, a, folder / file, _specs(BERT_INPUTS, a, in_axes), _specs(graph.outputs, out_a, out_axes)
+    )
+
+
+def target_vocab_size(model: nn.Module) -> int:
+    config = model.config
+    for field in ("tgt_vocab_size", "target_vocab_size", "vocab_size"):
+        if hasattr(config, field):
+            return int(getattr(config, field))
+    raise AttributeError(f"{type(config).__name__} has no target vocabulary size field")
+
+
+def source_vocab_size(model: nn.Module) -> int:
+    config = model.config
+    for field in ("src_vocab_size", "source_vocab_size", "vocab_size"):
+        if hasattr(config, field):
+            return int(getattr(config, field))
+    raise AttributeError(f"{type(config).__name__} has no source vocabulary size field")
+
+
+@torch.no_grad()
+def export_translator(model: nn.Module, folder: Path) -> tuple[ExportedGraph, ExportedGraph]:
+    """encoder.onnx and decoder.onnx (one incremental step) of an RNN or Transformer translator."""
+    model = copy.deepcopy(model).eval()
+    mem_names, st_names = memory_names(model), state_names(model)
+    n_mem = len(mem_names)
+    src_vocab, tgt_vocab = source_vocab_size(model), target_vocab_size(model)
+
+    # Encoder: src_ids, src_pad_mask -> memory, initial state.
+    encoder = EncoderGraph(model)
+    a, b, c = example_source(2, 7, src_vocab, 0), example_source(3, 7, src_vocab, 1), example_source(2, 10, src_vocab, 2)
+    out_a, out_b, out_c = encoder(*a), encoder(*b), encoder(*c)
+    enc_out_axes = _merge(_moved_axes(out_a, out_b, "batch"), _moved_axes(out_a, out_c, "src_len"))
+    src_axes = [{0: "batch", 1: "src_len"}] * 2
+    enc = _export(
+        encoder, a, folder / "encoder.onnx",
+        _specs(("src_ids", "src_pad_mask"), a, src_axes), _specs([*mem_names, *st_names], out_a, enc_out_axes),
+    )  # fmt: skip
+
+    # Decoder step: examples differ in batch, source length and cache length (steps already taken).
+    decoder = DecoderStepGraph(model, n_mem)
+
+    def step_example(src: tuple[Tensor, Tensor], steps: int, seed: int) -> tuple[Tensor, ...]:
+        """The inputs of the decoder step after `steps` random tokens: (prev_ids, src_pad_mask, *memory, *state)."""
+        memory, state = model.encode(*src)
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(steps):
+            prev = torch.randint(4, tgt_vocab, (src[0].shape[0],), generator=g)  # (B,)
+            _, state = model.decode_step(prev, memory, src[1], state)
+        prev = torch.randint(4, tgt_vocab, (src[0].shape[0],), generator=g)  # (B,)
+        return (prev, src[1], *memory, *state)
+
+    da, db, dc, dd = step_example(a, 2, 0), step_example(b, 2, 1), step_example(c, 2, 2), step_example(a, 3, 3)
+    in_axes = _merge(_moved_axes(da, db, "batch"), _moved_axes(da, dc, "src_len"), _moved_axes(da, dd, "cache_len"))
+    oa, ob, oc, od = decoder(*da), decoder(*db), decoder(*dc), decoder(*dd)
+    out_axes = _merge(
+        _moved_axes(oa, ob, "batch"), _moved_axes(oa, oc, "src_len"), _moved_axes(oa, od, "new_cache_len")
+    )
+    in_names = ["prev_ids", "src_pad_mask", *mem_names, *st_names]
+    out_names = ["log_probs", *(f"new_{n}" for n in st_names)]
+    dec = _export(decoder, da, folder / "decoder.onnx", _specs(in_names, da, in_axes), _specs(out_names, oa, out_axes))
+    return enc, dec

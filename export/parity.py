@@ -1,0 +1,220 @@
+"""The export gate: onnx.checker, then onnxruntime against PyTorch on real inputs of several batch sizes and lengths.
+
+Letters: B batch, S source length, L BERT sequence length, V vocabulary.
+
+Translators are checked three ways: the encoder outputs, a chain of decoder steps fed by onnxruntime's own state
+(so differences that accumulate through the state are seen), and a whole greedy decode through the step graph, which
+must give the same tokens as ``models/decoding.greedy_decode``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from seqserve.export.graphs import (
+    bert_outputs,
+    example_bert_inputs,
+    example_source,
+    source_vocab_size,
+    target_vocab_size,
+)
+from seqserve.models.decoding import greedy_decode
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TOLERANCE = 1e-4
+BERT_CASES = ((1, 5), (3, 11), (2, 16))  # (B, L): none is the export example's (2, 7)
+TRANSLATOR_CASES = ((1, 4), (3, 9), (4, 13))  # (B, S)
+CHAIN_STEPS = 5
+
+
+class ParityError(Exception):
+    """onnxruntime disagrees with PyTorch beyond the tolerance, or greedy decoding differs."""
+
+    def __init__(self, what: str, max_abs_diff: float | None, tolerance: float, detail: str = ""):
+        self.what, self.max_abs_diff, self.tolerance = what, max_abs_diff, tolerance
+        if max_abs_diff is None:
+            message = f"{what}: {detail}"
+        else:
+            message = (
+                f"{what}: onnxruntime differs from PyTorch by {max_abs_diff:.3g}, over the tolerance {tolerance:g} "
+                f"(raise it with --tolerance / tolerance= if this difference is acceptable){detail}"
+            )
+        super().__init__(message)
+
+
+@dataclass
+class ParityReport:
+    tolerance: float
+    max_abs_diff: float = 0.0
+    per_output: dict[str, float] = field(default_factory=dict)
+    cases: list[list[int]] = field(default_factory=list)  # (batch, length) pairs checked
+    greedy_tokens_equal: bool | None = None  # translators only
+
+    def record(self, name: str, ours: np.ndarray, reference: np.ndarray) -> None:
+        if ours.shape != reference.shape:
+            raise ParityError(name, None, self.tolerance, f"shape {ours.shape} != PyTorch's {reference.shape}")
+        diff = float(np.max(np.abs(ours.astype(np.float64) - reference.astype(np.float64)))) if ours.size else 0.0
+        self.per_output[name] = max(self.per_output.get(name, 0.0), diff)
+        self.max_abs_diff = max(self.max_abs_diff, diff)
+
+    def check(self, what: str) -> None:
+        if not self.max_abs_diff <= self.tolerance:  # NaN fails too
+            worst = max(self.per_output, key=self.per_output.get)
+            raise ParityError(what, self.max_abs_diff, self.tolerance, f"; worst output: {worst}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {
+            "max_abs_diff": self.max_abs_diff,
+            "tolerance": self.tolerance,
+            "per_output": self.per_output,
+            "cases": self.cases,
+        }
+        if self.greedy_tokens_equal is not None:
+            d["greedy_tokens_equal"] = self.greedy_tokens_equal
+        return d
+
+
+def check_onnx(path: Path) -> None:
+    """onnx.checker with shape inference; raises onnx.checker.ValidationError."""
+    onnx.checker.check_model(str(path), full_check=True)
+
+
+def open_session(path: Path, providers: Sequence[str] = ("CPUExecutionProvider",)) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.inter_op_num_threads = 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.log_severity_level = 3  # keep "shape mismatch" warnings out of the log; parity catches real mismatches
+    return ort.InferenceSession(str(path), sess_options=so, providers=list(providers))
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# BERT
+
+
+@torch.no_grad()
+def bert_parity(
+    model: nn.Module, session: ort.InferenceSession, tolerance: float = DEFAULT_TOLERANCE, cases=BERT_CASES
+) -> ParityReport:
+    """Every output of model.onnx against Bert.forward on rows of unequal length with both segments."""
+    report = ParityReport(tolerance)
+    names = bert_outputs(model)
+    for i, (batch, length) in enumerate(cases):
+        ids, mask, types = example_bert_inputs(batch, length, model.config.vocab_size, seed=100 + i)
+        reference = model(ids, mask, types)
+        ours = session.run(names, {"input_ids": _np(ids), "attention_mask": _np(mask), "token_type_ids": _np(types)})
+        for name, value in zip(names, ours):
+            report.record(name, value, _np(getattr(reference, name)))
+        report.cases.append([batch, length])
+    report.check("model.onnx")
+    return report
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Translators
+
+
+@dataclass(frozen=True)
+class StepGraphs:
+    """A translator's two onnxruntime sessions and the names that join them."""
+
+    encoder: ort.InferenceSession
+    decoder: ort.InferenceSession
+    memory: tuple[str, ...]
+    state: tuple[str, ...]
+
+    def encode(self, src_ids: np.ndarray, src_pad_mask: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        out = self.encoder.run(None, {"src_ids": src_ids, "src_pad_mask": src_pad_mask})
+        return out[: len(self.memory)], out[len(self.memory) :]
+
+    def step(
+        self, prev_ids: np.ndarray, memory: list[np.ndarray], src_pad_mask: np.ndarray, state: list[np.ndarray]
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        feeds = {"prev_ids": prev_ids, "src_pad_mask": src_pad_mask}
+        feeds.update(zip(self.memory, memory))
+        feeds.update(zip(self.state, state))
+        log_probs, *new_state = self.decoder.run(None, feeds)
+        return log_probs, new_state
+
+
+def greedy_decode_onnx(
+    graphs: StepGraphs, src_ids: np.ndarray, src_pad_mask: np.ndarray, max_len: int, bos_id: int, eos_id: int,
+    pad_id: int,
+) -> np.ndarray:  # fmt: skip
+    """models/decoding.greedy_decode in numpy over the step graphs -> (B, T<=max_len), EOS kept, padding after it."""
+    batch = src_ids.shape[0]
+    memory, state = graphs.encode(src_ids, src_pad_mask)
+    prev = np.full((batch,), bos_id, dtype=np.int64)  # (B,)
+    finished = np.zeros((batch,), dtype=bool)  # (B,)
+    tokens = []
+    for _ in range(max_len):
+        log_probs, state = graphs.step(prev, memory, src_pad_mask, state)  # (B, V)
+        next_ids = np.where(finished, pad_id, log_probs.argmax(axis=-1)).astype(np.int64)  # (B,)
+        tokens.append(next_ids)
+        finished |= next_ids == eos_id
+        prev = next_ids
+        if finished.all():
+            break
+    return np.stack(tokens, axis=1) if tokens else np.zeros((batch, 0), dtype=np.int64)
+
+
+@torch.no_grad()
+def translator_parity(
+    model: nn.Module,
+    graphs: StepGraphs,
+    tolerance: float = DEFAULT_TOLERANCE,
+    cases=TRANSLATOR_CASES,
+    max_len: int = 24,
+    check_greedy: bool = True,
+) -> ParityReport:
+    """Encoder outputs, a chain of decoder steps, and greedy tokens, against the torch model."""
+    report = ParityReport(tolerance)
+    config = model.config
+    bos, eos, pad = config.bos_id, config.eos_id, config.pad_id
+    src_vocab, tgt_vocab = source_vocab_size(model), target_vocab_size(model)
+    for i, (batch, length) in enumerate(cases):
+        src_ids, pad_mask = example_source(batch, length, src_vocab, seed=200 + i, pad_id=pad)
+        ids_np, mask_np = _np(src_ids), _np(pad_mask)
+        # 1. Encoder.
+        memory, state = model.encode(src_ids, pad_mask)
+        o_memory, o_state = graphs.encode(ids_np, mask_np)
+        for name, ours, ref in zip((*graphs.memory, *graphs.state), (*o_memory, *o_state), (*memory, *state)):
+            report.record(f"encoder.{name}", ours, _np(ref))
+        # 2. Decoder steps on the same (random) tokens, each side carrying its own state.
+        g = torch.Generator().manual_seed(300 + i)
+        for _ in range(CHAIN_STEPS):
+            prev = torch.randint(4, tgt_vocab, (batch,), generator=g)  # (B,)
+            log_probs, state = model.decode_step(prev, memory, pad_mask, state)
+            o_log_probs, o_state = graphs.step(_np(prev), o_memory, mask_np, o_state)
+            report.record("decoder.log_probs", o_log_probs, _np(log_probs))
+            for name, ours, ref in zip(graphs.state, o_state, state):
+                report.record(f"decoder.new_{name}", ours, _np(ref))
+        report.cases.append([batch, length])
+    report.check("encoder.onnx/decoder.onnx")
+    if check_greedy:
+        # 3. Whole greedy decodes, batch > 1 with unequal source lengths.
+        src_ids, pad_mask = example_source(4, 11, src_vocab, seed=400, pad_id=pad)
+        reference = _np(greedy_decode(model, src_ids, pad_mask, max_len, bos, eos, pad))
+        ours = greedy_decode_onnx(graphs, _np(src_ids), _np(pad_mask), max_len, bos, eos, pad)
+        report.greedy_tokens_equal = reference.shape == ours.shape and bool((reference == ours).all())
+        if not report.greedy_tokens_equal:
+            raise ParityError(
+                "greedy decoding through decoder.onnx", None, tolerance,
+                f"tokens differ from models.decoding.greedy_decode:\n torch {reference.tolist()}\n onnx  {ours.tolist()}",
+            )  # fmt: skip
+    return report
+
