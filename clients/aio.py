@@ -97,9 +97,13 @@ class AsyncClient:
         call = self._inference.TranslateStream(timeout=timeout, metadata=self.config.call_metadata())
 
         async def write_all() -> None:
-            for item_id, text in items:
-                await slots.acquire()  # the flow control: wait for an answer to free a slot
-                await call.write(build(item_id, text))
+            pending = iter(items)
+            while True:
+                await slots.acquire()  # the flow control: wait for an answer to free a slot, then read the next item
+                item = next(pending, None)
+                if item is None:
+                    break
+                await call.write(build(*item))
             await call.done_writing()
 
         writer = asyncio.create_task(write_all())

@@ -102,14 +102,17 @@ class Client:
         finished = threading.Event()
 
         def requests() -> Iterator[pb.TranslateStreamRequest]:
-            # grpc consumes this generator in its own thread; blocking here is the flow control.
-            for item_id, text in items:
+            # grpc consumes this generator in its own thread; blocking here is the flow control. The slot is taken
+            # before the next item is read, so the caller's iterable is read no further ahead than the window.
+            pending = iter(items)
+            while True:
                 while not slots.acquire(timeout=0.1):
                     if finished.is_set():
                         return
-                if finished.is_set():
+                item = next(pending, None)
+                if item is None or finished.is_set():
                     return
-                yield build(item_id, text)
+                yield build(*item)
 
         call = self._inference.TranslateStream(requests(), timeout=timeout, metadata=self.config.call_metadata())
         try:

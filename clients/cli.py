@@ -1,0 +1,329 @@
+"""`seqserve-client`: call a seqserve server from a terminal or a script.
+
+    seqserve-client [--server HOST:PORT] [--timeout S] [--json] COMMAND ...
+
+Commands: encode, translate, nsp, fill-mask (texts from arguments, --input FILE, or stdin; one result per line,
+or JSON lines with --json), models [list|load|unload], health (exit 0 when SERVING), translate-file IN OUT.
+Exit codes: 0 done, 1 the server refused or failed (the status code and message go to stderr), 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Iterator, Sequence, TextIO
+
+from seqserve.clients import output
+from seqserve.clients.channel import DEFAULT_TARGET, ConnectionConfig, RetryPolicy, TLSConfig
+from seqserve.clients.client import Client
+from seqserve.clients.errors import SeqServeError
+from seqserve.clients.translate_file import ON_ERROR, OutputNotAPrefix, translate_file
+from seqserve.clients.types import DecodingOptions
+
+log = logging.getLogger("seqserve.clients.cli")
+
+# command -> the capability a model needs for it (ModelStatus.capabilities), used when --model is left out
+CAPABILITIES = {"encode": "encode", "translate": "translate", "translate-file": "translate", "nsp": "nsp",
+                "fill-mask": "fill_mask"}
+
+
+class UsageError(Exception):
+    """A command line that cannot run (exit code 2)."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Arguments
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="seqserve-client",
+        description="Call a seqserve gRPC server: encode, translate, score sentence pairs, fill masks, manage models.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--server", default=os.environ.get("SEQSERVE_SERVER", DEFAULT_TARGET),
+                        help="HOST:PORT of the server (environment: SEQSERVE_SERVER)")
+    parser.add_argument("--timeout", type=float, default=30.0,
+                        help="deadline of each call in seconds, over all its retries; 0: none (translate-file's "
+                        "stream never has one)")
+    parser.add_argument("--retries", type=int, default=5,
+                        help="attempts per call while the server is UNAVAILABLE (1: no retry)")
+    parser.add_argument("--json", action="store_true", help="write one JSON object per line instead of plain text")
+    parser.add_argument("--token", help="bearer token sent as 'authorization' metadata (default: $SEQSERVE_TOKEN)")
+    parser.add_argument("--tls", action="store_true", help="use TLS with the system's root certificates")
+    parser.add_argument("--tls-ca", type=Path, help="PEM file of the CA to trust (implies --tls)")
+    parser.add_argument("--tls-cert", type=Path, help="PEM client certificate chain for mutual TLS (with --tls-key)")
+    parser.add_argument("--tls-key", type=Path, help="PEM private key of the client certificate")
+    parser.add_argument("--tls-server-name", help="expect this name in the server certificate instead of HOST")
+    parser.add_argument("--max-message-mb", type=float,
+                        help="send and receive message size limit in MiB (default: grpc's, 4 MiB received)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log retries and progress details to stderr")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    encode = _command(commands, "encode", "texts (or TAB-separated pairs) to vectors, one line each")
+    _inference_arguments(encode)
+    encode.add_argument("--pairs", action="store_true", help="each input is 'A<TAB>B', encoded as one pair")
+    encode.add_argument("--pooling", choices=["model", "cls", "mean"], default="model",
+                        help="sentence pooling ('model': the model's own)")
+    encode.add_argument("--normalize", action="store_true", help="L2-normalise each vector")
+
+    translate = _command(commands, "translate", "texts to translations, one line each")
+    _inference_arguments(translate)
+    _decoding_arguments(translate)
+
+    nsp = _command(commands, "nsp", "probability that sentence B follows sentence A")
+    _inference_arguments(nsp, texts_help="pairs: 'A<TAB>B' arguments, or A B A B ...; files and stdin: 'A<TAB>B' lines")
+
+    fill = _command(commands, "fill-mask", "the most likely tokens for each [MASK] in each text")
+    _inference_arguments(fill)
+    fill.add_argument("--top-k", type=int, default=5, help="candidates per mask")
+
+    models = _command(commands, "models", "list models, or load / unload a model version")
+    models.add_argument("action", nargs="?", choices=["list", "load", "unload"], default="list", help="what to do")
+    models.add_argument("name", nargs="?", default="", help="model name (list: optional filter)")
+    models.add_argument("--version", type=int, default=0, help="model version (0: the highest)")
+
+    health = _command(commands, "health", "grpc.health.v1 check; exit code 0 when SERVING")
+    health.add_argument("model", nargs="?", default="", help="a model's name to check (default: the whole server)")
+    health.add_argument("--service", help="check this exact health service name instead")
+
+    job = _command(commands, "translate-file", "translate a large file line by line (resumable, order kept)")
+    job.add_argument("source", type=Path, metavar="IN", help="input text file, one sentence per line (UTF-8)")
+    job.add_argument("target", type=Path, metavar="OUT",
+                     help="output file; as many input lines as it already holds are skipped (resume)")
+    job.add_argument("--model", "-m", help="model name (default: the only ready model that translates)")
+    job.add_argument("--version", type=int, default=0, help="model version (0: the highest ready)")
+    job.add_argument("--truncate", action="store_true", help="cut lines over the model's limit instead of failing them")
+    job.add_argument("--window", type=int, default=16, help="lines in flight at once (bounded concurrency)")
+    job.add_argument("--on-error", choices=ON_ERROR, default="stop",
+                     help="a failed line stops the job (rerun to resume) or becomes an empty line")
+    job.add_argument("--max-lines", type=int, help="translate at most this many new lines, then stop (resume later)")
+    job.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _decoding_arguments(job)
+    return parser
+
+
+def _command(commands: argparse._SubParsersAction, name: str, text: str) -> argparse.ArgumentParser:
+    formatter = argparse.ArgumentDefaultsHelpFormatter
+    return commands.add_parser(name, help=text, description=text, formatter_class=formatter)
+
+
+def _inference_arguments(parser: argparse.ArgumentParser, texts_help: str = "texts (else --input or stdin)") -> None:
+    parser.add_argument("texts", nargs="*", metavar="TEXT", help=texts_help)
+    parser.add_argument("--model", "-m", help="model name (default: the only ready model that can do this)")
+    parser.add_argument("--version", type=int, default=0, help="model version (0: the highest ready)")
+    parser.add_argument("--input", "-i",
+                        help="read inputs from this file, one per line ('-': stdin); blank lines are skipped")
+    parser.add_argument("--truncate", action="store_true", help="cut texts over the model's limit instead of failing")
+    parser.add_argument("--batch-size", type=int, default=32, help="inputs per request")
+
+
+def _decoding_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--beam", type=int, default=1, help="beam size (1: greedy)")
+    parser.add_argument("--n-best", type=int, default=1, help="hypotheses per text (at most --beam; translate only)")
+    parser.add_argument("--length-penalty", type=float, default=0.0, help="alpha of ((5 + len) / 6) ** alpha")
+    parser.add_argument("--max-tokens", type=int, default=0, help="maximum output tokens (0: the model's limit)")
+    parser.add_argument("--max-ratio", type=float, default=0.0, help="at most ratio * source tokens + 5 (0: off)")
+    parser.add_argument("--token-scores", action="store_true", help="return per-token log-probabilities (JSON)")
+
+
+def connection_config(args: argparse.Namespace) -> ConnectionConfig:
+    tls = None
+    if args.tls or args.tls_ca or args.tls_cert or args.tls_key:
+        tls = TLSConfig(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
+    return ConnectionConfig(
+        target=args.server,
+        timeout_s=args.timeout if args.timeout > 0 else None,
+        retry=RetryPolicy(attempts=max(1, args.retries)),
+        tls=tls,
+        token=args.token or os.environ.get("SEQSERVE_TOKEN") or None,
+        max_message_bytes=None if args.max_message_mb is None else int(args.max_message_mb * 2**20),
+    )
+
+
+def decoding_options(args: argparse.Namespace) -> DecodingOptions:
+    return DecodingOptions(
+        beam_size=args.beam, n_best=getattr(args, "n_best", 1), length_penalty=args.length_penalty,
+        max_output_tokens=args.max_tokens, max_output_ratio=args.max_ratio, return_token_scores=args.token_scores,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Commands
+
+
+def main(argv: Sequence[str] | None = None, stdin: TextIO | None = None, stdout: TextIO | None = None) -> int:
+    """Run one command; the exit code. ``stdin``/``stdout`` default to the process's (tests pass their own)."""
+    args = build_parser().parse_args(argv)
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="seqserve-client: %(message)s")
+    try:
+        with Client(config=connection_config(args)) as client:
+            return COMMANDS[args.command](client, args, stdin, stdout)
+    except SeqServeError as error:
+        sys.stderr.write(f"seqserve-client: error: {error}\n")
+        return 1
+    except (UsageError, OutputNotAPrefix, OSError, ValueError) as error:
+        sys.stderr.write(f"seqserve-client: {error}\n")
+        return 2
+
+
+def run_encode(client: Client, args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> int:
+    model = args.model or pick_model(client, "encode")
+    texts = read_inputs(args, stdin)
+    for batch in _batches(texts, args.batch_size):
+        if args.pairs:
+            pairs = [_split_pair(line) for line in batch]
+            vectors = client.encode(model, pairs=pairs, version=args.version, pooling=args.pooling,
+                                    normalize=args.normalize, truncate=args.truncate)
+        else:
+            vectors = client.encode(model, batch, version=args.version, pooling=args.pooling,
+                                    normalize=args.normalize, truncate=args.truncate)
+        output.embeddings(stdout, batch, vectors, args.json)
+    return 0
+
+
+def run_translate(client: Client, args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> int:
+    model = args.model or pick_model(client, "translate")
+    options = decoding_options(args)
+    for batch in _batches(read_inputs(args, stdin), args.batch_size):
+        results = client.translate(model, batch, options, version=args.version, truncate=args.truncate)
+        output.translations(stdout, batch, results, args.json)
+    return 0
+
+
+def run_nsp(client: Client, args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> int:
+    model = args.model or pick_model(client, "nsp")
+    if args.texts and not all("\t" in text for text in args.texts):
+        if len(args.texts) % 2:
+            raise UsageError(f"nsp takes sentences in pairs (A B ...) or 'A<TAB>B' arguments; got {len(args.texts)}")
+        pairs = list(zip(args.texts[0::2], args.texts[1::2]))
+    else:
+        pairs = [_split_pair(line) for line in read_inputs(args, stdin)]
+    for batch in _batches(pairs, args.batch_size):
+        scores = client.score_next_sentence(model, batch, version=args.version, truncate=args.truncate)
+        output.next_sentence(stdout, batch, scores, args.json)
+    return 0
+
+
+def run_fill_mask(client: Client, args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> int:
+    model = args.model or pick_model(client, "fill_mask")
+    for batch in _batches(read_inputs(args, stdin), args.batch_size):
+        results = client.fill_mask(model, batch, top_k=args.top_k, version=args.version, truncate=args.truncate)
+        output.fill_mask(stdout, batch, results, args.json)
+    return 0
+
+
+def run_models(client: Client, args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> int:
+    if args.action == "list":
+        output.models(stdout, client.list_models(args.name), args.json)
+        return 0
+    if not args.name:
+        raise UsageError(f"models {args.action} needs a model NAME")
+    change = client.load_model if args.action == "load" else client.unload_model
+    output.models(stdout, [change(args.name, args.version)], args.json)
+    return 0
+
+
+def run_health(client: Client, args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> int:
+    service = args.service if args.service is not None else args.model
+    try:
+        status = client.health(service)
+    except SeqServeError as error:  # unreachable or unknown service: not healthy, and say why
+        status = f"{error.code.name}: {error.message}"
+    if args.json:
+        output.json_line(stdout, {"service": service, "status": status})
+    else:
+        stdout.write(status + "\n")
+    return 0 if status == "SERVING" else 1
+
+
+def run_translate_file(client: Client, args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> int:
+    model = args.model or pick_model(client, "translate")
+    report = translate_file(
+        client, model, args.source, args.target, decoding_options(args), version=args.version,
+        truncate=args.truncate, window=args.window, on_error=args.on_error, max_lines=args.max_lines,
+        progress=not args.no_progress,
+    )
+    summary = {
+        "lines": report.total_lines, "resumed_from": report.resumed_from, "written": report.written,
+        "done": report.done, "complete": report.complete, "failed_lines": report.failed_lines,
+        "stopped_at_line": report.stopped_at_line,
+        "error": None if report.stopped_by is None else str(report.stopped_by),
+    }
+    if args.json:
+        output.json_line(stdout, summary)
+    else:
+        sys.stderr.write(
+            f"seqserve-client: {args.target}: {report.done} of {report.total_lines} lines "
+            f"({report.written} this run, {len(report.failed_lines)} failed and left empty)\n"
+        )
+    if report.stopped_by is not None:
+        sys.stderr.write(
+            f"seqserve-client: error: line {report.stopped_at_line}: {report.stopped_by}; {args.target} holds the "
+            f"{report.done} lines before it; rerun to resume (or --on-error empty)\n"
+        )
+        return 1
+    return 0
+
+
+COMMANDS: dict[str, Callable[[Client, argparse.Namespace, TextIO, TextIO], int]] = {
+    "encode": run_encode,
+    "translate": run_translate,
+    "nsp": run_nsp,
+    "fill-mask": run_fill_mask,
+    "models": run_models,
+    "health": run_health,
+    "translate-file": run_translate_file,
+}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def pick_model(client: Client, capability: str) -> str:
+    """The one ready model with this capability, for commands run without --model."""
+    ready = sorted({m.name for m in client.list_models() if m.state == "READY" and capability in m.capabilities})
+    if len(ready) == 1:
+        return ready[0]
+    if not ready:
+        raise UsageError(f"no ready model on the server can do {capability!r}; see `seqserve-client models`")
+    raise UsageError(f"several ready models can do {capability!r} ({', '.join(ready)}): choose one with --model")
+
+
+def read_inputs(args: argparse.Namespace, stdin: TextIO) -> list[str]:
+    """The texts from the arguments, else --input FILE ('-': stdin), else stdin when it is not a terminal."""
+    if args.texts:
+        return list(args.texts)
+    if args.input and args.input != "-":
+        with open(args.input, encoding="utf-8") as handle:
+            return _non_blank(handle)
+    if args.input == "-" or not stdin.isatty():
+        return _non_blank(stdin)
+    raise UsageError("no input: give texts as arguments, --input FILE, or pipe them on stdin")
+
+
+def _non_blank(lines: Iterator[str] | TextIO) -> list[str]:
+    return [line.rstrip("\r\n") for line in lines if line.strip()]
+
+
+def _split_pair(line: str) -> tuple[str, str]:
+    first, tab, second = line.partition("\t")
+    if not tab:
+        raise UsageError(f"expected 'A<TAB>B', got {line!r}")
+    return first, second
+
+
+def _batches(items: list, size: int) -> Iterator[list]:
+    if size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {size}")
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
