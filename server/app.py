@@ -1,0 +1,115 @@
+"""The server object: gRPC (grpc.aio) with the two seqserve services, health, reflection and metrics, and its drain.
+
+    server, port = create_server(config, ModelRepository(root))   # inside the event loop that will run it
+    await server.start()                                           # loads the models, then serves
+    await server.drain()                                           # NOT_SERVING, no new work, in-flight finishes
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import onnxruntime as ort
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from seqserve.protos.v1 import seqserve_pb2 as pb
+from seqserve.protos.v1 import seqserve_pb2_grpc as pb_grpc
+from seqserve.server.config import ServerConfig, available_cores
+from seqserve.server.manager import NOT_SERVING, SERVING, ModelManager
+from seqserve.server.metrics import Metrics
+from seqserve.server.repository import ModelRepository, SessionOptions
+from seqserve.server.servicers import InferenceServicer, ModelsServicer, ServingState
+
+log = logging.getLogger(__name__)
+
+
+class DeviceUnavailable(RuntimeError):
+    def __init__(self, device: str, available: list[str]):
+        self.device, self.available = device, available
+        super().__init__(
+            f"--device {device}: onnxruntime has no CUDAExecutionProvider here (available: {', '.join(available)}); "
+            "install the [cuda] extra (onnxruntime-gpu) with a matching CUDA, or serve with --device cpu"
+        )
+
+
+def session_options(config: ServerConfig) -> SessionOptions:
+    """Session settings from the server config; raises DeviceUnavailable when CUDA is asked for and absent."""
+    if config.device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise DeviceUnavailable(config.device, ort.get_available_providers())
+    instances, threads = config.resolved_threads()
+    return SessionOptions(provider=config.device, intra_op_threads=threads, inter_op_threads=1, allow_spinning=False)
+
+
+class SeqServer:
+    def __init__(self, config: ServerConfig, repository: ModelRepository):
+        self.config = config
+        self.instances, self.threads = config.resolved_threads()
+        options = session_options(config)
+        log.info(
+            "onnxruntime: device %s, %d concurrent runs x %d intra-op threads on %d cores, spinning off",
+            config.device, self.instances, self.threads, available_cores(),
+        )  # fmt: skip
+        # The pool's size bounds concurrent onnxruntime runs across all models: instances x threads <= cores.
+        self.executor = ThreadPoolExecutor(max_workers=self.instances, thread_name_prefix="ort")
+        self.metrics = Metrics()
+        self.health = HealthServicer()
+        self.manager = ModelManager(repository, config, options, self.executor, self.metrics, self.health)
+        self.state = ServingState(self.manager, self.metrics)
+        limit = config.limits.max_message_bytes
+        self.grpc = grpc.aio.server(
+            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+        )
+        pb_grpc.add_InferenceServicer_to_server(InferenceServicer(self.state), self.grpc)
+        pb_grpc.add_ModelsServicer_to_server(ModelsServicer(self.state), self.grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        services = (
+            pb.DESCRIPTOR.services_by_name["Inference"].full_name,
+            pb.DESCRIPTOR.services_by_name["Models"].full_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        )
+        reflection.enable_server_reflection(services, self.grpc)
+        self.port = self.grpc.add_insecure_port(f"{config.host}:{config.port}")
+        if self.port == 0:
+            raise OSError(f"could not bind {config.host}:{config.port}")
+        self.metrics_port: int | None = None
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        """Load the models, start metrics and gRPC; overall health SERVING."""
+        if self.config.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(self.config.metrics_port)
+        await self.manager.start()
+        await self.grpc.start()
+        await self.health.set("", SERVING)
+        log.info("serving on port %d", self.port)
+
+    async def drain(self, grace: float | None = None) -> None:
+        """Health NOT_SERVING, refuse new RPCs, let in-flight ones finish within the grace period, then stop."""
+        grace = self.config.grace_period_s if grace is None else grace
+        log.info("draining: no new work, %.1f s for in-flight requests", grace)
+        self.state.draining = True
+        await self.manager.set_all_not_serving()
+        await self.grpc.stop(grace)
+        await self.manager.close()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.metrics.stop()
+        self._stopped.set()
+        log.info("stopped")
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+
+def create_server(config: ServerConfig, repository: ModelRepository) -> tuple[SeqServer, int]:
+    """Build a server bound to `config.port` (0: a free port); `await server.start()` loads models and serves."""
+    server = SeqServer(config, repository)
+    return server, server.port
+
+
+__all__ = ["create_server", "SeqServer", "DeviceUnavailable", "NOT_SERVING"]

@@ -1,0 +1,97 @@
+"""`seqserve serve`: serve a model repository over gRPC until SIGTERM/SIGINT, then drain and exit 0."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+
+from seqserve.server.app import DeviceUnavailable, create_server
+from seqserve.server.config import BatchingConfig, Limits, ServerConfig
+from seqserve.server.logs import configure
+from seqserve.server.repository import ModelRepository, RepositoryError
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d, lim, bat = ServerConfig(), Limits(), BatchingConfig()
+    parser.add_argument("--repository", required=True, help="model repository folder (REPO/NAME/VERSION/...)")
+    parser.add_argument("--host", default=d.host, help="address to listen on")
+    parser.add_argument("--port", type=int, default=d.port, help="gRPC port (0: any free port, logged)")
+    parser.add_argument("--metrics-port", type=int, default=d.metrics_port,
+                        help="Prometheus /metrics HTTP port; -1 turns the endpoint off")  # fmt: skip
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=d.device,
+                        help="onnxruntime execution provider; cuda needs onnxruntime-gpu (the [cuda] extra)")  # fmt: skip
+    parser.add_argument("--instances", type=int, default=d.instances,
+                        help="concurrent onnxruntime runs across models (0: from the cores)")  # fmt: skip
+    parser.add_argument("--threads", type=int, default=d.threads,
+                        help="intra-op threads per run (0: cores // instances)")  # fmt: skip
+    parser.add_argument("--models", nargs="*", default=[], metavar="NAME",
+                        help="load only these models at start (default: every model, highest version)")  # fmt: skip
+    parser.add_argument("--max-batch-tokens", type=int, default=bat.max_batch_tokens,
+                        help="padded tokens per batch (sequences x longest x beam); REPO/NAME/config.json overrides")  # fmt: skip
+    parser.add_argument("--max-batch-size", type=int, default=bat.max_batch_size, help="sequences per batch")
+    parser.add_argument("--max-queue-delay-ms", type=float, default=bat.max_queue_delay_ms,
+                        help="how long a request waits for others to batch with")  # fmt: skip
+    parser.add_argument("--max-texts", type=int, default=lim.max_texts, help="texts or pairs per request")
+    parser.add_argument("--max-chars-per-text", type=int, default=lim.max_chars_per_text, help="characters per text")
+    parser.add_argument("--max-tokens-per-text", type=int, default=lim.max_tokens_per_text,
+                        help="tokens per text (0: the model's own limit; otherwise the smaller)")  # fmt: skip
+    parser.add_argument("--max-message-bytes", type=int, default=lim.max_message_bytes,
+                        help="largest gRPC message received or sent")  # fmt: skip
+    parser.add_argument("--max-beam-size", type=int, default=lim.max_beam_size, help="largest beam a request may ask")
+    parser.add_argument("--max-queue", type=int, default=lim.max_queue,
+                        help="sequences queued per model before RESOURCE_EXHAUSTED")  # fmt: skip
+    parser.add_argument("--stream-read-ahead", type=int, default=lim.stream_read_ahead,
+                        help="TranslateStream items in flight per stream before flow control pushes back")  # fmt: skip
+    parser.add_argument("--grace-period", type=float, default=d.grace_period_s,
+                        help="seconds in-flight requests get to finish after SIGTERM")  # fmt: skip
+    parser.add_argument("--log-format", choices=("json", "text"), default="text", help="log line format")
+    parser.add_argument("--log-level", default="INFO", help="logging level")
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(
+        host=args.host, port=args.port, metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+        device=args.device, instances=args.instances, threads=args.threads, models=tuple(args.models),
+        grace_period_s=args.grace_period,
+        limits=Limits(
+            max_texts=args.max_texts, max_chars_per_text=args.max_chars_per_text,
+            max_tokens_per_text=args.max_tokens_per_text, max_message_bytes=args.max_message_bytes,
+            max_beam_size=args.max_beam_size, max_queue=args.max_queue, stream_read_ahead=args.stream_read_ahead,
+        ),
+        batching=BatchingConfig(
+            max_batch_tokens=args.max_batch_tokens, max_queue_delay_ms=args.max_queue_delay_ms,
+            max_batch_size=args.max_batch_size,
+        ),
+    )  # fmt: skip
+
+
+async def serve(config: ServerConfig, repository: ModelRepository) -> int:
+    server, port = create_server(config, repository)
+    loop = asyncio.get_running_loop()
+    stopping: list[asyncio.Task] = []
+
+    def on_signal(signame: str) -> None:
+        if not stopping:
+            log.info("%s received", signame)
+            stopping.append(loop.create_task(server.drain()))
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig.name)
+    await server.start()
+    log.info("ready: gRPC port %d, metrics port %s", port, server.metrics_port)
+    await server.wait_stopped()
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    configure(args.log_format, args.log_level)
+    try:
+        repository = ModelRepository(args.repository)
+        return asyncio.run(serve(config_from_args(args), repository))
+    except (DeviceUnavailable, RepositoryError, OSError) as exc:
+        log.error("%s", exc)
+        return 2

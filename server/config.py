@@ -1,0 +1,71 @@
+"""Server settings: frozen dataclasses built by the CLI (or by tests) and injected into `create_server`."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def available_cores() -> int:
+    """Cores this process may run on (the affinity mask, not the machine's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for; each violation is INVALID_ARGUMENT or RESOURCE_EXHAUSTED naming the limit."""
+
+    max_texts: int = 256  # texts (or pairs) per request
+    max_chars_per_text: int = 20_000
+    max_tokens_per_text: int = 0  # 0: the model's own limit; otherwise the smaller of the two
+    max_message_bytes: int = 8 * 1024 * 1024  # gRPC receive limit: RESOURCE_EXHAUSTED from gRPC itself
+    max_beam_size: int = 16
+    max_top_k: int = 100
+    max_queue: int = 4096  # sequences waiting per model
+    stream_read_ahead: int = 32  # TranslateStream requests in flight per stream before flow control pushes back
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    """How a model's queue is cut into batches (REPO/NAME/config.json may override per model)."""
+
+    max_batch_tokens: int = 4096  # padded tokens per batch (sequences x longest)
+    max_queue_delay_ms: float = 5.0  # how long the first request of a batch waits for company
+    max_batch_size: int = 64  # sequences per batch
+
+    def with_overrides(self, overrides: dict[str, Any]) -> "BatchingConfig":
+        known = {k: overrides[k] for k in ("max_batch_tokens", "max_queue_delay_ms", "max_batch_size") if k in overrides}
+        return replace(self, **known)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "[::]"
+    port: int = 50051
+    metrics_port: int | None = 9090  # None: no metrics HTTP endpoint
+    device: str = "cpu"  # "cpu" | "cuda"
+    instances: int = 0  # concurrent onnxruntime runs; 0: chosen from the cores
+    threads: int = 0  # intra-op threads per run; 0: cores // instances
+    models: tuple[str, ...] = ()  # load only these at start; empty: every model (highest version)
+    grace_period_s: float = 10.0
+    limits: Limits = field(default_factory=Limits)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+
+    def resolved_threads(self, cores: int | None = None) -> tuple[int, int]:
+        """(instances, intra-op threads) with instances x threads <= cores unless both were set explicitly."""
+        cores = cores or available_cores()
+        instances = self.instances or (1 if cores < 4 else 2)
+        threads = self.threads or max(1, cores // instances)
+        if instances * threads > cores:
+            log.warning(
+                "instances %d x intra-op threads %d = %d exceeds the %d cores: runs will compete for cores",
+                instances, threads, instances * threads, cores,
+            )  # fmt: skip
+        return instances, threads

@@ -1,0 +1,129 @@
+"""Domain errors of the server, each carrying its numbers, and the ONE mapping from them to gRPC status codes.
+
+Domain code (tokenization, batching, decoding, the model manager) raises these; only `status_of` turns an exception
+into a (code, message) pair, used by the servicers for whole RPCs and by TranslateStream for per-item errors.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+from seqserve.server.repository import ModelNotFound, RepositoryError
+
+log = logging.getLogger(__name__)
+
+
+class ServeError(Exception):
+    """Base of every error a request can cause; `code` is the gRPC status it maps to."""
+
+    code = grpc.StatusCode.INTERNAL
+
+
+class InvalidRequest(ServeError):
+    """A request that is malformed in itself (both texts and pairs, an unknown enum value, n_best > beam size...)."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class InputTooLong(ServeError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, tokens: int, limit: int, index: int = 0):
+        self.tokens, self.limit, self.index = tokens, limit, index
+        super().__init__(
+            f"text {index} has {tokens} tokens, over the model's limit of {limit} tokens (max_tokens_per_text); "
+            "shorten it or ask for truncation (TRUNCATION_TRUNCATE)"
+        )
+
+
+class TextTooLong(ServeError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, characters: int, limit: int, index: int = 0):
+        self.characters, self.limit, self.index = characters, limit, index
+        super().__init__(
+            f"text {index} has {characters} characters, over the limit of {limit} characters (max_chars_per_text)"
+        )
+
+
+class TooManyTexts(ServeError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, texts: int, limit: int):
+        self.texts, self.limit = texts, limit
+        super().__init__(f"request has {texts} texts, over the limit of {limit} texts per request (max_texts)")
+
+
+class OptionOutOfRange(ServeError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, option: str, value: float, limit: float | str):
+        self.option, self.value, self.limit = option, value, limit
+        super().__init__(f"{option} = {value} is out of range (limit: {limit})")
+
+
+class QueueFull(ServeError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, model: str, queued: int, limit: int):
+        self.model, self.queued, self.limit = model, queued, limit
+        super().__init__(
+            f"model {model} has {queued} sequences queued, the limit is {limit} (max_queue); retry later"
+        )
+
+
+class ModelUnavailable(ServeError):
+    """The model exists in the repository but is not ready (not loaded, loading, failed, unloading)."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+    def __init__(self, name: str, version: int, state: str, reason: str = ""):
+        self.name, self.version, self.state, self.reason = name, version, state, reason
+        why = f": {reason}" if reason else ""
+        super().__init__(f"model {name} version {version} is not ready (state {state}{why}); LoadModel loads it")
+
+
+class WrongTask(ServeError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, name: str, capability: str, capabilities: list[str]):
+        self.name, self.capability, self.capabilities = name, capability, capabilities
+        super().__init__(
+            f"model {name} does not serve {capability}; it serves: {', '.join(capabilities) or 'nothing'}"
+        )
+
+
+class Draining(ServeError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+    def __init__(self) -> None:
+        super().__init__("server is shutting down and takes no new work; retry on another replica")
+
+
+class DeadlineExceeded(ServeError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+    def __init__(self, where: str):
+        self.where = where
+        super().__init__(f"deadline exceeded {where}")
+
+
+class Cancelled(ServeError):
+    code = grpc.StatusCode.CANCELLED
+
+    def __init__(self) -> None:
+        super().__init__("request cancelled by the client")
+
+
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The gRPC status code and message for an exception raised while serving a request."""
+    if isinstance(exc, ServeError):
+        return exc.code, str(exc)
+    if isinstance(exc, ModelNotFound):
+        return grpc.StatusCode.NOT_FOUND, str(exc)
+    if isinstance(exc, RepositoryError):
+        return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
+    log.exception("internal error while serving a request", exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); the server log has the details"

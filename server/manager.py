@@ -1,0 +1,187 @@
+"""Which model versions are loaded: load/unload at run time, a state per version, health per model.
+
+A version that fails to load is FAILED with the reason and the others keep serving. Health (grpc.health.v1): the
+service "" is SERVING while the server is up and not draining; each model name is SERVING while one of its versions
+is READY. Requests naming version 0 get the highest READY version.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any
+
+from grpc_health.v1 import health_pb2
+from grpc_health.v1._async import HealthServicer
+
+from seqserve.server.config import ServerConfig
+from seqserve.server.errors import ModelUnavailable
+from seqserve.server.metrics import Metrics
+from seqserve.server.repository import Manifest, ModelNotFound, ModelRepository, RepositoryError, SessionOptions
+from seqserve.server.served import ServedModel
+
+log = logging.getLogger(__name__)
+
+AVAILABLE, LOADING, READY, UNLOADING, FAILED = "AVAILABLE", "LOADING", "READY", "UNLOADING", "FAILED"
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@dataclass
+class VersionStatus:
+    name: str
+    version: int
+    state: str
+    reason: str = ""
+    manifest: Manifest | None = None
+    capabilities: list[str] = field(default_factory=list)
+    max_input_tokens: int = 0
+
+
+class ModelManager:
+    def __init__(
+        self,
+        repository: ModelRepository,
+        config: ServerConfig,
+        session_options: SessionOptions,
+        executor: Executor,
+        metrics: Metrics,
+        health: HealthServicer,
+    ):
+        self.repository = repository
+        self.config = config
+        self.session_options = session_options
+        self.executor = executor
+        self.metrics = metrics
+        self.health = health
+        self._served: dict[tuple[str, int], ServedModel] = {}
+        self._status: dict[tuple[str, int], VersionStatus] = {}
+        self._locks: dict[tuple[str, int], asyncio.Lock] = {}
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Lookup
+
+    def get(self, name: str, version: int = 0) -> ServedModel:
+        """The served version (0: the highest READY one); NOT_FOUND when the repository has no such model/version."""
+        if version:
+            served = self._served.get((name, version))
+            if served is not None:
+                return served
+            self._raise_missing(name, version)
+        ready = sorted(v for (n, v) in self._served if n == name)
+        if ready:
+            return self._served[(name, ready[-1])]
+        self._raise_missing(name, 0)
+        raise AssertionError("unreachable")
+
+    def _raise_missing(self, name: str, version: int) -> None:
+        available = self.repository.models()
+        versions = available.get(name, [])
+        if not versions or (version and version not in versions):
+            raise ModelNotFound(name, version or None, available)
+        v = version or versions[-1]
+        status = self._status.get((name, v))
+        state = status.state if status else AVAILABLE
+        raise ModelUnavailable(name, v, state, status.reason if status else "")
+
+    def statuses(self, name: str = "") -> list[VersionStatus]:
+        """Every version in the repository (and any still loaded after leaving it), with its state."""
+        found: dict[tuple[str, int], VersionStatus] = {}
+        for model, versions in self.repository.models().items():
+            if name and model != name:
+                continue
+            for v in versions:
+                found[(model, v)] = self._status.get((model, v)) or self._available(model, v)
+        for key, status in self._status.items():
+            if (not name or key[0] == name) and key not in found:
+                found[key] = status
+        return [found[k] for k in sorted(found)]
+
+    def _available(self, name: str, version: int) -> VersionStatus:
+        try:
+            manifest = self.repository.manifest(name, version)
+        except RepositoryError as exc:
+            return VersionStatus(name, version, FAILED, str(exc))
+        return VersionStatus(name, version, AVAILABLE, manifest=manifest)
+
+    def status(self, name: str, version: int) -> VersionStatus:
+        return self._status.get((name, version)) or self._available(name, version)
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Load / unload
+
+    async def start(self) -> None:
+        """Load the configured models (all, highest version each, when none are named); failures are logged."""
+        names = list(self.config.models) or list(self.repository.models())
+        for name in names:
+            try:
+                await self.load(name)
+            except (RepositoryError, ModelUnavailable) as exc:
+                log.error("model %s not loaded: %s", name, exc)
+        ready = [f"{n} {v}" for (n, v) in sorted(self._served)]
+        log.info("serving %d model versions: %s", len(ready), ", ".join(ready) or "none")
+
+    async def load(self, name: str, version: int = 0) -> VersionStatus:
+        """Load a version (0: the repository's highest); a failure is recorded as FAILED and raised."""
+        version_dir = self.repository.version_dir(name, version or None)  # ModelNotFound when absent
+        key = (name, int(version_dir.name))
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            if key in self._served:
+                return self._status[key]
+            self._status[key] = VersionStatus(key[0], key[1], LOADING)
+            loop = asyncio.get_running_loop()
+            try:
+                # The default pool, not the inference pool: a slow load must not hold up requests to other models.
+                served = await loop.run_in_executor(None, self._build, version_dir)
+            except Exception as exc:
+                reason = f"{type(exc).__name__}: {exc}"
+                self._status[key] = VersionStatus(key[0], key[1], FAILED, reason)
+                log.error("loading %s version %d failed: %s", key[0], key[1], reason)
+                raise ModelUnavailable(key[0], key[1], FAILED, reason) from exc
+            served.batcher.start()
+            self._served[key] = served
+            self._status[key] = VersionStatus(
+                key[0], key[1], READY, manifest=served.manifest, capabilities=served.capabilities,
+                max_input_tokens=served.max_input_tokens,
+            )  # fmt: skip
+            await self._update_health(name)
+            log.info("model %s version %d is READY (%s)", key[0], key[1], ", ".join(served.capabilities))
+            return self._status[key]
+
+    def _build(self, version_dir: Any) -> ServedModel:
+        from seqserve.server.repository import load_model
+
+        loaded = load_model(version_dir, self.session_options)
+        overrides = self.repository.serving_config(loaded.manifest.name)
+        batching = self.config.batching.with_overrides(overrides)
+        return ServedModel(loaded, self.executor, batching, self.config.limits, self.metrics)
+
+    async def unload(self, name: str, version: int = 0) -> VersionStatus:
+        """Stop taking requests for a version, finish its queued and running work, drop its sessions."""
+        served = self.get(name, version)
+        key = (served.name, served.version)
+        async with self._locks.setdefault(key, asyncio.Lock()):
+            self._served.pop(key, None)
+            self._status[key] = VersionStatus(key[0], key[1], UNLOADING, manifest=served.manifest)
+            await self._update_health(name)
+            await served.batcher.close()
+            self._status.pop(key, None)
+            log.info("model %s version %d unloaded", key[0], key[1])
+            return self.status(*key)
+
+    async def close(self) -> None:
+        for key in list(self._served):
+            served = self._served.pop(key)
+            await served.batcher.close()
+
+    async def _update_health(self, name: str) -> None:
+        ready = any(n == name for (n, _) in self._served)
+        await self.health.set(name, SERVING if ready else NOT_SERVING)
+        self.metrics.models_ready.set(len(self._served))
+
+    async def set_all_not_serving(self) -> None:
+        for model in {n for (n, _) in self._served} | {""}:
+            await self.health.set(model, NOT_SERVING)

@@ -1,0 +1,220 @@
+"""One loaded model version ready to serve: its tokenizers, its batcher, and the task methods the servicers call.
+
+Defined behaviour at the edges (docs/serving.md): an empty list gives an empty result; translating "" gives one empty
+hypothesis (score 0) without running the model; encoding "" encodes `[CLS] [SEP]`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from seqserve.server.batcher import Batcher, WorkItem
+from seqserve.server.bert import BertJob, BertModel
+from seqserve.server.config import BatchingConfig, Limits
+from seqserve.server.decoding import Hypothesis
+from seqserve.server.errors import InvalidRequest, OptionOutOfRange, WrongTask
+from seqserve.server.metrics import Metrics
+from seqserve.server.repository import LoadedModel
+from seqserve.server.text import Encoded, TextCodec, check_chars, check_count
+from seqserve.server.translation import DecodeOptions, TranslationJob, Translator
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_TOKENS = 512
+
+
+@dataclass(frozen=True)
+class TextHypothesis:
+    text: str
+    score: float
+    tokens: list[str]
+    token_scores: list[float]
+
+
+@dataclass(frozen=True)
+class TranslationResult:
+    source_tokens: int
+    hypotheses: list[TextHypothesis]
+
+
+def _limit(limits: dict, keys: Sequence[str], default: int) -> int:
+    for key in keys:
+        if limits.get(key):
+            return int(limits[key])
+    return default
+
+
+class ServedModel:
+    """A ready model version; every method raises typed errors (errors.py) for bad input."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        executor: Executor,
+        batching: BatchingConfig,
+        limits: Limits,
+        metrics: Metrics,
+    ):
+        manifest = loaded.manifest
+        self.loaded = loaded
+        self.manifest = manifest
+        self.name, self.version = manifest.name, manifest.version
+        self.limits = limits
+        self.metrics = metrics
+        cap = limits.max_tokens_per_text
+        if manifest.task == "translation":
+            model_limit = _limit(manifest.limits, ("max_source_tokens", "max_tokens"), DEFAULT_MAX_TOKENS)
+            self.max_input_tokens = min(model_limit, cap) if cap else model_limit
+            self.codec = TextCodec(loaded.tokenizers["source"], self.max_input_tokens, loaded.tokenizers["target"])
+            max_target = _limit(manifest.limits, ("max_target_tokens", "max_tokens"), DEFAULT_MAX_TOKENS)
+            self.translator: Translator | None = Translator(loaded, self.codec, max_target)
+            self.bert: BertModel | None = None
+            self.capabilities = ["translate"]
+            run = self._run_translation
+        else:
+            keys = ("max_tokens", "max_input_tokens", "max_seq_len", "max_position_embeddings")
+            config = manifest.config.get("config", {}) if isinstance(manifest.config, dict) else {}
+            model_limit = _limit(manifest.limits, keys, _limit(config, keys, DEFAULT_MAX_TOKENS))
+            self.max_input_tokens = min(model_limit, cap) if cap else model_limit
+            tokenizer = loaded.tokenizers.get("text") or next(iter(loaded.tokenizers.values()))
+            self.codec = TextCodec(tokenizer, self.max_input_tokens)
+            self.translator = None
+            self.bert = BertModel(loaded)
+            self.capabilities = self.bert.capabilities()
+            run = self._run_bert
+        self.batcher = Batcher(self.name, self.version, run, executor, batching, limits.max_queue, self._observe)
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Batches (worker threads)
+
+    def _run_translation(self, items: Sequence[WorkItem]) -> None:
+        label = self.name
+        steps = self.translator.run_batch(
+            [it.job for it in items],
+            stopped=lambda i: items[i].stopped(),
+            on_step=lambda rows: self.metrics.decode_rows.labels(label).inc(rows),
+        )
+        self.metrics.decode_steps.labels(label).inc(steps)
+
+    def _run_bert(self, items: Sequence[WorkItem]) -> None:
+        self.bert.run_batch([it.job for it in items])
+
+    def _observe(self, batch: list[WorkItem], started: float) -> None:
+        self.metrics.observe_batch(self.name, [started - it.enqueued for it in batch], [it.length for it in batch])
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Tasks (event loop)
+
+    def require(self, capability: str) -> None:
+        if capability not in self.capabilities:
+            raise WrongTask(self.name, capability, self.capabilities)
+
+    def _tokenize(self, texts: Sequence[str], truncate: bool, pairs: Sequence[str] | None = None) -> list[Encoded]:
+        check_count(len(texts), self.limits)
+        check_chars(list(texts), self.limits)
+        if pairs is not None:
+            check_chars(list(pairs), self.limits)
+        encoded = [
+            self.codec.encode(t, pairs[i] if pairs is not None else None, truncate=truncate, index=i)
+            for i, t in enumerate(texts)
+        ]
+        self.metrics.tokens_in.labels(self.name).inc(sum(len(e) for e in encoded))
+        return encoded
+
+    async def translate(
+        self, texts: Sequence[str], options: DecodeOptions, truncate: bool, deadline: float | None
+    ) -> list[TranslationResult]:
+        self.require("translate")
+        options.check(self.limits.max_beam_size, self.translator.max_target_tokens)
+        encoded = self._tokenize(texts, truncate)
+        jobs: dict[int, TranslationJob] = {}
+        for i, (text, enc) in enumerate(zip(texts, encoded)):
+            if text.strip():
+                jobs[i] = self.translator.job(enc.ids, options)
+        if jobs:
+            beam = max(options.beam_size, 1)
+            await self.batcher.submit([(job, len(job.ids), beam) for job in jobs.values()], deadline)
+        results = []
+        for i, enc in enumerate(encoded):
+            if i not in jobs:
+                results.append(TranslationResult(len(enc), [TextHypothesis("", 0.0, [], [])]))
+                continue
+            hyps = [self._text_hypothesis(h, options.return_token_scores) for h in jobs[i].result]
+            results.append(TranslationResult(len(enc), hyps))
+        return results
+
+    def _text_hypothesis(self, h: Hypothesis, with_scores: bool) -> TextHypothesis:
+        self.metrics.tokens_out.labels(self.name).inc(len(h.tokens))
+        return TextHypothesis(
+            text=self.codec.decode(list(h.tokens)),
+            score=h.score,
+            tokens=[self.codec.token(t) for t in h.tokens],
+            token_scores=list(h.token_scores) if with_scores else [],
+        )
+
+    async def _bert(self, jobs: list[BertJob], deadline: float | None) -> list[BertJob]:
+        if jobs:
+            await self.batcher.submit([(j, len(j.encoded), 1) for j in jobs], deadline)
+        return jobs
+
+    async def encode(
+        self,
+        texts: Sequence[str],
+        pairs: Sequence[tuple[str, str]],
+        pooling: str | None,
+        normalize: bool,
+        truncate: bool,
+        deadline: float | None,
+    ) -> tuple[np.ndarray, list[int]]:
+        """(N, H) float32 vectors and the token count of each input."""
+        self.require("encode")
+        if texts and pairs:
+            raise InvalidRequest("send either texts or pairs, not both")
+        pooling = pooling or self.bert.pooling
+        if pairs:
+            encoded = self._tokenize([a for a, _ in pairs], truncate, [b for _, b in pairs])
+        else:
+            encoded = self._tokenize(texts, truncate)
+        jobs = await self._bert([BertJob("encode", e, pooling, normalize) for e in encoded], deadline)
+        hidden = self._hidden_size()
+        vectors = np.stack([j.result for j in jobs]) if jobs else np.zeros((0, hidden), np.float32)  # (N, H)
+        return vectors.astype(np.float32), [len(e) for e in encoded]
+
+    def _hidden_size(self) -> int:
+        for spec in self.manifest.graphs["model"].outputs:
+            if spec.name == "sequence_output" and isinstance(spec.shape[-1], int):
+                return spec.shape[-1]
+        config = self.manifest.config.get("config", {}) if isinstance(self.manifest.config, dict) else {}
+        return int(config.get("hidden", config.get("hidden_size", 0)))
+
+    async def next_sentence(
+        self, pairs: Sequence[tuple[str, str]], truncate: bool, deadline: float | None
+    ) -> list[float]:
+        self.require("nsp")
+        encoded = self._tokenize([a for a, _ in pairs], truncate, [b for _, b in pairs])
+        jobs = await self._bert([BertJob("nsp", e) for e in encoded], deadline)
+        return [j.result for j in jobs]
+
+    async def fill_mask(
+        self, texts: Sequence[str], top_k: int, truncate: bool, deadline: float | None
+    ) -> list[list[list[tuple[str, int, float]]]]:
+        """Per text, per mask (left to right), the top-k (token, id, probability), most likely first."""
+        self.require("fill_mask")
+        top_k = top_k or 5
+        if top_k > self.limits.max_top_k:
+            raise OptionOutOfRange("top_k", top_k, self.limits.max_top_k)
+        encoded = self._tokenize(texts, truncate)
+        for i, e in enumerate(encoded):
+            if self.bert.mask_id not in e.ids:
+                raise InvalidRequest(f"text {i} has no {self.bert.mask_token} token to fill")
+        jobs = await self._bert([BertJob("fill_mask", e, top_k=top_k) for e in encoded], deadline)
+        return [[[(self.codec.token(t), t, p) for t, p in mask] for mask in j.result] for j in jobs]
+
+    def deadline_from(self, seconds: float | None) -> float | None:
+        return None if seconds is None else time.monotonic() + seconds

@@ -1,0 +1,236 @@
+"""The gRPC servicers: thin translation between protobuf messages and the model manager's typed methods.
+
+Every unary method runs under `_rpc`, the one place where exceptions become status codes (errors.status_of), metrics
+are counted and draining is refused. TranslateStream reports per-item errors in its responses instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from typing import AsyncIterator, Awaitable, Callable
+
+import grpc
+
+from seqserve.protos.v1 import seqserve_pb2 as pb
+from seqserve.protos.v1 import seqserve_pb2_grpc as pb_grpc
+from seqserve.server.errors import Draining, InvalidRequest, status_of
+from seqserve.server.manager import ModelManager, VersionStatus
+from seqserve.server.metrics import Metrics
+from seqserve.server.served import ServedModel, TranslationResult
+from seqserve.server.translation import DecodeOptions
+
+log = logging.getLogger(__name__)
+
+_POOLING = {pb.POOLING_UNSPECIFIED: None, pb.POOLING_CLS: "cls", pb.POOLING_MEAN: "mean"}
+_TRUNCATE = {pb.TRUNCATION_UNSPECIFIED: False, pb.TRUNCATION_REJECT: False, pb.TRUNCATION_TRUNCATE: True}
+_STATES = {
+    "AVAILABLE": pb.MODEL_STATE_AVAILABLE, "LOADING": pb.MODEL_STATE_LOADING, "READY": pb.MODEL_STATE_READY,
+    "UNLOADING": pb.MODEL_STATE_UNLOADING, "FAILED": pb.MODEL_STATE_FAILED,
+}  # fmt: skip
+
+
+class ServingState:
+    """Shared between servicers: the manager, the metrics and whether the server is draining."""
+
+    def __init__(self, manager: ModelManager, metrics: Metrics):
+        self.manager = manager
+        self.metrics = metrics
+        self.draining = False
+
+
+def _rpc(method: Callable[..., Awaitable]) -> Callable[..., Awaitable]:
+    name = method.__name__
+
+    @functools.wraps(method)
+    async def wrapper(self, request, context: grpc.aio.ServicerContext):
+        state: ServingState = self.state
+        model = request.model.name if hasattr(request, "model") else ""
+        state.metrics.requests.labels(name, model).inc()
+        started = time.monotonic()
+        try:
+            if state.draining:
+                raise Draining()
+            return await method(self, request, context)
+        except asyncio.CancelledError:
+            state.metrics.errors.labels(name, grpc.StatusCode.CANCELLED.name).inc()
+            raise
+        except Exception as exc:
+            code, message = status_of(exc)
+            state.metrics.errors.labels(name, code.name).inc()
+            log.info("%s for %s: %s %s", name, model or "-", code.name, message)
+            await context.abort(code, message)
+        finally:
+            state.metrics.latency.labels(name).observe(time.monotonic() - started)
+
+    return wrapper
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+def _truncate(value: int) -> bool:
+    if value not in _TRUNCATE:
+        raise InvalidRequest(f"unknown truncation {value}; known: {sorted(_TRUNCATE)}")
+    return _TRUNCATE[value]
+
+
+def _options(o: pb.DecodingOptions) -> DecodeOptions:
+    return DecodeOptions(
+        beam_size=max(o.beam_size, 1), length_penalty=o.length_penalty, n_best=max(o.n_best, 1),
+        max_output_tokens=o.max_output_tokens, max_output_ratio=o.max_output_ratio,
+        return_token_scores=o.return_token_scores,
+    )  # fmt: skip
+
+
+def _translation(result: TranslationResult) -> pb.Translation:
+    return pb.Translation(
+        source_tokens=result.source_tokens,
+        hypotheses=[
+            pb.Hypothesis(text=h.text, score=h.score, tokens=h.tokens, token_scores=h.token_scores)
+            for h in result.hypotheses
+        ],
+    )
+
+
+def _ref(served: ServedModel) -> pb.ModelRef:
+    return pb.ModelRef(name=served.name, version=served.version)
+
+
+class InferenceServicer(pb_grpc.InferenceServicer):
+    def __init__(self, state: ServingState):
+        self.state = state
+
+    @_rpc
+    async def Encode(self, request: pb.EncodeRequest, context) -> pb.EncodeResponse:
+        served = self.state.manager.get(request.model.name, request.model.version)
+        if request.pooling not in _POOLING:
+            raise InvalidRequest(f"unknown pooling {request.pooling}; known: {sorted(_POOLING)}")
+        vectors, counts = await served.encode(
+            list(request.texts), [(p.first, p.second) for p in request.pairs], _POOLING[request.pooling],
+            request.normalize, _truncate(request.truncation), _deadline(context),
+        )  # fmt: skip
+        tensor = pb.Tensor(dtype="float32", shape=list(vectors.shape), data=vectors.astype("<f4").tobytes())
+        return pb.EncodeResponse(model=_ref(served), embeddings=tensor, token_counts=counts)
+
+    @_rpc
+    async def Translate(self, request: pb.TranslateRequest, context) -> pb.TranslateResponse:
+        served = self.state.manager.get(request.model.name, request.model.version)
+        results = await served.translate(
+            list(request.texts), _options(request.options), _truncate(request.truncation), _deadline(context)
+        )
+        return pb.TranslateResponse(model=_ref(served), translations=[_translation(r) for r in results])
+
+    @_rpc
+    async def ScoreNextSentence(self, request: pb.ScoreNextSentenceRequest, context) -> pb.ScoreNextSentenceResponse:
+        served = self.state.manager.get(request.model.name, request.model.version)
+        probs = await served.next_sentence(
+            [(p.first, p.second) for p in request.pairs], _truncate(request.truncation), _deadline(context)
+        )
+        return pb.ScoreNextSentenceResponse(model=_ref(served), is_next_probability=probs)
+
+    @_rpc
+    async def FillMask(self, request: pb.FillMaskRequest, context) -> pb.FillMaskResponse:
+        served = self.state.manager.get(request.model.name, request.model.version)
+        results = await served.fill_mask(
+            list(request.texts), request.top_k, _truncate(request.truncation), _deadline(context)
+        )
+        return pb.FillMaskResponse(
+            model=_ref(served),
+            results=[
+                pb.FillMaskResult(masks=[
+                    pb.MaskPrediction(candidates=[
+                        pb.TokenCandidate(token=tok, token_id=tid, probability=p) for tok, tid, p in mask
+                    ]) for mask in text
+                ]) for text in results
+            ],
+        )  # fmt: skip
+
+    async def TranslateStream(
+        self, request_iterator: AsyncIterator[pb.TranslateStreamRequest], context
+    ) -> AsyncIterator[pb.TranslateStreamResponse]:
+        """Bounded read-ahead: at most `stream_read_ahead` items in flight; the reader waits for a free slot, so
+        gRPC flow control pushes back on a client that sends faster than the server translates."""
+        state = self.state
+        state.metrics.requests.labels("TranslateStream", "").inc()
+        if state.draining:
+            code, message = status_of(Draining())
+            await context.abort(code, message)
+        slots = asyncio.Semaphore(state.manager.config.limits.stream_read_ahead)
+        done: asyncio.Queue[pb.TranslateStreamResponse | None] = asyncio.Queue()
+        in_flight: set[asyncio.Task] = set()
+
+        async def one(item: pb.TranslateStreamRequest) -> None:
+            response = pb.TranslateStreamResponse(id=item.id)
+            try:
+                served = state.manager.get(item.model.name, item.model.version)
+                response.model.CopyFrom(_ref(served))
+                [result] = await served.translate(
+                    [item.text], _options(item.options), _truncate(item.truncation), _deadline(context)
+                )
+                response.translation.CopyFrom(_translation(result))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                code, message = status_of(exc)
+                state.metrics.errors.labels("TranslateStream", code.name).inc()
+                response.error_code, response.error_message = code.value[0], message
+            await done.put(response)
+
+        async def read() -> None:
+            async for item in request_iterator:
+                await slots.acquire()
+                task = asyncio.get_running_loop().create_task(one(item))
+                in_flight.add(task)
+                task.add_done_callback(in_flight.discard)
+            while in_flight:
+                await asyncio.gather(*list(in_flight), return_exceptions=True)
+            await done.put(None)
+
+        reader = asyncio.get_running_loop().create_task(read())
+        try:
+            while (response := await done.get()) is not None:
+                yield response
+                # The slot frees only once the response is handed to gRPC: a client that does not read its
+                # responses stalls its own stream instead of growing the server's memory.
+                slots.release()
+            await reader  # surfaces a broken request stream
+        finally:
+            reader.cancel()
+            for task in list(in_flight):
+                task.cancel()
+
+
+def _status(s: VersionStatus) -> pb.ModelStatus:
+    m = s.manifest
+    metrics = {}
+    if m is not None:
+        for key, value in {**m.metrics, **{f"parity_{k}": v for k, v in m.parity.items()}}.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                metrics[key] = float(value)
+    return pb.ModelStatus(
+        name=s.name, version=s.version, state=_STATES[s.state], reason=s.reason,
+        task=m.task if m else "", architecture=m.architecture if m else "", capabilities=s.capabilities,
+        metrics=metrics, quantization=(m.quantization or "") if m else "", max_input_tokens=s.max_input_tokens,
+    )  # fmt: skip
+
+
+class ModelsServicer(pb_grpc.ModelsServicer):
+    def __init__(self, state: ServingState):
+        self.state = state
+
+    @_rpc
+    async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(models=[_status(s) for s in self.state.manager.statuses(request.name)])
+
+    @_rpc
+    async def LoadModel(self, request: pb.LoadModelRequest, context) -> pb.ModelStatus:
+        return _status(await self.state.manager.load(request.model.name, request.model.version))
+
+    @_rpc
+    async def UnloadModel(self, request: pb.UnloadModelRequest, context) -> pb.ModelStatus:
+        return _status(await self.state.manager.unload(request.model.name, request.model.version))
