@@ -274,3 +274,55 @@ def test_pretraining_loss_is_finite_when_nothing_was_chosen(tiny_bert: Bert) -> 
     out = tiny_bert(input_ids, attention_mask, token_type_ids)
     loss = pretraining_loss(out, torch.full_like(input_ids, IGNORE_INDEX), torch.zeros(3, dtype=torch.long))
     assert loss.mlm.item() == 0.0 and torch.isfinite(loss.total)
+
+
+# --- onnxruntime's BERT optimizer ---------------------------------------------------------------------------------
+
+
+class _EncoderOutputs(torch.nn.Module):
+    """The tensors an export names, as a tuple (the TorchScript exporter does not take NamedTuple outputs with None)."""
+
+    def __init__(self, model: Bert) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, token_type_ids):
+        out = self.model(input_ids, attention_mask, token_type_ids)
+        return out.sequence_output, out.pooled_output, out.mlm_logits, out.nsp_logits
+
+
+def test_onnxruntime_bert_optimizer_fuses_attention_of_every_layer(tiny_bert: Bert, tmp_path) -> None:
+    import warnings
+
+    import numpy as np
+    import onnxruntime
+    from onnxruntime.transformers import optimizer
+
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    outputs = ["sequence_output", "pooled_output", "mlm_logits", "nsp_logits"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        torch.onnx.export(
+            _EncoderOutputs(tiny_bert).eval(), _batch(B=2, S=5), str(tmp_path / "bert.onnx"), dynamo=False,
+            opset_version=17, input_names=names, output_names=outputs,
+            dynamic_axes={n: {0: "batch", 1: "seq"} for n in names + ["sequence_output", "mlm_logits"]}
+            | {"pooled_output": {0: "batch"}, "nsp_logits": {0: "batch"}},
+        )
+    tiny_bert.eval()  # export restores the wrapper's training flag onto the model; keep the fixture in eval
+    optimized = optimizer.optimize_model(str(tmp_path / "bert.onnx"), model_type="bert", num_heads=2, hidden_size=32)
+    fused = optimized.get_fused_operator_statistics()
+    assert fused["Attention"] == TINY.num_hidden_layers
+    assert fused["SkipLayerNormalization"] == 2 * TINY.num_hidden_layers
+    optimized.save_model_to_file(str(tmp_path / "bert.opt.onnx"))
+
+    session = onnxruntime.InferenceSession(str(tmp_path / "bert.opt.onnx"), providers=["CPUExecutionProvider"])
+    input_ids, attention_mask, token_type_ids = _batch(B=3, S=9)
+    attention_mask[0, 6:] = 0
+    feeds = dict(zip(names, (t.numpy() for t in (input_ids, attention_mask, token_type_ids))))
+    got = dict(zip(outputs, session.run(outputs, feeds)))
+    with torch.no_grad():
+        expected = tiny_bert(input_ids, attention_mask, token_type_ids)
+    real = attention_mask.bool().numpy()
+    np.testing.assert_allclose(got["sequence_output"][real], expected.sequence_output.numpy()[real], atol=1e-4)
+    np.testing.assert_allclose(got["nsp_logits"], expected.nsp_logits.numpy(), atol=1e-4)
+    np.testing.assert_allclose(got["mlm_logits"][real], expected.mlm_logits.numpy()[real], atol=1e-4)
