@@ -172,6 +172,12 @@ def greedy_decode_onnx(
     return np.stack(tokens, axis=1) if tokens else np.zeros((batch, 0), dtype=np.int64)
 
 
+def decoder_start_id(config: Any) -> int:
+    """The first decoder input: config.decoder_start_id where the family has one (Marian starts with pad), else BOS."""
+    start = getattr(config, "decoder_start_id", None)
+    return config.bos_id if start is None else int(start)
+
+
 @torch.no_grad()
 def translator_parity(
     model: nn.Module,
@@ -184,7 +190,7 @@ def translator_parity(
     """Encoder outputs, a chain of decoder steps, and greedy tokens, against the torch model."""
     report = ParityReport(tolerance)
     config = model.config
-    bos, eos, pad = config.bos_id, config.eos_id, config.pad_id
+    bos, eos, pad = decoder_start_id(config), config.eos_id, config.pad_id
     src_vocab, tgt_vocab = source_vocab_size(model), target_vocab_size(model)
     for i, (batch, length) in enumerate(cases):
         src_ids, pad_mask = example_source(batch, length, src_vocab, seed=200 + i, pad_id=pad)

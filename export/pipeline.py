@@ -1,0 +1,297 @@
+"""export_checkpoint / export_hf_bert: checkpoint -> ONNX graphs -> gates -> a new version in the model repository.
+
+Phases, in order (each one can stop the export; nothing is published until the last):
+1. export the graphs into a scratch folder (export/graphs.py);
+2. onnx.checker, then offline optimisation (BERT and Transformer graphs);
+3. parity against PyTorch (export/parity.py), the measured difference goes into the manifest;
+4. optionally int8 quantization and its quality gates (export/quantize.py);
+5. copy the final graphs and the tokenizers into a staged version and commit it atomically (export/writer.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import onnxruntime as ort
+import torch
+from tokenizers import Tokenizer
+from torch import nn
+
+from seqserve.export.graphs import OPSET, bert_outputs, export_bert, export_translator
+from seqserve.export.parity import (
+    DEFAULT_TOLERANCE,
+    StepGraphs,
+    bert_parity,
+    check_onnx,
+    decoder_start_id,
+    open_session,
+    translator_parity,
+)
+from seqserve.export.quantize import (
+    DEFAULT_SAMPLE_DOCUMENTS,
+    TranslationSetup,
+    bert_quality,
+    optimize_graph,
+    quantize_int8,
+    translation_quality,
+)
+from seqserve.export.writer import StagedVersion
+
+log = logging.getLogger(__name__)
+
+QUANTIZATIONS = ("int8",)
+DEVICES = ("cpu", "cuda")
+FP16_TOLERANCE = 2e-2
+
+
+class ExportError(Exception):
+    """An export that cannot be done as asked (unknown option, missing GPU, missing dev sample)."""
+
+
+def _providers(device: str) -> list[str]:
+    if device not in DEVICES:
+        raise ExportError(f"device {device!r} is not one of {DEVICES}")
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    available = ort.get_available_providers()
+    if "CUDAExecutionProvider" not in available or not torch.cuda.is_available():
+        raise ExportError(
+            f"--device cuda needs a GPU visible to torch (torch.cuda.is_available() = {torch.cuda.is_available()}) "
+            f"and onnxruntime-gpu's CUDAExecutionProvider (available: {', '.join(available)}); export with "
+            f"--device cpu instead"
+        )
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def _to_fp16(path: Path) -> None:
+    """fp16 weights and compute, float32 inputs and outputs (so the serving code does not change)."""
+    import onnx
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    model = OnnxModel(onnx.load(str(path)))
+    model.convert_float_to_float16(keep_io_types=True)
+    model.save_model_to_file(str(path))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# BERT
+
+
+def _export_bert_graphs(
+    model: nn.Module, tokenizer: Tokenizer, work: Path, *, quantize: str | None, optimize: bool, tolerance: float,
+    device: str, max_tokens: int, sample_documents: Sequence[Sequence[str]],
+) -> tuple[dict[str, Any], dict[str, Path]]:  # fmt: skip
+    config = model.config
+    providers = _providers(device)
+    exported = export_bert(model, work)
+    check_onnx(exported.path)
+    record: dict[str, Any] = {}
+    if optimize:
+        record["optimization"] = {"model.onnx": optimize_graph(exported.path, config.num_attention_heads,
+                                                               config.hidden_size)}  # fmt: skip
+    if device == "cuda":
+        _to_fp16(exported.path)
+        tolerance = max(tolerance, FP16_TOLERANCE)
+    fp32 = open_session(exported.path, providers)
+    record["parity"] = bert_parity(model, fp32, tolerance).to_dict()
+    final = exported.path
+    if quantize == "int8":
+        final = work / "model.int8.onnx"
+        quantize_int8(exported.path, final)
+        int8 = open_session(final, providers)
+        record["quality"] = bert_quality(
+            fp32, int8, tokenizer, config.pooling, config.with_heads, max_tokens, sample_documents
+        )
+    record["graphs"] = {"model": exported.spec.to_dict()}
+    return record, {"model.onnx": final}
+
+
+def _bert_manifest(model: nn.Module, tokenizer: Tokenizer, max_tokens: int) -> dict[str, Any]:
+    from seqserve.models.tokenization import special_token_ids
+
+    config = model.config
+    return {
+        "task": "bert",
+        "architecture": "bert",
+        "config": {"family": "bert", "config": dataclasses.asdict(config)},
+        "tokenizers": {"text": "tokenizer.json"},
+        "special_tokens": special_token_ids(tokenizer),
+        "limits": {"max_tokens": max_tokens},
+        "outputs": bert_outputs(model),
+        "pooling": config.pooling,
+        "normalize_embeddings": config.normalize_embeddings,
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Translators
+
+
+def _export_translator_graphs(
+    model: nn.Module, family: str, tokenizers: dict[str, Tokenizer], work: Path, *, quantize: str | None,
+    optimize: bool, tolerance: float, device: str, dev: Sequence[tuple[str, str]] | None,
+) -> tuple[dict[str, Any], dict[str, Path]]:  # fmt: skip
+    config = model.config
+    providers = _providers(device)
+    if quantize == "int8" and not dev:
+        raise ExportError("--quantize int8 of a translator needs a dev sample for its BLEU gate: pass --dev FILE.tsv")
+    enc, dec = export_translator(model, work)
+    record: dict[str, Any] = {}
+    for graph in (enc, dec):
+        check_onnx(graph.path)
+    if optimize and family == "transformer":
+        record["optimization"] = {
+            g.spec.file: optimize_graph(g.path, config.n_heads, config.d_model) for g in (enc, dec)
+        }
+    if device == "cuda":
+        for graph in (enc, dec):
+            _to_fp16(graph.path)
+        tolerance = max(tolerance, FP16_TOLERANCE)
+    memory, state = tuple(model.memory_names()), tuple(model.state_names())
+    fp32 = StepGraphs(open_session(enc.path, providers), open_session(dec.path, providers), memory, state)
+    record["parity"] = translator_parity(model, fp32, tolerance).to_dict()
+    finals = {"encoder.onnx": enc.path, "decoder.onnx": dec.path}
+    if quantize == "int8":
+        finals = {name: work / f"int8.{name}" for name in finals}
+        quantize_int8(enc.path, finals["encoder.onnx"])
+        quantize_int8(dec.path, finals["decoder.onnx"])
+        int8 = StepGraphs(
+            open_session(finals["encoder.onnx"], providers), open_session(finals["decoder.onnx"], providers),
+            memory, state,
+        )  # fmt: skip
+        setup = TranslationSetup(
+            tokenizers["source"], tokenizers["target"], decoder_start_id(config), config.eos_id, config.pad_id,
+            config.max_src_len, config.max_tgt_len,
+        )  # fmt: skip
+        record["quality"] = translation_quality(fp32, int8, setup, dev)
+    record["graphs"] = {"encoder": enc.spec.to_dict(), "decoder": dec.spec.to_dict()}
+    record["decoder"] = {"memory": list(memory), "state": list(state)}
+    return record, finals
+
+
+def _translator_manifest(model: nn.Module, family: str, tokenizers: dict[str, Tokenizer]) -> dict[str, Any]:
+    from seqserve.models.tokenization import special_token_ids
+
+    config = model.config
+    special = {"pad": config.pad_id, "bos": config.bos_id, "eos": config.eos_id,
+               "unk": special_token_ids(tokenizers["source"])["unk"], "decoder_start": decoder_start_id(config)}  # fmt: skip
+    return {
+        "task": "translation",
+        "architecture": config.arch if family == "rnn" else family,
+        "config": {"family": family, "config": dataclasses.asdict(config)},
+        "tokenizers": {"source": "source_tokenizer.json", "target": "target_tokenizer.json"},
+        "special_tokens": special,
+        "limits": {"max_source_tokens": config.max_src_len, "max_target_tokens": config.max_tgt_len},
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Entry points
+
+
+def export_model(
+    model: nn.Module,
+    family: str,
+    tokenizers: dict[str, Tokenizer],
+    metrics: dict[str, Any],
+    repository: str | os.PathLike,
+    name: str,
+    version: int | None = None,
+    quantize: str | None = None,
+    optimize: bool = True,
+    force: bool = False,
+    tolerance: float = DEFAULT_TOLERANCE,
+    device: str = "cpu",
+    dev: Sequence[tuple[str, str]] | None = None,
+    sample_documents: Sequence[Sequence[str]] | None = None,
+    max_tokens: int | None = None,
+) -> Path:
+    """Export a loaded model (eval mode) with its tokenizers into REPO/NAME/VERSION; returns the version folder."""
+    if quantize not in (None, *QUANTIZATIONS):
+        raise ExportError(f"quantize={quantize!r} is not one of {QUANTIZATIONS} (or None)")
+    _providers(device)  # fail before any work when the device is missing
+    model = model.eval()
+    with StagedVersion(repository, name, version, force) as stage, tempfile.TemporaryDirectory() as scratch:
+        work = Path(scratch)
+        if family == "bert":
+            limit = min(max_tokens or model.config.max_position_embeddings, model.config.max_position_embeddings)
+            record, finals = _export_bert_graphs(
+                model, tokenizers["text"], work, quantize=quantize, optimize=optimize, tolerance=tolerance,
+                device=device, max_tokens=limit, sample_documents=sample_documents or DEFAULT_SAMPLE_DOCUMENTS,
+            )  # fmt: skip
+            manifest = _bert_manifest(model, tokenizers["text"], limit)
+            tokenizer_files = {"tokenizer.json": tokenizers["text"]}
+        else:
+            record, finals = _export_translator_graphs(
+                model, family, tokenizers, work, quantize=quantize, optimize=optimize, tolerance=tolerance,
+                device=device, dev=dev,
+            )  # fmt: skip
+            manifest = _translator_manifest(model, family, tokenizers)
+            tokenizer_files = {"source_tokenizer.json": tokenizers["source"], "target_tokenizer.json": tokenizers["target"]}
+        for file, path in finals.items():
+            shutil.copyfile(path, stage.dir / file)
+        for file, tokenizer in tokenizer_files.items():
+            tokenizer.save(str(stage.dir / file))
+        manifest.update(record)
+        manifest.update(
+            quantization=quantize,
+            precision="fp16" if device == "cuda" else "fp32",
+            metrics=metrics,
+            export={"opset": OPSET, "exporter": "torch.onnx (TorchScript)", "torch": torch.__version__,
+                    "onnxruntime": ort.__version__, "device": device},  # fmt: skip
+        )
+        path = stage.commit(manifest)
+    log.info("exported %s (max abs diff %.3g) to %s", name, record["parity"]["max_abs_diff"], path)
+    return path
+
+
+def export_checkpoint(
+    checkpoint_dir: str | os.PathLike,
+    repository: str | os.PathLike,
+    name: str,
+    version: int | None = None,
+    quantize: str | None = None,
+    optimize: bool = True,
+    force: bool = False,
+    tolerance: float = DEFAULT_TOLERANCE,
+    device: str = "cpu",
+    dev: Sequence[tuple[str, str]] | None = None,
+    sample_documents: Sequence[Sequence[str]] | None = None,
+) -> Path:
+    """A checkpoint folder (models/checkpoint.py) -> REPO/NAME/VERSION; returns the version folder."""
+    from seqserve.models.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(checkpoint_dir)
+    return export_model(
+        ckpt.model, ckpt.family, ckpt.tokenizers, ckpt.metrics, repository, name, version=version, quantize=quantize,
+        optimize=optimize, force=force, tolerance=tolerance, device=device, dev=dev, sample_documents=sample_documents,
+    )  # fmt: skip
+
+
+def export_hf_bert(
+    hf_dir: str | os.PathLike,
+    repository: str | os.PathLike,
+    name: str,
+    version: int | None = None,
+    quantize: str | None = None,
+    optimize: bool = True,
+    force: bool = False,
+    tolerance: float = DEFAULT_TOLERANCE,
+    device: str = "cpu",
+    sample_documents: Sequence[Sequence[str]] | None = None,
+) -> Path:
+    """A local Hugging Face BERT directory (via models/hf.py) -> REPO/NAME/VERSION; returns the version folder."""
+    from seqserve.models.hf import load_hf_bert
+
+    imported = load_hf_bert(hf_dir)
+    return export_model(
+        imported.model, "bert", {"text": imported.tokenizer}, {"imported": imported.info}, repository, name,
+        version=version, quantize=quantize, optimize=optimize, force=force, tolerance=tolerance, device=device,
+        sample_documents=sample_documents, max_tokens=int(imported.info["max_seq_length"]),
+    )  # fmt: skip
