@@ -54,6 +54,8 @@ class BertModel:
         self.session = loaded.sessions["model"]
         self.outputs = tuple(manifest.outputs) or tuple(o.name for o in self.session.get_outputs())
         self.pooling = manifest.pooling or "cls"
+        # Models trained with normalised embeddings (all-MiniLM-L6-v2) are always normalised, as their pipeline does.
+        self.normalize = bool(manifest.raw.get("normalize_embeddings", False))
         tokenizer = loaded.tokenizers.get("text") or next(iter(loaded.tokenizers.values()))
         special = manifest.special_tokens
 
@@ -98,7 +100,7 @@ class BertModel:
         for b, job in enumerate(jobs):
             if job.kind == "encode":
                 vec = vectors[job.pooling][b].astype(np.float32)
-                if job.normalize:
+                if job.normalize or self.normalize:
                     vec = vec / max(float(np.linalg.norm(vec)), 1e-12)
                 job.result = vec
             elif job.kind == "nsp":

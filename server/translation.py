@@ -31,7 +31,8 @@ class OnnxStepModel:
         self.state_names: list[str] = list(decoder.get("state", []))
         special = manifest.special_tokens
         self.pad_id = int(special.get("pad", 0))
-        self.bos_id = int(special.get("bos", 1))
+        # The first decoder input: BOS, unless the model starts from another token (Marian starts from pad).
+        self.bos_id = int(special.get("decoder_start", special.get("bos", 1)))
         self.eos_id = int(special.get("eos", 2))
         self._new_state = [f"new_{n}" for n in self.state_names]
         declared = set(manifest.graphs["decoder"].input_names)
