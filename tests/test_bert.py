@@ -326,3 +326,55 @@ def test_onnxruntime_bert_optimizer_fuses_attention_of_every_layer(tiny_bert: Be
     np.testing.assert_allclose(got["sequence_output"][real], expected.sequence_output.numpy()[real], atol=1e-4)
     np.testing.assert_allclose(got["nsp_logits"], expected.nsp_logits.numpy(), atol=1e-4)
     np.testing.assert_allclose(got["mlm_logits"][real], expected.mlm_logits.numpy()[real], atol=1e-4)
+
+
+# --- learning -----------------------------------------------------------------------------------------------------
+
+_CLS, _SEP, _MASK, _FIRST_WORD, _WORDS = 1, 2, 3, 5, 20
+
+
+def _counting_documents(rng: random.Random, n: int) -> list[list[str]]:
+    """Documents of 4-word sentences counting on mod 20: the next sentence starts where the last one stopped."""
+    documents = []
+    for _ in range(n):
+        start = rng.randrange(_WORDS)
+        documents.append(
+            [" ".join(str((start + 4 * i + j) % _WORDS + _FIRST_WORD) for j in range(4)) for i in range(6)]
+        )
+    return documents
+
+
+def _encode_pairs(pairs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    input_ids = torch.tensor([[_CLS, *map(int, p.first.split()), _SEP, *map(int, p.second.split()), _SEP] for p in pairs])
+    token_type_ids = torch.tensor([[0] * 6 + [1] * 5 for _ in pairs])  # [CLS] A [SEP] | B [SEP]
+    return input_ids, token_type_ids, torch.tensor([p.label for p in pairs])
+
+
+def test_bert_learns_mlm_and_nsp_of_a_synthetic_corpus_well_above_chance() -> None:
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=_FIRST_WORD + _WORDS, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=16, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    model = Bert(config)
+    optimizer = torch.optim.Adam(model.parameters(), lr=4e-3)
+    rng, generator = random.Random(0), torch.Generator().manual_seed(0)
+    for _ in range(300):
+        input_ids, token_type_ids, nsp_labels = _encode_pairs(make_nsp_pairs(_counting_documents(rng, 8), rng))
+        masked, labels = mask_tokens(input_ids, input_ids < _FIRST_WORD, config.vocab_size, _MASK, generator)
+        loss = pretraining_loss(model(masked, torch.ones_like(input_ids), token_type_ids), labels, nsp_labels)
+        optimizer.zero_grad()
+        loss.total.backward()
+        optimizer.step()
+
+    model.eval()
+    held_out = random.Random(99)
+    input_ids, token_type_ids, nsp_labels = _encode_pairs(make_nsp_pairs(_counting_documents(held_out, 100), held_out))
+    masked, labels = mask_tokens(input_ids, input_ids < _FIRST_WORD, config.vocab_size, _MASK, generator)
+    with torch.no_grad():
+        out = model(masked, torch.ones_like(input_ids), token_type_ids)
+    chosen = labels != IGNORE_INDEX
+    mlm_accuracy = (out.mlm_logits.argmax(-1)[chosen] == labels[chosen]).float().mean().item()
+    nsp_accuracy = (out.nsp_logits.argmax(-1) == nsp_labels).float().mean().item()
+    assert mlm_accuracy > 0.5  # chance: 1 in 20 words
+    assert nsp_accuracy > 0.65  # chance: 0.5 on 500 balanced pairs
