@@ -130,27 +130,29 @@ class GRUCell(nn.Module):
 
 
 class _OnnxRecurrence(torch.autograd.Function):
-    """Export-only op: one ONNX LSTM/GRU node with sequence_lens; eagerly it runs the layer's unrolled path."""
+    """Export-only op: one ONNX LSTM/GRU node with sequence_lens (ONNX layout, time-major).
+
+    Only reached while `torch.onnx.export(..., dynamo=False)` traces the model: the node computes the values, so the
+    eager forward just returns zeros of the node's output shapes.
+    """
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, seq_lens: Tensor, w: Tensor, r: Tensor, b: Tensor, p: Tensor | None,
-                h0: Tensor, layer: "RecurrentLayer") -> tuple[Tensor, ...]:  # fmt: skip
-        valid = torch.arange(x.shape[0], device=x.device)[None, :] < seq_lens[:, None].long()  # (B, S)
-        out, h_n, c_n = layer.forward_unrolled(x.transpose(0, 1), valid)
-        B, S, D = out.shape[0], out.shape[1], layer.num_directions
-        y = out.view(B, S, D, -1).permute(1, 2, 0, 3)  # (S, D, B, H)
-        if c_n is None:
-            return y, h_n.transpose(0, 1)
-        return y, h_n.transpose(0, 1), c_n.transpose(0, 1)  # (D, B, H)
+    def forward(ctx: Any, x: Tensor, seq_lens: Tensor, w: Tensor, r: Tensor, b: Tensor, p: Tensor, h0: Tensor,
+                cell: str, hidden_size: int, num_directions: int, peephole: bool) -> tuple[Tensor, ...]:  # fmt: skip
+        S, B = x.shape[0], x.shape[1]
+        final = x.new_zeros(num_directions, B, hidden_size)  # (D, B, H)
+        y = x.new_zeros(S, num_directions, B, hidden_size)  # (S, D, B, H)
+        return (y, final) if cell == "gru" else (y, final, final.clone())
 
     @staticmethod
-    def symbolic(g: Any, x: Any, seq_lens: Any, w: Any, r: Any, b: Any, p: Any, h0: Any, layer: "RecurrentLayer"):
-        direction = "bidirectional" if layer.num_directions == 2 else "forward"
-        if layer.cell == "gru":
-            return g.op("GRU", x, w, r, b, seq_lens, h0, direction_s=direction, hidden_size_i=layer.hidden_size,
+    def symbolic(g: Any, x: Any, seq_lens: Any, w: Any, r: Any, b: Any, p: Any, h0: Any,
+                 cell: str, hidden_size: int, num_directions: int, peephole: bool) -> Any:  # fmt: skip
+        direction = "bidirectional" if num_directions == 2 else "forward"
+        if cell == "gru":
+            return g.op("GRU", x, w, r, b, seq_lens, h0, direction_s=direction, hidden_size_i=hidden_size,
                         linear_before_reset_i=1, outputs=2)  # fmt: skip
-        inputs = [x, w, r, b, seq_lens, h0, h0] + ([p] if layer.peephole is not None else [])
-        return g.op("LSTM", *inputs, direction_s=direction, hidden_size_i=layer.hidden_size, outputs=3)
+        inputs = [x, w, r, b, seq_lens, h0, h0] + ([p] if peephole else [])
+        return g.op("LSTM", *inputs, direction_s=direction, hidden_size_i=hidden_size, outputs=3)
 
 
 class RecurrentLayer(nn.Module):
@@ -175,7 +177,8 @@ class RecurrentLayer(nn.Module):
 
     def forward(self, x: Tensor, lengths: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """x (B,S,I), lengths (B,), valid (B,S) True at real tokens -> out (B,S,D*H), h_n (B,D,H), c_n (B,D,H)|None."""
-        if torch.onnx.is_in_onnx_export():
+        # TorchScript-based export traces (dynamo=False); torch.export-based export would trace the zeros instead.
+        if torch.onnx.is_in_onnx_export() and torch.jit.is_tracing():
             return self.forward_onnx(x, lengths)
         if self.peephole is None:
             return self.forward_packed(x, lengths)
@@ -234,9 +237,13 @@ class RecurrentLayer(nn.Module):
             rs.append(reorder(w_hh))
             bs.append(torch.cat([reorder(b_ih), reorder(b_hh)]))
         w, r, b = torch.stack(ws), torch.stack(rs), torch.stack(bs)  # (D, nH, I), (D, nH, H), (D, 2nH)
-        p = None if self.peephole is None else self.peephole[:, [0, 2, 1]].reshape(D, 3 * H)  # (D, 3H) i, o, f
-        h0 = x.new_zeros(D, B, H)
-        outs = _OnnxRecurrence.apply(x.transpose(0, 1), lengths.to(torch.int32), w, r, b, p, h0, self)
+        # peephole (D, 3, H) rows i, f, o -> ONNX P (D, 3H) in order i, o, f; an unused placeholder without peepholes
+        p = h0 = x.new_zeros(D, B, H)
+        if self.peephole is not None:
+            p = self.peephole[:, [0, 2, 1]].reshape(D, 3 * H)
+        outs = _OnnxRecurrence.apply(
+            x.transpose(0, 1), lengths.to(torch.int32), w, r, b, p, h0, self.cell, H, D, self.peephole is not None
+        )
         y = outs[0].permute(2, 0, 1, 3).reshape(B, -1, D * H)  # (S, D, B, H) -> (B, S, D*H)
         h_n = outs[1].transpose(0, 1)  # (B, D, H)
         return y, h_n, outs[2].transpose(0, 1) if self.cell == "lstm" else None
