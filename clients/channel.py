@@ -87,6 +87,9 @@ class ConnectionConfig:
     token: str | None = None  # sent as "authorization: Bearer <token>"
     metadata: tuple[tuple[str, str], ...] = ()  # extra headers on every call
     max_message_bytes: int | None = None  # send and receive limit (grpc's default receive limit is 4 MiB)
+    # grpc client interceptors (tracing, auth, counting): grpc.*ClientInterceptor for Client,
+    # grpc.aio.*ClientInterceptor for AsyncClient. They see every attempt, retries included.
+    interceptors: tuple[Any, ...] = ()
 
     def channel_options(self) -> list[tuple[str, Any]]:
         options: list[tuple[str, Any]] = [
@@ -116,13 +119,18 @@ class ConnectionConfig:
 
     def sync_channel(self) -> grpc.Channel:
         if self.tls is None:
-            return grpc.insecure_channel(self.target, options=self.channel_options())
-        return grpc.secure_channel(self.target, self.tls.credentials(), options=self.channel_options())
+            channel = grpc.insecure_channel(self.target, options=self.channel_options())
+        else:
+            channel = grpc.secure_channel(self.target, self.tls.credentials(), options=self.channel_options())
+        return grpc.intercept_channel(channel, *self.interceptors) if self.interceptors else channel
 
     def aio_channel(self) -> grpc.aio.Channel:
+        interceptors = list(self.interceptors) or None
         if self.tls is None:
-            return grpc.aio.insecure_channel(self.target, options=self.channel_options())
-        return grpc.aio.secure_channel(self.target, self.tls.credentials(), options=self.channel_options())
+            return grpc.aio.insecure_channel(self.target, options=self.channel_options(), interceptors=interceptors)
+        return grpc.aio.secure_channel(
+            self.target, self.tls.credentials(), options=self.channel_options(), interceptors=interceptors
+        )
 
 
 def _remaining(deadline: float | None) -> float | None:
