@@ -378,7 +378,7 @@ class TransformerTranslator(nn.Module):
         """src_ids (B, S) long, src_pad_mask (B, S) bool True at padding ->
         (memory: cross_key_i, cross_value_i (B, nh, S, hs) for each decoder layer,
          state: self_key_i, self_value_i (B, nh, 0, hs), the empty self-attention caches)."""
-        B, S = src_ids.shape
+        S = src_ids.shape[1]
         if not _exporting() and S > self.config.max_positions:
             raise InputTooLong(tokens=int(S), limit=self.config.max_positions, side="source")
         x = self.src_embed(src_ids) * self.embed_scale + self.src_positions(0, S)  # (B, S, H)
@@ -391,9 +391,9 @@ class TransformerTranslator(nn.Module):
         memory: list[Tensor] = []
         for layer in self.decoder_layers:
             memory.extend(layer.cross_attn.project_kv(x))  # 2 x (B, nh, S, hs)
-        nh, hs = self.config.n_heads, self.config.d_model // self.config.n_heads
-        # One tensor per state name (not one shared object), so each becomes its own graph output.
-        state = tuple(x.new_zeros((B, nh, 0, hs)) for _ in self.state_names())  # (B, nh, 0, hs) each
+        # Empty slices of a cross key: batch, heads, head size and dtype right by construction, and static in an
+        # exported graph. One tensor per state name (not one shared object), so each becomes its own graph output.
+        state = tuple(memory[0][:, :, :0] for _ in self.state_names())  # (B, nh, 0, hs) each
         return tuple(memory), state
 
     def decode_step(
