@@ -1,6 +1,6 @@
-"""BERT: embeddings, a post-norm Transformer encoder, pooler, masked-LM and next-sentence heads, and its pretraining data.
+"""BERT: embeddings, post-norm Transformer encoder, pooler, masked-LM and next-sentence heads, pretraining data.
 
-Read leaves first: embeddings -> self-attention -> feed-forward -> layer -> heads -> config -> model -> pretraining data.
+Leaves first: embeddings -> self-attention -> feed-forward -> layer -> heads -> config -> model -> pretraining data.
 The layout follows Hugging Face's modeling_bert.py (post-norm layers, exact GELU, the attention mask as an additive
 bias) so imported checkpoints (models/hf.py) give the same numbers, and onnxruntime's BERT optimizer recognises the
 exported attention and fuses it.

@@ -141,7 +141,7 @@ def read_pooling(hf_dir: Path) -> tuple[str, bool]:
                            if k.startswith("pooling_mode_") and v)
             known = {"mean_tokens": "mean", "cls_token": "cls"}
             if len(modes) != 1 or modes[0] not in known:
-                raise HFImportError(f"{path}: pooling modes {modes}; seqserve serves exactly one of cls_token, mean_tokens")
+                raise HFImportError(f"{path}: pooling modes {modes}; seqserve serves one of cls_token, mean_tokens")
             pooling = known[modes[0]]
         else:
             raise HFImportError(f"{modules_path}: module {module.get('type')!r} is not supported (Pooling, Normalize)")
@@ -243,7 +243,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="local Hugging Face BERT directory (config.json, model.safetensors or pytorch_model.bin, "
                              "tokenizer.json; sentence-transformers' modules.json and 1_Pooling/ when present)")
     parser.add_argument("--output", "-o", required=True, type=Path, metavar="CKPT",
-                        help="checkpoint folder to write (model.safetensors, config.json, tokenizer.json, metrics.json)")
+                        help="checkpoint folder to write (model.safetensors, config.json, tokenizer.json, "
+                             "metrics.json)")
     parser.add_argument("--force", action="store_true", help="overwrite the output folder when it is not empty")
 
 

