@@ -12,7 +12,6 @@ hs head size (H = nh * hs), N number of masked positions.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 import random
 from dataclasses import dataclass
@@ -21,8 +20,6 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # label of positions the masked-LM loss skips (torch's cross_entropy default)
 IS_NEXT, NOT_NEXT = 0, 1  # next-sentence labels, as in the original BERT and Hugging Face
@@ -305,13 +302,14 @@ def mask_tokens(
     """
     if not 0.0 < prob < 1.0:
         raise ValueError(f"masking prob={prob} is not in (0, 1)")
-    chance = torch.full(input_ids.shape, prob).masked_fill(special_mask, 0.0)  # (B, S)
+    device = input_ids.device
+    chance = torch.full(input_ids.shape, prob, device=device).masked_fill(special_mask, 0.0)  # (B, S)
     chosen = torch.bernoulli(chance, generator=generator).bool()  # (B, S)
     labels = input_ids.masked_fill(~chosen, IGNORE_INDEX)  # (B, S)
-    to_mask = chosen & torch.bernoulli(torch.full(input_ids.shape, 0.8), generator=generator).bool()
+    to_mask = chosen & torch.bernoulli(torch.full(input_ids.shape, 0.8, device=device), generator=generator).bool()
     # Half of the remaining 20% become a random token; the other half stay as they are.
-    to_random = chosen & ~to_mask & torch.bernoulli(torch.full(input_ids.shape, 0.5), generator=generator).bool()
-    random_ids = torch.randint(vocab_size, input_ids.shape, generator=generator, dtype=input_ids.dtype)  # (B, S)
+    to_random = chosen & ~to_mask & torch.bernoulli(torch.full(input_ids.shape, 0.5, device=device), generator=generator).bool()
+    random_ids = torch.randint(vocab_size, input_ids.shape, generator=generator, dtype=input_ids.dtype, device=device)  # (B, S)
     masked = input_ids.masked_fill(to_mask, mask_id)  # (B, S)
     masked = torch.where(to_random, random_ids, masked)  # (B, S)
     return masked, labels
