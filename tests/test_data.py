@@ -140,7 +140,7 @@ def test_sentence_splitter(text: str, expected: list[str]) -> None:
     assert split_sentences(text) == expected
 
 
-# --- LibreOffice help alignment ----------------------------------------------------------------------------------------
+# --- LibreOffice help alignment --------------------------------------------------------------------------------------
 
 EN_PAGE = """<html><body><div id="DisplayArea">
 <p id="bm_module" hidden>WRITER</p>
@@ -237,7 +237,8 @@ def test_extract_reads_xhp_source_pages(tmp_path: Path) -> None:
     (tmp_path / "de").mkdir()
     (tmp_path / "en" / "x.xhp").write_text(page.format(mac="Preferences", default="Tools - Options"))
     (tmp_path / "de" / "x.xhp").write_text(page.format(mac="Einstellungen", default="Extras - Optionen"))
-    assert extract_help_pairs(tmp_path / "en", tmp_path / "de") == [("Choose Tools - Options.", "Choose Extras - Optionen.")]
+    pairs = extract_help_pairs(tmp_path / "en", tmp_path / "de")
+    assert pairs == [("Choose Tools - Options.", "Choose Extras - Optionen.")]
 
 
 def test_extract_without_pages_raises_build_error(tmp_path: Path) -> None:
@@ -278,7 +279,7 @@ def test_dev_split_needs_enough_candidates() -> None:
         split_dev([("a b c d", "x"), ("e f g h", "y"), ("i j k l", "z")], size=5)
 
 
-# --- shared copies and the CLI -----------------------------------------------------------------------------------------
+# --- shared copies and the CLI ---------------------------------------------------------------------------------------
 
 
 @pytest.fixture()
