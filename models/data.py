@@ -345,7 +345,7 @@ def extract_help_pairs(english_root: Path, german_root: Path) -> list[tuple[str,
             german = help_paragraphs(counterpart.read_text(encoding="utf-8", errors="replace"))
             pairs.extend(align_paragraphs(english, german))
         if index % 500 == 0 or index == len(pages):
-            logger.info("aligned %d/%d help pages (%d in both languages): %d pairs", index, len(pages), matched, len(pairs))
+            logger.info("aligned %d/%d pages (%d in both languages): %d pairs", index, len(pages), matched, len(pairs))
     kept = deduplicate(pairs)
     logger.info("%d pairs, %d after dropping identical sides and repeated English", len(pairs), len(kept))
     return kept
