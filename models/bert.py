@@ -303,13 +303,18 @@ def mask_tokens(
     if not 0.0 < prob < 1.0:
         raise ValueError(f"masking prob={prob} is not in (0, 1)")
     device = input_ids.device
-    chance = torch.full(input_ids.shape, prob, device=device).masked_fill(special_mask, 0.0)  # (B, S)
-    chosen = torch.bernoulli(chance, generator=generator).bool()  # (B, S)
+
+    def coin(p: float) -> Tensor:  # (B, S) bool, True with probability p, from the one generator
+        return torch.bernoulli(torch.full(input_ids.shape, p, device=device), generator=generator).bool()
+
+    chosen = coin(prob) & ~special_mask  # (B, S)
     labels = input_ids.masked_fill(~chosen, IGNORE_INDEX)  # (B, S)
-    to_mask = chosen & torch.bernoulli(torch.full(input_ids.shape, 0.8, device=device), generator=generator).bool()
+    to_mask = chosen & coin(0.8)  # (B, S)
     # Half of the remaining 20% become a random token; the other half stay as they are.
-    to_random = chosen & ~to_mask & torch.bernoulli(torch.full(input_ids.shape, 0.5, device=device), generator=generator).bool()
-    random_ids = torch.randint(vocab_size, input_ids.shape, generator=generator, dtype=input_ids.dtype, device=device)  # (B, S)
+    to_random = chosen & ~to_mask & coin(0.5)  # (B, S)
+    random_ids = torch.randint(
+        vocab_size, input_ids.shape, generator=generator, dtype=input_ids.dtype, device=device
+    )  # (B, S)
     masked = input_ids.masked_fill(to_mask, mask_id)  # (B, S)
     masked = torch.where(to_random, random_ids, masked)  # (B, S)
     return masked, labels
