@@ -188,3 +188,191 @@ def test_client_modules_import_no_torch():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Every method round-trips against the tiny trained models
+
+
+SOURCES = ["a c b", "d e f g", "h a b c d", "b b a"]  # the tiny translators reverse letter sequences
+
+
+@pytest.fixture(scope="module")
+def model_server(tiny_repository):
+    server = BackgroundServer(Path(tiny_repository))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def client(model_server):
+    with Client(model_server.target, timeout_s=60) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def models(client) -> dict[str, str]:
+    """capability -> the name of a ready model that has it."""
+    found: dict[str, str] = {}
+    for info in sorted(client.list_models(), key=lambda m: m.name):
+        if info.state == "READY":
+            for capability in info.capabilities:
+                found.setdefault(capability, info.name)
+    assert {"encode", "translate", "nsp", "fill_mask"} <= set(found), found
+    return found
+
+
+def test_list_models_reports_ready_versions_with_manifest_summary(client, models):
+    infos = {info.name: info for info in client.list_models()}
+    translator = infos[models["translate"]]
+    assert translator.state == "READY" and translator.version >= 1
+    assert translator.task == "translation" and translator.architecture
+    assert infos[models["nsp"]].task == "bert"
+    assert [info.name for info in client.list_models(models["translate"])] == [models["translate"]]
+
+
+def test_encode_returns_one_float32_row_per_text(client, models):
+    vectors = client.encode(models["encode"], SOURCES[:3])
+    assert vectors.dtype == np.float32 and vectors.ndim == 2 and vectors.shape[0] == 3
+    assert np.all(np.isfinite(vectors)) and vectors.flags.writeable
+
+
+def test_encode_normalize_equals_rows_divided_by_their_norms(client, models):
+    raw = client.encode(models["encode"], SOURCES)
+    unit = client.encode(models["encode"], SOURCES, normalize=True)
+    np.testing.assert_allclose(unit, raw / np.linalg.norm(raw, axis=1, keepdims=True), rtol=1e-4, atol=1e-5)
+
+
+def test_encode_pairs_and_pooling_choices(client, models):
+    pairs = [("a b c", "d e"), ("f g", "h")]
+    assert client.encode(models["encode"], pairs=pairs).shape[0] == 2
+    cls, mean = (client.encode(models["encode"], SOURCES[:2], pooling=p) for p in ("cls", "mean"))
+    assert cls.shape == mean.shape and not np.allclose(cls, mean)
+
+
+def test_translate_returns_one_result_per_text_in_order(client, models):
+    together = client.translate(models["translate"], SOURCES)
+    alone = [client.translate(models["translate"], [text])[0] for text in SOURCES]
+    assert [r.text for r in together] == [r.text for r in alone]
+    assert all(r.source_tokens > 0 and r.model.name == models["translate"] for r in together)
+
+
+def test_translate_n_best_gives_hypotheses_best_first_with_token_scores(client, models):
+    options = DecodingOptions(beam_size=3, n_best=3, return_token_scores=True)
+    (result,) = client.translate(models["translate"], [SOURCES[0]], options)
+    scores = [h.score for h in result.hypotheses]
+    assert len(scores) == 3 and scores == sorted(scores, reverse=True)
+    assert all(len(h.token_scores) == len(h.tokens) + 1 for h in result.hypotheses)  # tokens and EOS
+
+
+def test_translate_stream_answers_every_id_like_translate(client, models):
+    texts = {f"line-{i}": SOURCES[i % len(SOURCES)] for i in range(10)}
+    answers = {r.id: r for r in client.translate_stream(models["translate"], texts.items(), window=3)}
+    expected = {t: r.text for t, r in zip(SOURCES, client.translate(models["translate"], SOURCES))}
+    assert set(answers) == set(texts)
+    assert all(answers[i].error is None and answers[i].translation.text == expected[texts[i]] for i in texts)
+
+
+def test_translate_stream_reports_a_failed_item_and_goes_on(client, models):
+    too_long = " ".join(["word"] * 5000)
+    items = [("ok-1", SOURCES[0]), ("bad", too_long), ("ok-2", SOURCES[1])]
+    answers = {r.id: r for r in client.translate_stream(models["translate"], items)}
+    assert answers["bad"].error is not None and answers["bad"].error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert answers["ok-1"].translation is not None and answers["ok-2"].translation is not None
+
+
+def test_score_next_sentence_gives_one_probability_per_pair(client, models):
+    pairs = [("the cat sat", "on the mat"), ("a dog runs", "hello world"), ("the house", "is small")]
+    probabilities = client.score_next_sentence(models["nsp"], pairs)
+    assert len(probabilities) == 3 and all(0.0 <= p <= 1.0 for p in probabilities)
+
+
+def test_fill_mask_gives_top_k_per_mask_most_likely_first(client, models):
+    results = client.fill_mask(models["fill_mask"], ["the [MASK] sat on the [MASK]", "a [MASK] runs"], top_k=4)
+    assert [len(masks) for masks in results] == [2, 1]
+    for masks in results:
+        for candidates in masks:
+            probabilities = [c.probability for c in candidates]
+            assert len(candidates) == 4 and probabilities == sorted(probabilities, reverse=True)
+
+
+def test_unload_then_load_changes_state_and_serving(client, models):
+    name = models["nsp"]
+    try:
+        assert client.unload_model(name).state in ("AVAILABLE", "UNLOADING")
+        assert client.health(name) == "NOT_SERVING"
+        with pytest.raises(SeqServeError) as failure:
+            client.score_next_sentence(name, [("a", "b")], timeout=5)
+        assert failure.value.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND)
+    finally:
+        assert client.load_model(name).state == "READY"
+    assert client.health(name) == "SERVING"
+
+
+def test_invalid_argument_is_not_retried(model_server, models):
+    counter = CountingInterceptor()
+    with Client(model_server.target, retry=FAST_RETRY, interceptors=(counter,)) as client:
+        with pytest.raises(SeqServeError) as failure:
+            client.translate(models["translate"], [" ".join(["word"] * 5000)])
+    assert failure.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert counter.calls["Translate"] == 1
+
+
+def test_deadline_exceeded_raises_seqserve_error(client, models):
+    with pytest.raises(SeqServeError) as failure:
+        client.translate(models["translate"], SOURCES * 8, DecodingOptions(beam_size=4), timeout=0.001)
+    assert failure.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_async_client_methods_equal_sync_results(model_server, client, models):
+    async def call_all():
+        async with AsyncClient(model_server.target, timeout_s=60) as aclient:
+            return (
+                await aclient.encode(models["encode"], SOURCES),
+                await aclient.translate(models["translate"], SOURCES),
+                await aclient.score_next_sentence(models["nsp"], [("a dog", "runs")]),
+                await aclient.fill_mask(models["fill_mask"], ["a [MASK] runs"], top_k=3),
+                await aclient.list_models(),
+                await aclient.health(models["translate"]),
+            )
+
+    vectors, translations, nsp, masks, listing, health = asyncio.run(call_all())
+    np.testing.assert_allclose(vectors, client.encode(models["encode"], SOURCES), rtol=1e-5, atol=1e-6)
+    assert [t.text for t in translations] == [t.text for t in client.translate(models["translate"], SOURCES)]
+    assert nsp == pytest.approx(client.score_next_sentence(models["nsp"], [("a dog", "runs")]), abs=1e-6)
+    assert masks == client.fill_mask(models["fill_mask"], ["a [MASK] runs"], top_k=3)
+    assert {(m.name, m.version) for m in listing} == {(m.name, m.version) for m in client.list_models()}
+    assert health == "SERVING"
+
+
+def test_async_load_and_unload_round_trip(model_server, models):
+    async def cycle():
+        async with AsyncClient(model_server.target, timeout_s=60) as aclient:
+            unloaded = await aclient.unload_model(models["fill_mask"])
+            loaded = await aclient.load_model(models["fill_mask"])
+            return unloaded.state, loaded.state
+
+    unloaded, loaded = asyncio.run(cycle())
+    assert unloaded in ("AVAILABLE", "UNLOADING") and loaded == "READY"
+
+
+def test_async_translate_stream_answers_every_id_like_translate(model_server, client, models):
+    items = [(str(i), SOURCES[i % len(SOURCES)]) for i in range(8)]
+
+    async def stream():
+        async with AsyncClient(model_server.target) as aclient:
+            answers = aclient.translate_stream(models["translate"], items, window=2)
+            return {r.id: r.translation.text async for r in answers}
+
+    expected = {t: r.text for t, r in zip(SOURCES, client.translate(models["translate"], SOURCES))}
+    assert asyncio.run(stream()) == {i: expected[text] for i, text in items}
+
+
+def test_async_invalid_argument_raises_seqserve_error(model_server, models):
+    async def call():
+        async with AsyncClient(model_server.target, retry=FAST_RETRY) as aclient:
+            await aclient.fill_mask(models["fill_mask"], ["a [MASK] runs"], top_k=100_000)
+
+    with pytest.raises(SeqServeError) as failure:
+        asyncio.run(call())
+    assert failure.value.code == grpc.StatusCode.INVALID_ARGUMENT

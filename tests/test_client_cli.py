@@ -1,0 +1,251 @@
+"""`seqserve-client` against a real server: each command's text and JSON output, health exit codes, and the
+resumable translate-file job (order kept, killed and resumed equals uninterrupted, partial last line, errors)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from seqserve.clients import Client
+from seqserve.clients.cli import main
+from seqserve.clients.translate_file import complete_lines
+from test_client import BackgroundServer, free_port
+
+WORDS = list("abcdefgh")  # the tiny translators reverse sequences of these letters
+
+
+@pytest.fixture(scope="module")
+def server(tiny_repository):
+    server = BackgroundServer(Path(tiny_repository))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with Client(server.target, timeout_s=60) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def models(client) -> dict[str, str]:
+    """capability -> the name of a ready model that has it."""
+    found: dict[str, str] = {}
+    for info in sorted(client.list_models(), key=lambda m: m.name):
+        for capability in info.capabilities:
+            found.setdefault(capability, info.name)
+    return found
+
+
+def run_cli(server, *argv: str, stdin: str = "") -> tuple[int, str]:
+    """Exit code and stdout of `seqserve-client --server TARGET argv...`."""
+    out = io.StringIO()
+    code = main(["--server", server.target, *argv], stdin=io.StringIO(stdin), stdout=out)
+    return code, out.getvalue()
+
+
+def corpus(lines: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(WORDS, size=int(rng.integers(2, 7)))) for _ in range(lines)]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The terminal commands
+
+
+def test_translate_prints_one_translation_per_argument(server, client, models):
+    code, out = run_cli(server, "translate", "--model", models["translate"], "a c b", "d e f g")
+    expected = [t.text for t in client.translate(models["translate"], ["a c b", "d e f g"])]
+    assert code == 0 and out.splitlines() == expected
+
+
+def test_translate_json_lines_carry_hypotheses_and_model(server, client, models):
+    code, out = run_cli(server, "--json", "translate", "-m", models["translate"], "--beam", "2", "--n-best", "2",
+                        "h a b")
+    (record,) = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and record["source"] == "h a b" and len(record["hypotheses"]) == 2
+    assert record["translation"] == record["hypotheses"][0]["text"]
+    assert record["model"]["name"] == models["translate"]
+
+
+def test_translate_reads_stdin_and_skips_blank_lines(server, client, models):
+    code, out = run_cli(server, "translate", "-m", models["translate"], stdin="a c b\n\nd e f g\n")
+    expected = [t.text for t in client.translate(models["translate"], ["a c b", "d e f g"])]
+    assert code == 0 and out.splitlines() == expected
+
+
+def test_model_left_out_with_several_candidates_is_a_usage_error_listing_them(server, client, capsys):
+    translators = sorted({m.name for m in client.list_models() if "translate" in m.capabilities})
+    assert len(translators) > 1  # the tiny repository holds several translators
+    assert run_cli(server, "translate", "a c b") == (2, "")
+    assert ", ".join(translators) in capsys.readouterr().err
+
+
+def test_encode_prints_vectors_as_text_and_json(server, client, models, tmp_path):
+    source = tmp_path / "texts.txt"
+    source.write_text("a c b\nd e f g\n", encoding="utf-8")
+    code, out = run_cli(server, "encode", "-m", models["encode"], "--input", str(source))
+    expected = client.encode(models["encode"], ["a c b", "d e f g"])
+    printed = np.array([[float(v) for v in line.split()] for line in out.splitlines()])
+    assert code == 0 and printed.shape == expected.shape
+    np.testing.assert_allclose(printed, expected, rtol=1e-5, atol=1e-6)
+    code, out = run_cli(server, "--json", "encode", "-m", models["encode"], "--normalize", "the cat sat")
+    (record,) = [json.loads(line) for line in out.splitlines()]
+    assert record["text"] == "the cat sat" and np.linalg.norm(record["embedding"]) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_nsp_prints_probability_per_pair(server, client, models):
+    code, out = run_cli(server, "nsp", "-m", models["nsp"], "the cat sat", "on the mat", "a dog", "runs")
+    expected = client.score_next_sentence(models["nsp"], [("the cat sat", "on the mat"), ("a dog", "runs")])
+    assert code == 0 and [float(v) for v in out.split()] == pytest.approx(expected, abs=1e-4)
+    code, out = run_cli(server, "--json", "nsp", "-m", models["nsp"], stdin="the cat sat\ton the mat\n")
+    assert json.loads(out)["is_next_probability"] == pytest.approx(expected[0], abs=1e-6)
+
+
+def test_nsp_odd_number_of_sentences_is_a_usage_error(server, models):
+    assert run_cli(server, "nsp", "-m", models["nsp"], "only one sentence") == (2, "")
+
+
+def test_fill_mask_prints_candidates_per_mask(server, client, models):
+    code, out = run_cli(server, "fill-mask", "-m", models["fill_mask"], "--top-k", "2", "the [MASK] sat on the [MASK]")
+    masks = client.fill_mask(models["fill_mask"], ["the [MASK] sat on the [MASK]"], top_k=2)[0]
+    assert code == 0 and out.count(" | ") == 1
+    assert out.split(" | ")[0].startswith(f"{masks[0][0].token} (")
+    code, out = run_cli(server, "--json", "fill-mask", "-m", models["fill_mask"], "--top-k", "2", "a [MASK] runs")
+    record = json.loads(out)
+    assert len(record["masks"]) == 1 and len(record["masks"][0]) == 2 and "token_id" in record["masks"][0][0]
+
+
+def test_models_lists_every_model_as_table_and_json(server, client):
+    names = {m.name for m in client.list_models()}
+    code, out = run_cli(server, "models")
+    assert code == 0 and out.startswith("NAME") and all(name in out for name in names)
+    code, out = run_cli(server, "--json", "models", "list")
+    assert code == 0 and {json.loads(line)["name"] for line in out.splitlines()} == names
+
+
+def test_models_unload_and_load_report_state(server, models):
+    name = models["fill_mask"]
+    code, out = run_cli(server, "--json", "models", "unload", name)
+    assert code == 0 and json.loads(out)["state"] in ("AVAILABLE", "UNLOADING")
+    code, out = run_cli(server, "--json", "models", "load", name)
+    assert code == 0 and json.loads(out)["state"] == "READY"
+
+
+def test_unknown_model_exits_one_with_status_on_stderr(server, capsys):
+    code, out = run_cli(server, "translate", "--model", "no-such-model", "hello")
+    assert code == 1 and out == "" and "NOT_FOUND" in capsys.readouterr().err
+
+
+def test_health_exits_zero_when_serving(server, models):
+    assert run_cli(server, "health") == (0, "SERVING\n")
+    assert run_cli(server, "health", models["translate"]) == (0, "SERVING\n")
+
+
+def test_health_exits_one_for_unknown_model_and_unreachable_server(server):
+    code, out = run_cli(server, "--json", "health", "no-such-model")
+    assert code == 1 and json.loads(out)["status"].startswith("NOT_FOUND")
+    code = main(["--server", f"127.0.0.1:{free_port()}", "--retries", "1", "health"], stdout=io.StringIO())
+    assert code == 1
+
+
+# --------------------------------------------------------------------------------------------------------------
+# translate-file
+
+
+def write_lines(path: Path, lines: list[str]) -> Path:
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+def test_translate_file_output_equals_per_line_translate_in_order(server, client, models, tmp_path):
+    lines = corpus(40)
+    lines[7] = ""  # a blank line stays blank
+    source, target = write_lines(tmp_path / "in.txt", lines), tmp_path / "out.txt"
+    code, _ = run_cli(server, "translate-file", str(source), str(target), "-m", models["translate"], "--window", "8",
+                      "--no-progress")
+    translated = iter(client.translate(models["translate"], [line for line in lines if line]))
+    expected = [next(translated).text if line else "" for line in lines]
+    assert code == 0 and target.read_text(encoding="utf-8").splitlines() == expected
+
+
+def test_translate_file_in_chunks_equals_one_run(server, models, tmp_path):
+    source = write_lines(tmp_path / "in.txt", corpus(30, seed=1))
+    whole, chunked = tmp_path / "whole.txt", tmp_path / "chunked.txt"
+    args = ["-m", models["translate"], "--no-progress", "--window", "4"]
+    assert run_cli(server, "translate-file", str(source), str(whole), *args)[0] == 0
+    for _ in range(3):
+        assert run_cli(server, "translate-file", str(source), str(chunked), *args, "--max-lines", "11")[0] == 0
+    assert chunked.read_bytes() == whole.read_bytes()
+
+
+def test_translate_file_cuts_partial_last_line_then_resumes(server, models, tmp_path):
+    source = write_lines(tmp_path / "in.txt", corpus(12, seed=2))
+    whole, resumed = tmp_path / "whole.txt", tmp_path / "resumed.txt"
+    args = ["-m", models["translate"], "--no-progress"]
+    assert run_cli(server, "translate-file", str(source), str(whole), *args)[0] == 0
+    done = whole.read_bytes().split(b"\n")
+    resumed.write_bytes(b"\n".join(done[:5]) + b"\n" + done[5][:3])  # five whole lines and a torn sixth
+    assert complete_lines(resumed) == 5 and resumed.read_bytes().endswith(b"\n")
+    assert run_cli(server, "translate-file", str(source), str(resumed), *args)[0] == 0
+    assert resumed.read_bytes() == whole.read_bytes()
+
+
+def test_translate_file_killed_midway_then_resumed_equals_uninterrupted_run(server, models, tmp_path):
+    lines = corpus(300, seed=3)
+    source, whole, killed = write_lines(tmp_path / "in.txt", lines), tmp_path / "whole.txt", tmp_path / "killed.txt"
+    args = ["-m", models["translate"], "--no-progress"]
+    command = [sys.executable, "-m", "seqserve.clients.cli", "--server", server.target, "translate-file",
+               str(source), str(killed), *args, "--window", "1"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while process.poll() is None and time.monotonic() < deadline:
+        if killed.exists() and killed.read_bytes().count(b"\n") >= 20:
+            os.kill(process.pid, signal.SIGKILL)
+            break
+        time.sleep(0.002)
+    process.wait(30)
+    assert process.returncode == -signal.SIGKILL, process.stderr.read().decode()
+    written = complete_lines(killed)
+    assert 20 <= written < len(lines)
+    assert run_cli(server, "translate-file", str(source), str(killed), *args, "--window", "8")[0] == 0
+    assert run_cli(server, "translate-file", str(source), str(whole), *args, "--window", "8")[0] == 0
+    assert killed.read_bytes() == whole.read_bytes()
+
+
+def test_translate_file_error_stops_after_writing_the_lines_before_it(server, client, models, tmp_path, capsys):
+    lines = corpus(10, seed=4)
+    lines[6] = " ".join(["word"] * 5000)  # over the model's token limit: INVALID_ARGUMENT
+    source, target = write_lines(tmp_path / "in.txt", lines), tmp_path / "out.txt"
+    code, _ = run_cli(server, "translate-file", str(source), str(target), "-m", models["translate"], "--no-progress")
+    assert code == 1 and "line 7" in capsys.readouterr().err
+    expected = [t.text for t in client.translate(models["translate"], lines[:6])]
+    assert target.read_text(encoding="utf-8").splitlines() == expected
+
+
+def test_translate_file_on_error_empty_writes_an_empty_line(server, client, models, tmp_path):
+    lines = corpus(10, seed=5)
+    lines[3] = " ".join(["word"] * 5000)
+    source, target = write_lines(tmp_path / "in.txt", lines), tmp_path / "out.txt"
+    code, out = run_cli(server, "--json", "translate-file", str(source), str(target), "-m", models["translate"],
+                        "--no-progress", "--on-error", "empty")
+    good = lines[:3] + lines[4:]
+    expected = [t.text for t in client.translate(models["translate"], good)]
+    assert code == 0 and json.loads(out)["failed_lines"] == [4]
+    assert target.read_text(encoding="utf-8").splitlines() == expected[:3] + [""] + expected[3:]
+
+
+def test_translate_file_refuses_output_longer_than_input(server, models, tmp_path):
+    source = write_lines(tmp_path / "in.txt", ["a dog runs"])
+    target = write_lines(tmp_path / "out.txt", ["one", "two"])
+    code, _ = run_cli(server, "translate-file", str(source), str(target), "-m", models["translate"], "--no-progress")
+    assert code == 2 and target.read_text() == "one\ntwo\n"
