@@ -1,0 +1,156 @@
+"""Translator export: encoder/decoder step graphs, the parity gate, the repository they land in, the command."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from seqserve.cli import main as seqserve_main
+from seqserve.export import export_checkpoint
+from seqserve.export.parity import ParityError, StepGraphs, greedy_decode_onnx
+from seqserve.export.pipeline import ExportError
+from seqserve.export.writer import VersionExists
+from seqserve.models.checkpoint import load_checkpoint
+from seqserve.models.decoding import greedy_decode
+from seqserve.server.repository import ModelRepository, load_model
+
+from conftest import REPOSITORY_NAMES, TRANSLATOR_ARCHS, tiny_dev_pairs
+
+torch.set_num_threads(1)
+
+
+def _step_graphs(version_dir) -> tuple[StepGraphs, object]:
+    loaded = load_model(version_dir)
+    decoder = loaded.manifest.decoder
+    graphs = StepGraphs(loaded.sessions["encoder"], loaded.sessions["decoder"], tuple(decoder["memory"]),
+                        tuple(decoder["state"]))  # fmt: skip
+    return graphs, loaded
+
+
+def _source_batch(tokenizer, texts: list[str], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Right-padded source ids (B, S) and pad mask (B, S) of real texts."""
+    rows = [tokenizer.encode(t).ids for t in texts]
+    width = max(len(r) for r in rows)
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = r
+    return ids, np.arange(width)[None, :] >= np.array([len(r) for r in rows])[:, None]
+
+
+def _fill(shape, sizes: dict[str, int]) -> tuple[int, ...]:
+    return tuple(sizes[d] if isinstance(d, str) else d for d in shape)
+
+
+@pytest.mark.parametrize("arch", TRANSLATOR_ARCHS)
+def test_translator_export_records_parity_within_tolerance(tiny_repository, arch):
+    manifest = ModelRepository(tiny_repository).manifest(REPOSITORY_NAMES[arch])
+    assert manifest.parity["max_abs_diff"] <= manifest.parity["tolerance"] == 1e-4
+    assert manifest.parity["greedy_tokens_equal"] is True
+    assert any(batch > 1 for batch, _ in manifest.parity["cases"])
+    assert manifest.architecture == arch and manifest.task == "translation"
+
+
+@pytest.mark.parametrize("arch", TRANSLATOR_ARCHS)
+def test_greedy_decode_through_step_graph_equals_torch(tiny_repository, tiny_checkpoints, arch):
+    graphs, loaded = _step_graphs(ModelRepository(tiny_repository).version_dir(REPOSITORY_NAMES[arch]))
+    model = load_checkpoint(tiny_checkpoints[arch]).model
+    special = loaded.manifest.special_tokens
+    texts = [s for s, _ in tiny_dev_pairs()[:6]]
+    ids, pad_mask = _source_batch(loaded.tokenizers["source"], texts, special["pad"])
+    assert len(set((~pad_mask).sum(1).tolist())) > 1  # unequal source lengths
+    ours = greedy_decode_onnx(graphs, ids, pad_mask, 20, special["decoder_start"], special["eos"], special["pad"])
+    reference = greedy_decode(model, torch.from_numpy(ids), torch.from_numpy(pad_mask), 20, special["decoder_start"],
+                              special["eos"], special["pad"]).numpy()  # fmt: skip
+    np.testing.assert_array_equal(ours, reference)
+    assert (ours == special["eos"]).any(axis=1).all()  # every row finished: the model translates, not babbles
+
+
+@pytest.mark.parametrize("arch", TRANSLATOR_ARCHS)
+def test_step_graphs_run_at_batch_sizes_and_lengths_other_than_the_example(tiny_repository, arch):
+    graphs, loaded = _step_graphs(ModelRepository(tiny_repository).version_dir(REPOSITORY_NAMES[arch]))
+    specs = loaded.manifest.graphs
+    for batch, length in ((1, 1), (5, 19)):
+        ids = np.random.default_rng(batch).integers(4, 12, (batch, length)).astype(np.int64)
+        pad_mask = np.zeros((batch, length), dtype=bool)
+        pad_mask[-1, length // 2 + 1 :] = True
+        memory, state = graphs.encode(ids, pad_mask)
+        for steps in range(3):
+            sizes = {"batch": batch, "src_len": length, "cache_len": steps, "new_cache_len": steps + 1}
+            for spec, value in zip(specs["decoder"].inputs[2:], (*memory, *state)):
+                assert value.shape == _fill(spec.shape, sizes), spec.name
+            log_probs, state = graphs.step(np.full(batch, 5, np.int64), memory, pad_mask, state)
+            for spec, value in zip(specs["decoder"].outputs, (log_probs, *state)):
+                assert value.shape == _fill(spec.shape, sizes), spec.name
+            np.testing.assert_allclose(np.exp(log_probs).sum(-1), 1.0, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", TRANSLATOR_ARCHS)
+def test_beam_search_can_reorder_state_by_index(tiny_repository, arch):
+    graphs, loaded = _step_graphs(ModelRepository(tiny_repository).version_dir(REPOSITORY_NAMES[arch]))
+    texts = ["a b c d", "h g", "c c a b e f"]
+    ids, pad_mask = _source_batch(loaded.tokenizers["source"], texts, loaded.manifest.special_tokens["pad"])
+    memory, state = graphs.encode(ids, pad_mask)
+    _, state = graphs.step(np.array([5, 6, 7], np.int64), memory, pad_mask, state)
+    prev = np.array([8, 9, 10], np.int64)
+    log_probs, new_state = graphs.step(prev, memory, pad_mask, state)
+    index = np.array([2, 0, 0, 1])  # beams may be dropped, duplicated and moved
+    re_log_probs, re_state = graphs.step(prev[index], [m[index] for m in memory], pad_mask[index],
+                                         [s[index] for s in state])  # fmt: skip
+    np.testing.assert_allclose(re_log_probs, log_probs[index], atol=1e-5)
+    for reordered, original in zip(re_state, new_state):
+        np.testing.assert_allclose(reordered, original[index], atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", TRANSLATOR_ARCHS)
+def test_translator_manifest_names_what_the_server_needs(tiny_repository, tiny_checkpoints, arch):
+    manifest = ModelRepository(tiny_repository).manifest(REPOSITORY_NAMES[arch])
+    model = load_checkpoint(tiny_checkpoints[arch]).model
+    assert manifest.decoder == {"memory": list(model.memory_names()), "state": list(model.state_names())}
+    assert manifest.graphs["encoder"].input_names == ["src_ids", "src_pad_mask"]
+    assert manifest.graphs["encoder"].output_names == [*model.memory_names(), *model.state_names()]
+    assert manifest.graphs["decoder"].output_names == ["log_probs", *(f"new_{n}" for n in model.state_names())]
+    assert manifest.special_tokens == {"pad": 0, "bos": 1, "eos": 2, "unk": 3, "decoder_start": 1}
+    assert manifest.limits == {"max_source_tokens": model.config.max_src_len,
+                               "max_target_tokens": model.config.max_tgt_len}  # fmt: skip
+    assert manifest.tokenizers == {"source": "source_tokenizer.json", "target": "target_tokenizer.json"}
+    assert manifest.metrics["dev_bleu"] == json.loads((tiny_checkpoints[arch] / "metrics.json").read_text())["dev_bleu"]
+
+
+def test_export_over_tolerance_fails_naming_the_option(tiny_checkpoints, tmp_path):
+    with pytest.raises(ParityError, match="--tolerance") as info:
+        export_checkpoint(tiny_checkpoints["lstm"], tmp_path, "strict", tolerance=1e-12)
+    assert info.value.max_abs_diff > 1e-12
+    assert ModelRepository(tmp_path).models() == {}  # nothing half-written is visible
+
+
+def test_export_refuses_an_existing_version_without_force(tiny_checkpoints, tiny_repository):
+    with pytest.raises(VersionExists, match="--force"):
+        export_checkpoint(tiny_checkpoints["gru"], tiny_repository, "tiny-gru", version=1)
+
+
+def test_export_command_writes_the_next_version(tiny_checkpoints, tmp_path, capsys):
+    args = ["export", str(tiny_checkpoints["gru"]), "--repository", str(tmp_path), "--name", "gru", "--log-level",
+            "WARNING"]  # fmt: skip
+    assert seqserve_main(args) == 0
+    assert seqserve_main(args) == 0
+    assert ModelRepository(tmp_path).models() == {"gru": [1, 2]}
+    assert capsys.readouterr().out.split() == [str(tmp_path / "gru" / "1"), str(tmp_path / "gru" / "2")]
+    assert seqserve_main([*args, "--version", "2"]) == 1  # exists, no --force
+
+
+def test_int8_translator_export_needs_a_dev_sample(tiny_checkpoints, tmp_path):
+    with pytest.raises(ExportError, match="--dev"):
+        export_checkpoint(tiny_checkpoints["lstm"], tmp_path, "q", quantize="int8")
+
+
+def test_cuda_export_runs_on_a_gpu_or_is_refused_clearly(tiny_checkpoints, tmp_path):
+    if "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available():
+        path = export_checkpoint(tiny_checkpoints["transformer"], tmp_path, "gpu", device="cuda")
+        assert json.loads((path / "manifest.json").read_text())["precision"] == "fp16"
+    else:
+        with pytest.raises(ExportError, match="--device cuda needs a GPU"):
+            export_checkpoint(tiny_checkpoints["transformer"], tmp_path, "gpu", device="cuda")
