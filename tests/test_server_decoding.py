@@ -1,0 +1,123 @@
+"""numpy greedy and beam search (server/decoding.py) over the exported step graphs of every tiny translator."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from seqserve.server.decoding import BeamSearch, GreedySearch, decode_batch, length_penalty, source_max_len
+from seqserve.server.repository import ModelRepository, SessionOptions
+from seqserve.server.translation import OnnxStepModel
+
+TRANSLATORS = ("tiny-lstm", "tiny-gru", "tiny-birnn", "tiny-transformer")
+SENTENCES = ["the cat sat on the mat", "a dog", "we read a book in the park today", "i like tea"]
+
+
+def _root(tiny_repository) -> Path:
+    return tiny_repository if isinstance(tiny_repository, Path) else Path(tiny_repository.root)
+
+
+@pytest.fixture(scope="module", params=TRANSLATORS)
+def translator(request, tiny_repository):
+    repo = ModelRepository(_root(tiny_repository))
+    if request.param not in repo.models():
+        pytest.fail(f"tiny_repository lacks {request.param}; it has {sorted(repo.models())}")
+    loaded = repo.load(request.param, options=SessionOptions(intra_op_threads=1))
+    return loaded, OnnxStepModel(loaded)
+
+
+def _sources(loaded) -> list[list[int]]:
+    tokenizer = loaded.tokenizers["source"]
+    return [tokenizer.encode(s).ids for s in SENTENCES]
+
+
+def _greedy(step_model, sources, max_len):
+    searches = [GreedySearch(max_len=max_len, eos_id=step_model.eos_id) for _ in sources]
+    decode_batch(step_model, sources, searches)
+    return [s.results(1)[0] for s in searches]
+
+
+def test_greedy_equals_the_export_reference_decode(translator):
+    from seqserve.export.parity import StepGraphs, greedy_decode_onnx
+
+    loaded, step_model = translator
+    graphs = StepGraphs(
+        loaded.sessions["encoder"], loaded.sessions["decoder"],
+        tuple(step_model.memory_names), tuple(step_model.state_names),
+    )  # fmt: skip
+    for ids in _sources(loaded):
+        src = np.asarray([ids], dtype=np.int64)
+        reference = greedy_decode_onnx(
+            graphs, src, np.zeros_like(src, dtype=bool), 12, step_model.bos_id, step_model.eos_id, step_model.pad_id
+        )[0].tolist()
+        [ours] = _greedy(step_model, [ids], 12)
+        expected = reference[: reference.index(step_model.eos_id)] if step_model.eos_id in reference else reference
+        assert list(ours.tokens) == expected
+        assert ours.finished == (step_model.eos_id in reference)
+
+
+def test_beam_of_one_equals_greedy(translator):
+    loaded, step_model = translator
+    sources = _sources(loaded)
+    greedy = _greedy(step_model, sources, 15)
+    beams = [BeamSearch(max_len=15, eos_id=step_model.eos_id, beam_size=1) for _ in sources]
+    decode_batch(step_model, sources, beams)
+    for g, b in zip(greedy, beams):
+        [best] = b.results(1)
+        assert best.tokens == g.tokens
+        assert best.score == pytest.approx(g.score, abs=1e-5)
+
+
+def test_batched_decode_equals_decoding_alone(translator):
+    loaded, step_model = translator
+    sources = _sources(loaded)
+    alone = [_greedy(step_model, [s], 15)[0] for s in sources]
+    together = _greedy(step_model, sources, 15)
+    for a, t in zip(alone, together):
+        assert a.tokens == t.tokens
+        assert a.score == pytest.approx(t.score, abs=1e-4)
+    beams_alone = []
+    for s in sources:
+        search = BeamSearch(max_len=15, eos_id=step_model.eos_id, beam_size=3)
+        decode_batch(step_model, [s], [search])
+        beams_alone.append(search.results(3))
+    mixed = [BeamSearch(max_len=15, eos_id=step_model.eos_id, beam_size=3) for _ in sources]
+    decode_batch(step_model, sources, mixed)
+    for a, m in zip(beams_alone, mixed):
+        assert [h.tokens for h in a] == [h.tokens for h in m.results(3)]
+
+
+def test_beam_scores_are_length_penalised_sums_in_order(translator):
+    loaded, step_model = translator
+    sources = _sources(loaded)
+    searches = [BeamSearch(max_len=10, eos_id=step_model.eos_id, beam_size=4, alpha=0.6) for _ in sources]
+    decode_batch(step_model, sources, searches)
+    for search in searches:
+        hyps = search.results(4)
+        assert 1 <= len(hyps) <= 4
+        assert [h.score for h in hyps] == sorted((h.score for h in hyps), reverse=True)
+        for h in hyps:
+            assert len(h.token_scores) == len(h.tokens) + (1 if h.finished else 0)
+            assert h.score == pytest.approx(sum(h.token_scores) / length_penalty(len(h.token_scores), 0.6), rel=1e-6)
+            assert len(h.token_scores) <= 10
+
+
+def test_stopped_sentence_leaves_the_running_batch(translator):
+    loaded, step_model = translator
+    sources = _sources(loaded)
+    rows_per_step: list[int] = []
+    searches = [GreedySearch(max_len=15, eos_id=step_model.eos_id) for _ in sources]
+    decode_batch(step_model, sources, searches, stopped=lambda i: i == 0, on_step=rows_per_step.append)
+    assert rows_per_step and max(rows_per_step) == len(sources) - 1
+    assert searches[0].results(1) == []
+    assert all(s.done for s in searches)
+
+
+def test_max_length_is_absolute_and_relative_to_the_source():
+    assert source_max_len(10, 0, 0.0, 256) == 256
+    assert source_max_len(10, 7, 0.0, 256) == 7
+    assert source_max_len(10, 0, 1.5, 256) == 20
+    assert source_max_len(10, 30, 1.5, 256) == 20
+    assert source_max_len(10, 0, 0.0, 12) == 12
