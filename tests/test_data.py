@@ -274,6 +274,14 @@ def test_dev_split_drops_train_copies_of_dev_english() -> None:
     assert len(dev) == 20 and train == []
 
 
+def test_dev_split_keeps_held_out_english_out_of_both_sides() -> None:
+    pairs = _numbered_pairs(500)
+    held = {source for source, _ in pairs[:100]}
+    train, dev = split_dev(pairs, size=50, seed=7, hold_out=held)
+    assert len(train) + len(dev) == 400
+    assert not held & {source for source, _ in train + dev}
+
+
 def test_dev_split_needs_enough_candidates() -> None:
     with pytest.raises(BuildError, match="only 3 pairs"):
         split_dev([("a b c d", "x"), ("e f g h", "y"), ("i j k l", "z")], size=5)
