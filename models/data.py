@@ -52,7 +52,10 @@ class DataError(ValueError):
 
     def __init__(self, path: str | os.PathLike, line: int | None, reason: str) -> None:
         self.path, self.line, self.reason = str(path), line, reason
-        super().__init__(f"{self.path}:{line}: {reason}" if line is not None else f"{self.path}: {reason}")
+        super().__init__(self.path, line, reason)  # the constructor's arguments, so it pickles
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}: {self.reason}" if self.line is not None else f"{self.path}: {self.reason}"
 
 
 class BuildError(RuntimeError):

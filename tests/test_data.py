@@ -85,6 +85,13 @@ def test_lenient_read_skips_and_reports_every_bad_line(tmp_path: Path, caplog: p
     assert sum("skipping" in record.message for record in caplog.records) == 4
 
 
+def test_data_error_survives_pickling() -> None:
+    import pickle
+
+    error = pickle.loads(pickle.dumps(DataError("corpus.tsv", 7, "no TAB between source and target")))
+    assert (error.path, error.line, str(error)) == ("corpus.tsv", 7, "corpus.tsv:7: no TAB between source and target")
+
+
 def test_file_without_pairs_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="no source<TAB>target pairs") as caught:
         read_pairs(_write(tmp_path / "empty.tsv", b""))
