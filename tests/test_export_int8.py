@@ -1,0 +1,82 @@
+"""int8 exports: quantized graphs gated on task quality (embedding cosine, NSP accuracy, BLEU)."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+import torch
+
+from seqserve.export.graphs import export_bert, export_translator
+from seqserve.export.parity import StepGraphs, open_session
+from seqserve.export.quantize import (
+    MAX_BLEU_DROP,
+    MAX_NSP_ACCURACY_DROP,
+    MIN_EMBEDDING_COSINE,
+    QualityGateError,
+    TranslationSetup,
+    bert_quality,
+    translation_quality,
+)
+from seqserve.models.checkpoint import build_model, load_checkpoint
+from seqserve.server.repository import ModelRepository, load_model
+
+from conftest import tiny_dev_pairs, tiny_documents
+
+torch.set_num_threads(1)
+
+
+def _op_types(path) -> set[str]:
+    return {node.op_type for node in onnx.load(str(path)).graph.node}
+
+
+def test_int8_transformer_passes_its_bleu_gate(tiny_repository):
+    manifest = ModelRepository(tiny_repository).manifest("tiny-transformer-int8")
+    quality = manifest.quality
+    assert manifest.quantization == "int8"
+    assert quality["dev_sentences"] == len(tiny_dev_pairs())
+    assert quality["bleu_fp32"] > 10  # a gate on a model that translates, not on noise
+    assert quality["bleu_fp32"] - quality["bleu_int8"] <= MAX_BLEU_DROP
+    assert "MatMulInteger" in _op_types(tiny_repository / "tiny-transformer-int8" / "1" / "decoder.onnx")
+
+
+def test_int8_bert_passes_its_embedding_and_nsp_gates(tiny_repository):
+    manifest = ModelRepository(tiny_repository).manifest("tiny-bert-int8")
+    quality = manifest.quality
+    assert manifest.quantization == "int8"
+    assert quality["embedding_cosine_min"] >= MIN_EMBEDDING_COSINE
+    assert quality["nsp_pairs"] > 100
+    assert quality["nsp_accuracy_fp32"] - quality["nsp_accuracy_int8"] <= MAX_NSP_ACCURACY_DROP
+    assert {"MatMulInteger", "DynamicQuantizeLinear"} <= _op_types(tiny_repository / "tiny-bert-int8" / "1" / "model.onnx")
+
+
+def test_int8_models_load_and_run_through_the_loader(tiny_repository):
+    for name in ("tiny-transformer-int8", "tiny-bert-int8"):
+        loaded = ModelRepository(tiny_repository).load(name)
+        assert loaded.sessions and loaded.manifest.parity["max_abs_diff"] <= loaded.manifest.parity["tolerance"]
+
+
+def test_embedding_gate_refuses_a_model_that_is_not_the_same(tiny_repository, tiny_checkpoints, tmp_path):
+    ckpt = load_checkpoint(tiny_checkpoints["bert"])
+    torch.manual_seed(5)
+    _, other = build_model("bert", ckpt.config.to_dict())  # same shapes, different weights
+    exported = export_bert(other.eval(), tmp_path)
+    fp32 = load_model(ModelRepository(tiny_repository).version_dir("tiny-bert")).sessions["model"]
+    with pytest.raises(QualityGateError, match="embedding cosine"):
+        bert_quality(fp32, open_session(exported.path), ckpt.tokenizers["text"], ckpt.config.pooling, True, 64,
+                     tiny_documents())  # fmt: skip
+
+
+def test_bleu_gate_refuses_an_untrained_translator(tiny_repository, tiny_checkpoints, tmp_path):
+    ckpt = load_checkpoint(tiny_checkpoints["lstm"])
+    torch.manual_seed(5)
+    _, untrained = build_model("rnn", ckpt.config.to_dict())
+    enc, dec = export_translator(untrained.eval(), tmp_path)
+    names = tuple(untrained.memory_names()), tuple(untrained.state_names())
+    loaded = load_model(ModelRepository(tiny_repository).version_dir("tiny-lstm"))
+    good = StepGraphs(loaded.sessions["encoder"], loaded.sessions["decoder"], *names)
+    bad = StepGraphs(open_session(enc.path), open_session(dec.path), *names)
+    config = ckpt.config
+    setup = TranslationSetup(ckpt.tokenizers["source"], ckpt.tokenizers["target"], config.bos_id, config.eos_id,
+                             config.pad_id, config.max_src_len, 20)  # fmt: skip
+    with pytest.raises(QualityGateError, match="BLEU"):
+        translation_quality(good, bad, setup, tiny_dev_pairs()[:30])
