@@ -57,10 +57,11 @@ def _exporting() -> bool:
     return torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or torch.compiler.is_compiling()
 
 
-def _blocked_bias(blocked: Tensor, dtype: torch.dtype) -> Tensor:
-    """0 where attention is allowed, the most negative float where blocked: softmax gives blocked keys exactly 0 weight,
-    and (unlike -inf) a row with every key blocked stays finite instead of becoming NaN."""
-    return blocked.to(dtype) * torch.finfo(dtype).min
+def _attention_bias(allowed: Tensor, dtype: torch.dtype) -> Tensor:
+    """0 where attention is allowed, the most negative float elsewhere: softmax gives blocked keys exactly 0 weight,
+    and (unlike -inf) a row with every key blocked stays finite instead of becoming NaN. Written (1 - allowed) * min,
+    the form onnxruntime's attention fusion recognises as a padding mask."""
+    return (1.0 - allowed.to(dtype)) * torch.finfo(dtype).min
 
 
 def causal_mask(length: int, device: torch.device | None = None) -> Tensor:
@@ -179,7 +180,9 @@ class _Residual(nn.Module):
         return self.norm(x) if self.normalize_before else x
 
     def add(self, x: Tensor, sublayer_output: Tensor) -> Tensor:
-        x = x + self.dropout(sublayer_output)  # (B, T, H)
+        # Sublayer output first: onnxruntime's attention fusion looks for the output projection's Add on the first
+        # Add input it finds, and the embedding sum feeding the first layer is an Add too.
+        x = self.dropout(sublayer_output) + x  # (B, T, H)
         return x if self.normalize_before else self.norm(x)
 
 
@@ -383,7 +386,7 @@ class TransformerTranslator(nn.Module):
             raise InputTooLong(tokens=int(S), limit=self.config.max_positions, side="source")
         x = self.src_embed(src_ids) * self.embed_scale + self.src_positions(0, S)  # (B, S, H)
         x = self.dropout(x)
-        pad_bias = _blocked_bias(src_pad_mask[:, None, None, :], x.dtype)  # (B, 1, 1, S)
+        pad_bias = _attention_bias((~src_pad_mask)[:, None, None, :], x.dtype)  # (B, 1, 1, S)
         for layer in self.encoder_layers:
             x = layer(x, pad_bias)  # (B, S, H)
         if self.encoder_norm is not None:
@@ -410,7 +413,7 @@ class TransformerTranslator(nn.Module):
         memory, state = self.encode(src_ids, src_pad_mask)
         T = tgt_in_ids.shape[1]
         allowed = causal_mask(T, device=tgt_in_ids.device)  # (T, T)
-        self_bias = _blocked_bias(~allowed, self.src_embed.weight.dtype)[None, None]  # (1, 1, T, T)
+        self_bias = _attention_bias(allowed, self.src_embed.weight.dtype)[None, None]  # (1, 1, T, T)
         x, _ = self._decode(tgt_in_ids, memory, src_pad_mask, state, self_bias=self_bias)  # (B, T, H)
         return self._logits(x)  # (B, T, V)
 
@@ -431,7 +434,7 @@ class TransformerTranslator(nn.Module):
             raise InputTooLong(tokens=int(past + T), limit=self.config.max_positions, side="target")
         x = self.tgt_embed(tgt_ids) * self.embed_scale + self.tgt_positions(past, T)  # (B, T, H)
         x = self.dropout(x)
-        cross_bias = _blocked_bias(src_pad_mask[:, None, None, :], x.dtype)  # (B, 1, 1, S)
+        cross_bias = _attention_bias((~src_pad_mask)[:, None, None, :], x.dtype)  # (B, 1, 1, S)
         new_state: list[Tensor] = []
         for i, layer in enumerate(self.decoder_layers):
             x, key, value = layer(
