@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 from seqserve.protos.v1 import seqserve_pb2 as pb
 from seqserve.protos.v1 import seqserve_pb2_grpc as pb_grpc
 from seqserve.server.config import ServerConfig, available_cores
+from seqserve.server.interceptors import ParseErrorsInterceptor
 from seqserve.server.manager import NOT_SERVING, SERVING, ModelManager
 from seqserve.server.metrics import Metrics
 from seqserve.server.repository import ModelRepository, SessionOptions
@@ -62,6 +63,7 @@ class SeqServer:
         self.state = ServingState(self.manager, self.metrics)
         limit = config.limits.max_message_bytes
         self.grpc = grpc.aio.server(
+            interceptors=[ParseErrorsInterceptor()],
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
         )
         pb_grpc.add_InferenceServicer_to_server(InferenceServicer(self.state), self.grpc)

@@ -1,0 +1,167 @@
+"""Every limit and bad input gets its status code and a message naming the limit, and the server keeps serving."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import pytest
+
+from seqserve.protos.v1 import seqserve_pb2 as pb
+from seqserve.protos.v1 import seqserve_pb2_grpc as pb_grpc
+from seqserve.server.config import Limits, ServerConfig
+from seqserve.server.repository import ModelRepository
+from seqserve.server.testing import ServerThread
+
+LIMITS = Limits(max_texts=4, max_chars_per_text=100, max_tokens_per_text=12, max_message_bytes=16 * 1024,
+                max_beam_size=4, max_top_k=10)  # fmt: skip
+INVALID, NOT_FOUND, EXHAUSTED = (
+    grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def channel(tiny_repository):
+    root = tiny_repository if isinstance(tiny_repository, Path) else Path(tiny_repository.root)
+    config = ServerConfig(port=0, metrics_port=None, instances=1, threads=1, limits=LIMITS,
+                          models=("tiny-lstm", "tiny-bert"))  # fmt: skip
+    with ServerThread(config, ModelRepository(root)) as running, grpc.insecure_channel(running.address) as channel:
+        yield channel
+
+
+@pytest.fixture(scope="module")
+def inference(channel):
+    return pb_grpc.InferenceStub(channel)
+
+
+def _translate(**fields) -> pb.TranslateRequest:
+    fields.setdefault("model", pb.ModelSpec(name="tiny-lstm"))
+    return pb.TranslateRequest(**fields)
+
+
+def _error(call, request) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as info:
+        call(request)
+    return info.value.code(), info.value.details()
+
+
+def test_too_many_texts_is_invalid_argument_naming_the_limit(inference):
+    code, details = _error(inference.Translate, _translate(texts=["a"] * 5))
+    assert code == INVALID and "5 texts" in details and "limit of 4" in details and "max_texts" in details
+
+
+def test_too_many_characters_is_invalid_argument_naming_the_limit(inference):
+    code, details = _error(inference.Encode, pb.EncodeRequest(model=pb.ModelSpec(name="tiny-bert"), texts=["x" * 101]))
+    assert code == INVALID and "101 characters" in details and "100" in details and "max_chars_per_text" in details
+
+
+def test_too_many_tokens_is_rejected_by_default_with_count_and_limit(inference):
+    code, details = _error(inference.Translate, _translate(texts=["a b", "a b c d e f g h a b c d e"]))
+    assert code == INVALID and "text 1 has 14 tokens" in details and "limit of 12" in details
+
+
+def test_truncation_when_asked_cuts_to_the_limit(inference):
+    response = inference.Translate(
+        _translate(texts=["a b c d e f g h a b c d e"], truncation=pb.TRUNCATION_TRUNCATE)
+    )
+    assert response.translations[0].source_tokens == 12
+
+
+def test_truncation_keeps_bert_special_tokens(inference):
+    response = inference.Encode(pb.EncodeRequest(
+        model=pb.ModelSpec(name="tiny-bert"), texts=["forest five " * 8], truncation=pb.TRUNCATION_TRUNCATE
+    ))  # fmt: skip
+    assert list(response.token_counts) == [12]
+
+
+def test_oversized_message_is_resource_exhausted(inference):
+    code, details = _error(inference.Translate, _translate(texts=["a" * 20_000]))
+    assert code == EXHAUSTED and "16384" in details
+
+
+def test_beam_over_the_limit_is_invalid_argument(inference):
+    code, details = _error(inference.Translate, _translate(texts=["a"], options=pb.DecodingOptions(beam_size=9)))
+    assert code == INVALID and "beam_size = 9" in details and "4" in details
+
+
+def test_n_best_over_the_beam_is_invalid_argument(inference):
+    options = pb.DecodingOptions(beam_size=2, n_best=3)
+    code, details = _error(inference.Translate, _translate(texts=["a"], options=options))
+    assert code == INVALID and "n_best = 3" in details
+
+
+def test_negative_length_penalty_is_invalid_argument(inference):
+    options = pb.DecodingOptions(length_penalty=-1.0)
+    code, details = _error(inference.Translate, _translate(texts=["a"], options=options))
+    assert code == INVALID and "length_penalty" in details
+
+
+def test_top_k_over_the_limit_is_invalid_argument(inference):
+    request = pb.FillMaskRequest(model=pb.ModelSpec(name="tiny-bert"), texts=["forest [MASK]"], top_k=11)
+    code, details = _error(inference.FillMask, request)
+    assert code == INVALID and "top_k = 11" in details and "10" in details
+
+
+def test_fill_mask_without_a_mask_is_invalid_argument(inference):
+    request = pb.FillMaskRequest(model=pb.ModelSpec(name="tiny-bert"), texts=["forest five"])
+    code, details = _error(inference.FillMask, request)
+    assert code == INVALID and "[MASK]" in details
+
+
+def test_texts_and_pairs_together_are_invalid_argument(inference):
+    request = pb.EncodeRequest(
+        model=pb.ModelSpec(name="tiny-bert"), texts=["a"], pairs=[pb.TextPair(first="a", second="b")]
+    )
+    code, details = _error(inference.Encode, request)
+    assert code == INVALID and "not both" in details
+
+
+def test_unknown_enum_value_is_invalid_argument(inference):
+    code, details = _error(inference.Encode, pb.EncodeRequest(model=pb.ModelSpec(name="tiny-bert"), texts=["a"], pooling=7))
+    assert code == INVALID and "pooling" in details
+
+
+def test_a_task_the_model_lacks_is_invalid_argument(inference):
+    code, details = _error(inference.Translate, _translate(model=pb.ModelSpec(name="tiny-bert"), texts=["a"]))
+    assert code == INVALID and "does not serve translate" in details and "encode" in details
+
+
+def test_unknown_model_is_not_found_listing_what_exists(inference):
+    code, details = _error(inference.Translate, _translate(model=pb.ModelSpec(name="no-such"), texts=["a"]))
+    assert code == NOT_FOUND and "no-such" in details and "tiny-lstm" in details and "tiny-bert" in details
+
+
+def test_unknown_version_is_not_found_listing_versions(inference):
+    code, details = _error(inference.Translate, _translate(model=pb.ModelSpec(name="tiny-lstm", version=7), texts=["a"]))
+    assert code == NOT_FOUND and "version 7" in details and "tiny-lstm" in details
+
+
+def test_model_in_the_repository_but_not_loaded_is_unavailable(inference):
+    request = _translate(model=pb.ModelSpec(name="tiny-gru"), texts=["a"])
+    code, details = _error(inference.Translate, request)
+    assert code == grpc.StatusCode.UNAVAILABLE and "tiny-gru" in details and "AVAILABLE" in details
+
+
+def test_invalid_utf8_in_a_string_field_is_refused_without_crashing(inference, channel):
+    # A hand-made TranslateRequest whose text bytes are not UTF-8, sent raw (no serializer on this call).
+    raw = pb.TranslateRequest(model=pb.ModelSpec(name="tiny-lstm"), texts=["ab"]).SerializeToString()
+    assert b"\x12\x02ab" in raw
+    call = channel.unary_unary("/seqserve.v1.Inference/Translate")
+    with pytest.raises(grpc.RpcError) as info:
+        call(raw.replace(b"\x12\x02ab", b"\x12\x02\xff\xfe"), timeout=10)
+    assert info.value.code() == INVALID and "TranslateRequest" in info.value.details()
+
+
+def test_garbage_bytes_are_refused_without_crashing(channel):
+    call = channel.unary_unary("/seqserve.v1.Inference/Encode")
+    with pytest.raises(grpc.RpcError) as info:
+        call(b"\xff\xff\xff\xff\x0f", timeout=10)
+    assert info.value.code() == INVALID and "Encode" in info.value.details()
+
+
+def test_server_still_serves_after_every_bad_request(inference):
+    # Runs last in this module: the same server has refused every request above.
+    after = inference.Translate(_translate(texts=["a b c"]))
+    assert after.translations[0].hypotheses[0].text.split() == ["c", "b", "a"]
+    vectors = inference.Encode(pb.EncodeRequest(model=pb.ModelSpec(name="tiny-bert"), texts=["forest"]))
+    assert list(vectors.embeddings.shape) == [1, 32]
