@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 TRAIN_STATE_FILE = "train_state.pt"
 TRANSLATOR_ARCHS = ("lstm", "gru", "birnn-lstm", "birnn-gru", "transformer")
-ATTENTIONS = ("dot", "general", "additive", "scaled-dot")
+ATTENTIONS = ("dot", "general", "additive", "scaled_dot")
 SCHEDULES = ("auto", "constant", "inverse-sqrt", "linear")
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2  # translator special ids, fixed by docs/design.md
 
@@ -61,7 +61,7 @@ class TrainConfig:
     max_len: int = 128  # longer training examples are dropped (tokens, per side)
     # tokenizers (used only when none are given)
     vocab_size: int = 8000
-    vocab_kind: str = "bpe"
+    vocab_kind: str | None = None  # bpe | wordpiece; None: bpe for translators, wordpiece for BERT
     joint_vocab: bool = False
     # optimisation
     token_budget: int = 4096  # padded tokens per batch
@@ -146,8 +146,10 @@ def _fit(
     output_dir: Path,
     tokenizers: dict[str, Tokenizer],
     resume: bool,
+    stop_at: int | None = None,
 ) -> dict[str, Any]:
-    """Train ``model`` on ``task`` up to ``config.steps``; the best checkpoint and train_state.pt go to ``output_dir``."""
+    """Train ``model`` on ``task`` up to ``config.steps`` (this run: up to ``stop_at``, as if interrupted there);
+    the best checkpoint and train_state.pt go to ``output_dir``."""
     output_dir.mkdir(parents=True, exist_ok=True)
     state_path = output_dir / TRAIN_STATE_FILE
     schedule, warmup = config.resolved_schedule(), config.resolved_warmup()
@@ -180,6 +182,7 @@ def _fit(
     dev: dict[str, float] = {}
     train_loss = math.nan
     stopped_by_time = False
+    step_losses: list[float] = []  # this run's, for callers that compare runs
     bar = tqdm(total=config.steps, initial=step, disable=not config.progress, unit="step", dynamic_ncols=True)
 
     def validate_and_save() -> None:
@@ -204,7 +207,8 @@ def _fit(
         })
         last_validated = step
 
-    while step < config.steps:
+    end = config.steps if stop_at is None else min(stop_at, config.steps)
+    while step < end:
         if config.time_budget is not None and time.monotonic() - start >= config.time_budget:
             logger.info("time budget of %.0fs spent at step %d", config.time_budget, step)
             stopped_by_time = True
@@ -220,6 +224,7 @@ def _fit(
         value = loss.item()
         if not math.isfinite(value):
             raise TrainingError(f"loss became {value} at step {step}; lower --lr (now {config.lr}) or --clip-norm")
+        step_losses.append(value)
         interval_loss, interval_steps, tokens = interval_loss + value, interval_steps + 1, tokens + batch_tokens
         bar.update(1)
         now = time.monotonic()
@@ -232,7 +237,7 @@ def _fit(
     if last_validated != step:
         validate_and_save()
     return {**best, "best_step": best["step"], "steps_trained": step, "last_dev": dev, "last_train_loss": train_loss,
-            "stopped_by_time_budget": stopped_by_time}
+            "stopped_by_time_budget": stopped_by_time, "step_losses": step_losses}
 
 
 def _fmt(metrics: dict[str, float]) -> str:
@@ -333,20 +338,23 @@ def translator_model_config(config: TrainConfig, source_vocab: int, target_vocab
     """The checkpoint family and model config dict that ``config`` asks for."""
     if config.arch not in TRANSLATOR_ARCHS:
         raise TrainingError(f"unknown translator architecture {config.arch!r}; known: {', '.join(TRANSLATOR_ARCHS)}")
+    limit = max(config.max_len, 256)  # serving may see longer inputs than training kept
     if config.arch == "transformer":
         return "transformer", {
             "src_vocab_size": source_vocab, "tgt_vocab_size": target_vocab, "d_model": config.hidden_size,
-            "num_heads": config.heads, "d_ff": config.ff_size, "num_encoder_layers": config.layers,
-            "num_decoder_layers": config.layers, "dropout": config.dropout, "norm_first": config.norm == "pre",
+            "n_heads": config.heads, "d_ff": config.ff_size, "n_encoder_layers": config.layers,
+            "n_decoder_layers": config.layers, "dropout": config.dropout, "normalize_before": config.norm == "pre",
+            "share_embeddings": config.joint_vocab and source_vocab == target_vocab,
+            "max_positions": limit, "max_src_len": limit, "max_tgt_len": limit,
         }
     cell = config.arch.removeprefix("birnn-")
     if config.peephole and cell != "lstm":
         raise TrainingError(f"peephole connections need an LSTM cell, not {cell}")
     return "rnn", {
         "src_vocab_size": source_vocab, "tgt_vocab_size": target_vocab, "cell": cell,
-        "bidirectional": config.arch.startswith("birnn-"), "embed_size": config.embed_size,
+        "bidirectional": config.arch.startswith("birnn-"), "emb_dim": config.embed_size,
         "hidden_size": config.hidden_size, "num_layers": config.layers, "attention": config.attention,
-        "peephole": config.peephole, "dropout": config.dropout,
+        "peephole": config.peephole, "dropout": config.dropout, "max_src_len": limit, "max_tgt_len": limit,
     }
 
 
@@ -375,11 +383,13 @@ def train_translator(
     output_dir: str | os.PathLike,
     tokenizers: dict[str, Tokenizer] | None = None,
     resume: bool = False,
+    stop_at: int | None = None,
 ) -> dict[str, Any]:
     """Train a translator on ``train`` pairs (or a TSV path), validating on ``dev``; returns the best metrics.
 
     Tokenizers are trained on the training pairs unless given (``{"source", "target"}``); on ``resume`` those of the
-    checkpoint in ``output_dir`` are used.
+    checkpoint in ``output_dir`` are used. ``stop_at`` ends this run early at that step (the learning-rate schedule
+    still plans for ``config.steps``), so a later ``resume`` continues the same run.
     """
     from seqserve.models.checkpoint import load_checkpoint
 
@@ -393,8 +403,9 @@ def train_translator(
         if tokenizers is None:
             from seqserve.models.tokenization import train_translation_tokenizers
 
-            tokenizers = train_translation_tokenizers(
-                train_pairs, kind=config.vocab_kind, vocab_size=config.vocab_size, joint=config.joint_vocab)
+            source, target = train_translation_tokenizers(
+                train_pairs, kind=config.vocab_kind or "bpe", vocab_size=config.vocab_size, joint=config.joint_vocab)
+            tokenizers = {"source": source, "target": target}
         family, model_config = translator_model_config(
             config, tokenizers["source"].get_vocab_size(), tokenizers["target"].get_vocab_size())
         _, model = build_model(family, model_config)
@@ -404,7 +415,7 @@ def train_translator(
         raise TrainingError(f"no training pairs within {config.max_len} tokens")
     logger.info("%d training pairs, %d dev pairs", len(train_examples), len(dev_examples))
     task = _TranslationTask(train_examples, dev_examples, dev_pairs, tokenizers, config)
-    return _fit(task, model, config, output_dir, tokenizers, resume)
+    return _fit(task, model, config, output_dir, tokenizers, resume, stop_at)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -476,10 +487,12 @@ def train_bert(
     dev: DocumentsArg | None = None,
     tokenizer: Tokenizer | None = None,
     resume: bool = False,
+    stop_at: int | None = None,
 ) -> dict[str, Any]:
     """Pretrain a BERT (masked LM + next sentence) on documents (lists of sentences) or a prose file.
 
     Without ``dev``, the last ``config.dev_fraction`` of the documents (at least one) is held out for validation.
+    ``tokenizer``, ``resume`` and ``stop_at`` work as for ``train_translator``.
     """
     from seqserve.models.bert import make_nsp_pairs
     from seqserve.models.checkpoint import load_checkpoint
@@ -503,7 +516,7 @@ def train_bert(
         if tokenizer is None:
             from seqserve.models.tokenization import train_tokenizer
 
-            tokenizer = train_tokenizer((s for d in documents for s in d), kind="wordpiece",
+            tokenizer = train_tokenizer((s for d in documents for s in d), kind=config.vocab_kind or "wordpiece",
                                         vocab_size=config.vocab_size, role="bert")
         _, model = build_model("bert", bert_model_config(config, tokenizer))
     max_len = model.config.max_position_embeddings
@@ -511,7 +524,7 @@ def train_bert(
     dev_examples = bert_examples(tokenizer, make_nsp_pairs(dev_documents, random.Random(config.seed + 1)), max_len)
     logger.info("%d training pairs, %d dev pairs", len(train_examples), len(dev_examples))
     task = _BertTask(train_examples, dev_examples, tokenizer, config)
-    return _fit(task, model, config, output_dir, {"text": tokenizer}, resume)
+    return _fit(task, model, config, output_dir, {"text": tokenizer}, resume, stop_at)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -550,7 +563,8 @@ def synthetic_documents(n: int, seed: int, sentences: int = 6, fillers: int = 3)
 
 TINY_TRANSLATOR = TrainConfig(
     embed_size=32, hidden_size=64, layers=1, heads=4, ff_size=128, dropout=0.0, attention="general", max_len=16,
-    token_budget=1024, lr=3e-3, steps=400, validate_every=200, bleu_sample=50, progress=False,
+    token_budget=1024, lr=5e-3, schedule="linear", warmup=0, steps=500, validate_every=250, bleu_sample=50,
+    progress=False,
 )
 TINY_BERT = TrainConfig(
     arch="bert", hidden_size=32, layers=2, heads=2, ff_size=64, dropout=0.0, max_len=32, vocab_size=200,
@@ -594,6 +608,9 @@ def _add_common(parser: argparse.ArgumentParser, defaults: TrainConfig) -> None:
                        help="longest example in tokens (per side for translators); longer training examples are dropped")
     vocab = parser.add_argument_group("vocabulary (trained on the training data)")
     vocab.add_argument("--vocab-size", type=int, default=defaults.vocab_size, help="tokenizer vocabulary size")
+    vocab.add_argument("--vocab-kind", choices=("bpe", "wordpiece"), default=None,
+                       help="tokenizer model (default: bpe for translators, wordpiece for BERT); the tokenizers "
+                            "library breaks WordPiece ties in a random order, so only bpe repeats a run bit for bit")
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--token-budget", type=int, default=defaults.token_budget,
                      help="padded tokens per batch; batches group examples of similar length")
@@ -633,10 +650,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rnn = translator.add_argument_group("RNN and Transformer options")
     rnn.add_argument("--embed-size", type=int, default=defaults.embed_size, help="embedding size of the RNN")
     rnn.add_argument("--attention", choices=ATTENTIONS, default=defaults.attention,
-                     help="RNN attention score: dot, general (bilinear), additive (Bahdanau), scaled-dot")
+                     help="RNN attention score: dot, general (bilinear), additive (Bahdanau), scaled_dot")
     rnn.add_argument("--peephole", action="store_true", help="LSTM gates also see the cell state (lstm archs only)")
     rnn.add_argument("--norm", choices=("pre", "post"), default=defaults.norm, help="Transformer layer-norm placement")
-    rnn.add_argument("--vocab-kind", choices=("bpe", "wordpiece"), default=defaults.vocab_kind, help="tokenizer model")
     rnn.add_argument("--joint-vocab", action="store_true", help="one vocabulary shared by source and target")
     rnn.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing,
                      help="label smoothing of the cross-entropy (0 = none)")
