@@ -376,3 +376,71 @@ def test_async_invalid_argument_raises_seqserve_error(model_server, models):
     with pytest.raises(SeqServeError) as failure:
         asyncio.run(call())
     assert failure.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_max_message_bytes_limits_what_the_client_receives(model_server, models):
+    texts = SOURCES * 8  # 32 vectors of float32: more than 256 bytes
+    with Client(model_server.target, max_message_bytes=256) as small:
+        with pytest.raises(SeqServeError) as failure:
+            small.encode(models["encode"], texts)
+    assert failure.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+# --------------------------------------------------------------------------------------------------------------
+# TLS and metadata, against a plain grpc server with the standard health service (seqserve serves plaintext today)
+
+
+class MetadataRecorder(grpc.ServerInterceptor):
+    def __init__(self):
+        self.seen: list[dict[str, str]] = []
+
+    def intercept_service(self, continuation, handler_call_details):
+        self.seen.append(dict(handler_call_details.invocation_metadata))
+        return continuation(handler_call_details)
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory) -> tuple[Path, Path]:
+    """A self-signed certificate for localhost (its own CA) and its key, from the openssl command."""
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    return cert, key
+
+
+def test_mutual_tls_channel_and_token_reach_a_tls_server(certificate):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from grpc_health.v1 import health, health_pb2_grpc
+
+    cert, key = certificate
+    recorder = MetadataRecorder()
+    server = grpc.server(ThreadPoolExecutor(max_workers=2), interceptors=[recorder])
+    health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
+    credentials = grpc.ssl_server_credentials(
+        [(key.read_bytes(), cert.read_bytes())], root_certificates=cert.read_bytes(), require_client_auth=True
+    )
+    port = server.add_secure_port("127.0.0.1:0", credentials)
+    server.start()
+    try:
+        tls = TLSConfig(root_certificates=cert, certificate_chain=cert, private_key=key)
+        with Client(f"localhost:{port}", tls=tls, token="s3cret", metadata=(("x-team", "nlp"),)) as client:
+            assert client.health() == "SERVING"
+        with Client(f"localhost:{port}", retry=RetryPolicy(attempts=1)) as plaintext:
+            with pytest.raises(SeqServeError) as failure:
+                plaintext.health(timeout=5)
+        assert failure.value.code == grpc.StatusCode.UNAVAILABLE
+    finally:
+        server.stop(0)
+    assert recorder.seen[0]["authorization"] == "Bearer s3cret" and recorder.seen[0]["x-team"] == "nlp"
+
+
+def test_tls_config_needs_both_client_certificate_and_key(certificate):
+    cert, _ = certificate
+    with pytest.raises(ValueError, match="both"):
+        TLSConfig(root_certificates=cert, certificate_chain=cert).credentials()
