@@ -115,6 +115,8 @@ class ModelManager:
     async def start(self) -> None:
         """Load the configured models (all, highest version each, when none are named); failures are logged."""
         names = list(self.config.models) or list(self.repository.models())
+        for name in self.repository.models():  # known but not (yet) loaded: NOT_SERVING rather than unknown
+            await self.health.set(name, NOT_SERVING)
         for name in names:
             try:
                 await self.load(name)
@@ -140,6 +142,7 @@ class ModelManager:
                 reason = f"{type(exc).__name__}: {exc}"
                 self._status[key] = VersionStatus(key[0], key[1], FAILED, reason)
                 log.error("loading %s version %d failed: %s", key[0], key[1], reason)
+                await self._update_health(name)
                 raise ModelUnavailable(key[0], key[1], FAILED, reason) from exc
             served.batcher.start()
             self._served[key] = served

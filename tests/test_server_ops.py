@@ -1,0 +1,234 @@
+"""Operating the server: model management, health, reflection, metrics, deadlines and cancellation."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+from seqserve.protos.v1 import seqserve_pb2 as pb
+from seqserve.protos.v1 import seqserve_pb2_grpc as pb_grpc
+from seqserve.server.config import BatchingConfig, ServerConfig
+from seqserve.server.repository import ModelRepository
+from seqserve.server.testing import ServerThread
+
+# One sentence per batch (cost = tokens x beam > budget / 2), so a long request is many batches in a row.
+BATCHING = BatchingConfig(max_batch_tokens=200, max_queue_delay_ms=1.0)
+LONG_TEXTS = ["h g f e d c b a h g f e d c b"] * 128
+LONG_OPTIONS = pb.DecodingOptions(beam_size=8, n_best=1)
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def _root(tiny_repository) -> Path:
+    return tiny_repository if isinstance(tiny_repository, Path) else Path(tiny_repository.root)
+
+
+@pytest.fixture(scope="module")
+def running(tiny_repository):
+    config = ServerConfig(port=0, metrics_port=0, instances=1, threads=1, batching=BATCHING)
+    with ServerThread(config, ModelRepository(_root(tiny_repository))) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def channel(running):
+    with grpc.insecure_channel(running.address) as ch:
+        yield ch
+
+
+@pytest.fixture(scope="module")
+def inference(channel):
+    return pb_grpc.InferenceStub(channel)
+
+
+@pytest.fixture(scope="module")
+def models(channel):
+    return pb_grpc.ModelsStub(channel)
+
+
+def _steps(running, model: str) -> float:
+    return running.server.metrics.registry.get_sample_value("seqserve_decode_steps_total", {"model": model}) or 0.0
+
+
+def _long_request(model: str = "tiny-lstm") -> pb.TranslateRequest:
+    return pb.TranslateRequest(model=pb.ModelSpec(name=model), texts=LONG_TEXTS, options=LONG_OPTIONS)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Models service
+
+
+def test_list_models_shows_every_version_with_state_and_manifest_summary(models):
+    listed = {s.name: s for s in models.ListModels(pb.ListModelsRequest()).models}
+    assert {"tiny-lstm", "tiny-gru", "tiny-birnn", "tiny-transformer", "tiny-bert"} <= set(listed)
+    lstm, bert = listed["tiny-lstm"], listed["tiny-bert"]
+    assert lstm.state == pb.MODEL_STATE_READY and lstm.version == 1
+    assert lstm.task == "translation" and lstm.architecture == "lstm" and list(lstm.capabilities) == ["translate"]
+    assert lstm.max_input_tokens > 0 and "parity_max_abs_diff" in lstm.metrics
+    assert bert.task == "bert" and set(bert.capabilities) == {"encode", "nsp", "fill_mask"}
+    assert listed["tiny-bert-int8"].quantization == "int8"
+
+
+def test_list_models_filters_by_name(models):
+    listed = models.ListModels(pb.ListModelsRequest(name="tiny-gru")).models
+    assert [s.name for s in listed] == ["tiny-gru"]
+
+
+def test_unload_and_load_while_other_models_serve(models, inference):
+    spec = pb.ModelSpec(name="tiny-gru")
+    before = inference.Translate(pb.TranslateRequest(model=spec, texts=["a b"]))
+    with ThreadPoolExecutor(2) as pool:
+        busy = pool.submit(inference.Translate, _long_request("tiny-transformer"))
+        unloaded = models.UnloadModel(pb.UnloadModelRequest(model=spec))
+        assert unloaded.state == pb.MODEL_STATE_AVAILABLE
+        with pytest.raises(grpc.RpcError) as info:
+            inference.Translate(pb.TranslateRequest(model=spec, texts=["a b"]))
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "LoadModel" in info.value.details()
+        loaded = models.LoadModel(pb.LoadModelRequest(model=spec))
+        assert loaded.state == pb.MODEL_STATE_READY and loaded.version == 1
+        assert len(busy.result(timeout=60).translations) == len(LONG_TEXTS)
+    assert inference.Translate(pb.TranslateRequest(model=spec, texts=["a b"])) == before
+
+
+def test_unload_finishes_requests_already_queued(models, inference):
+    spec = pb.ModelSpec(name="tiny-birnn")
+    with ThreadPoolExecutor(1) as pool:
+        busy = pool.submit(inference.Translate, pb.TranslateRequest(model=spec, texts=LONG_TEXTS[:32]))
+        time.sleep(0.05)
+        models.UnloadModel(pb.UnloadModelRequest(model=spec))
+        assert len(busy.result(timeout=60).translations) == 32
+    models.LoadModel(pb.LoadModelRequest(model=spec))
+
+
+def test_load_of_an_unknown_model_is_not_found(models):
+    with pytest.raises(grpc.RpcError) as info:
+        models.LoadModel(pb.LoadModelRequest(model=pb.ModelSpec(name="nope")))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND and "tiny-lstm" in info.value.details()
+
+
+def test_a_model_that_fails_to_load_is_failed_and_the_others_serve(tiny_repository, tmp_path):
+    root = tmp_path / "repo"
+    for name in ("tiny-lstm", "tiny-bert"):
+        shutil.copytree(_root(tiny_repository) / name, root / name)
+    shutil.copytree(_root(tiny_repository) / "tiny-lstm", root / "broken")
+    manifest = json.loads((root / "broken" / "1" / "manifest.json").read_text())
+    manifest["name"] = "broken"
+    (root / "broken" / "1" / "manifest.json").write_text(json.dumps(manifest))
+    with open(root / "broken" / "1" / "decoder.onnx", "ab") as f:
+        f.write(b"tampered")
+    config = ServerConfig(port=0, metrics_port=None, instances=1, threads=1)
+    with ServerThread(config, ModelRepository(root)) as running, grpc.insecure_channel(running.address) as ch:
+        listed = {s.name: s for s in pb_grpc.ModelsStub(ch).ListModels(pb.ListModelsRequest()).models}
+        assert listed["broken"].state == pb.MODEL_STATE_FAILED and "decoder.onnx" in listed["broken"].reason
+        assert listed["tiny-lstm"].state == pb.MODEL_STATE_READY
+        stub = pb_grpc.InferenceStub(ch)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Translate(pb.TranslateRequest(model=pb.ModelSpec(name="broken"), texts=["a"]))
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "FAILED" in info.value.details()
+        ok = stub.Translate(pb.TranslateRequest(model=pb.ModelSpec(name="tiny-lstm"), texts=["a b"]))
+        assert ok.translations[0].hypotheses[0].text.split() == ["b", "a"]
+        health = health_pb2_grpc.HealthStub(ch)
+        assert health.Check(health_pb2.HealthCheckRequest(service="broken")).status == NOT_SERVING
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Health, reflection, metrics
+
+
+def test_health_is_serving_overall_and_per_model(channel, models):
+    health = health_pb2_grpc.HealthStub(channel)
+    assert health.Check(health_pb2.HealthCheckRequest(service="")).status == SERVING
+    assert health.Check(health_pb2.HealthCheckRequest(service="tiny-bert")).status == SERVING
+    models.UnloadModel(pb.UnloadModelRequest(model=pb.ModelSpec(name="tiny-bert-int8")))
+    assert health.Check(health_pb2.HealthCheckRequest(service="tiny-bert-int8")).status == NOT_SERVING
+    models.LoadModel(pb.LoadModelRequest(model=pb.ModelSpec(name="tiny-bert-int8")))
+    assert health.Check(health_pb2.HealthCheckRequest(service="tiny-bert-int8")).status == SERVING
+    with pytest.raises(grpc.RpcError) as info:
+        health.Check(health_pb2.HealthCheckRequest(service="no-such-model"))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_reflection_lists_and_describes_the_api(channel):
+    database = ProtoReflectionDescriptorDatabase(channel)
+    services = set(database.get_services())
+    assert {"seqserve.v1.Inference", "seqserve.v1.Models", "grpc.health.v1.Health"} <= services
+    described = database.FindFileContainingSymbol("seqserve.v1.Inference")
+    assert "Translate" in [m.name for s in described.service for m in s.method]
+
+
+def test_metrics_endpoint_counts_rise(running, inference):
+    def scrape() -> str:
+        with urllib.request.urlopen(running.metrics_url, timeout=10) as response:
+            return response.read().decode()
+
+    def value(text: str, line_start: str) -> float:
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(line_start))
+
+    key = 'seqserve_requests_total{method="Translate",model="tiny-lstm"}'
+    before = scrape()
+    inference.Translate(pb.TranslateRequest(model=pb.ModelSpec(name="tiny-lstm"), texts=["a b", "c"]))
+    with pytest.raises(grpc.RpcError):
+        inference.Translate(pb.TranslateRequest(model=pb.ModelSpec(name="nope"), texts=["a"]))
+    after = scrape()
+    assert value(after, key) == value(before, key) + 1
+    assert value(after, 'seqserve_errors_total{code="NOT_FOUND",method="Translate"}') >= 1
+    for family in ("seqserve_decode_steps_total", "seqserve_tokens_in_total", "seqserve_tokens_out_total",
+                   "seqserve_batch_sequences_count", "seqserve_queue_seconds_count",
+                   "seqserve_request_latency_seconds_count"):  # fmt: skip
+        assert value(after, family) > value(before, family), family
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Deadlines and cancellation
+
+
+@pytest.fixture(scope="module")
+def full_run(running, inference) -> tuple[float, float]:
+    """Seconds and decode steps of the long request left to finish."""
+    before = _settled_steps(running, "tiny-lstm")
+    started = time.monotonic()
+    inference.Translate(_long_request(), timeout=120)
+    return time.monotonic() - started, _steps(running, "tiny-lstm") - before
+
+
+def test_long_request_takes_many_decode_steps(full_run):
+    assert full_run[1] >= len(LONG_TEXTS) * 2
+
+
+def _settled_steps(running, model: str) -> float:
+    """Decode steps once the server has stopped taking them (two equal readings 100 ms apart)."""
+    last = -1.0
+    while (now := _steps(running, model)) != last:
+        last = now
+        time.sleep(0.1)
+    return now
+
+
+def test_deadline_exceeded_and_the_work_stops(running, inference, full_run):
+    before = _settled_steps(running, "tiny-lstm")
+    with pytest.raises(grpc.RpcError) as info:
+        inference.Translate(_long_request(), timeout=full_run[0] / 4)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    taken = _settled_steps(running, "tiny-lstm") - before
+    assert taken < full_run[1] / 2
+
+
+def test_cancelled_request_stops_consuming_decode_steps(running, inference, full_run):
+    before = _settled_steps(running, "tiny-lstm")
+    future = inference.Translate.future(_long_request(), timeout=120)
+    deadline = time.monotonic() + 30
+    while _steps(running, "tiny-lstm") == before and time.monotonic() < deadline:
+        time.sleep(0.002)
+    assert future.cancel()
+    taken = _settled_steps(running, "tiny-lstm") - before
+    assert 0 < taken < full_run[1] / 2
+    ok = inference.Translate(pb.TranslateRequest(model=pb.ModelSpec(name="tiny-lstm"), texts=["a b"]))
+    assert ok.translations[0].hypotheses[0].text.split() == ["b", "a"]
