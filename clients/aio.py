@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from typing import Any, AsyncIterator, Iterable, Sequence
+from typing import Any, AsyncIterable, AsyncIterator, Iterable, Sequence, TypeVar
 
 import grpc
 import numpy as np
@@ -24,6 +24,8 @@ from seqserve.clients.errors import SeqServeError
 from seqserve.clients.types import DecodingOptions, ModelInfo, StreamResult, TokenCandidate, Translation
 from seqserve.protos.v1 import seqserve_pb2 as pb
 from seqserve.protos.v1 import seqserve_pb2_grpc as pb_grpc
+
+T = TypeVar("T")
 
 
 class AsyncClient:
@@ -81,7 +83,7 @@ class AsyncClient:
     async def translate_stream(
         self,
         model: str,
-        items: Iterable[tuple[str, str]],
+        items: Iterable[tuple[str, str]] | AsyncIterable[tuple[str, str]],
         options: DecodingOptions = DecodingOptions(),
         *,
         version: int = 0,
@@ -89,7 +91,10 @@ class AsyncClient:
         window: int = 16,
         timeout: float | None = None,
     ) -> AsyncIterator[StreamResult]:
-        """(id, text) items through TranslateStream, yielded as they finish; at most ``window`` in flight."""
+        """(id, text) items (an iterable or async iterable) through TranslateStream, yielded as they finish.
+
+        At most ``window`` items are in flight; failed items and streams behave as in Client.translate_stream.
+        """
         if window < 1:
             raise ValueError(f"window must be at least 1, got {window}")
         build = t.stream_request_factory(model, options, version, truncate)
@@ -97,10 +102,10 @@ class AsyncClient:
         call = self._inference.TranslateStream(timeout=timeout, metadata=self.config.call_metadata())
 
         async def write_all() -> None:
-            pending = iter(items)
+            pending = _aiter(items)
             while True:
                 await slots.acquire()  # the flow control: wait for an answer to free a slot, then read the next item
-                item = next(pending, None)
+                item = await anext(pending, None)
                 if item is None:
                     break
                 await call.write(build(*item))
@@ -193,3 +198,12 @@ class AsyncClient:
             return await rpc(request, timeout=remaining, metadata=metadata)
 
         return await call_with_retry_async(method, invoke, self.config.resolve_timeout(timeout), self.config.retry)
+
+
+async def _aiter(items: Iterable[T] | AsyncIterable[T]) -> AsyncIterator[T]:
+    if isinstance(items, AsyncIterable):
+        async for item in items:
+            yield item
+    else:
+        for item in items:
+            yield item

@@ -273,6 +273,41 @@ def test_translate_stream_answers_every_id_like_translate(client, models):
     assert all(answers[i].error is None and answers[i].translation.text == expected[texts[i]] for i in texts)
 
 
+def test_translate_stream_keeps_at_most_window_items_in_flight(client, models):
+    pulled = 0
+
+    def items():
+        nonlocal pulled
+        for i in range(12):
+            pulled += 1
+            yield str(i), SOURCES[i % len(SOURCES)]
+
+    in_flight = []
+    for received, _ in enumerate(client.translate_stream(models["translate"], items(), window=3), start=1):
+        in_flight.append(pulled - (received - 1))  # items read but unanswered before this answer arrived
+    assert len(in_flight) == 12 and max(in_flight) <= 3
+
+
+def test_async_translate_stream_keeps_at_most_window_items_in_flight(model_server, models):
+    pulled = 0
+
+    async def items():
+        nonlocal pulled
+        for i in range(12):
+            pulled += 1
+            yield str(i), SOURCES[i % len(SOURCES)]
+
+    async def stream() -> list[int]:
+        in_flight = []
+        async with AsyncClient(model_server.target) as aclient:
+            async for result in aclient.translate_stream(models["translate"], items(), window=3):
+                in_flight.append(pulled - len(in_flight))
+        return in_flight
+
+    in_flight = asyncio.run(stream())
+    assert len(in_flight) == 12 and max(in_flight) <= 3
+
+
 def test_translate_stream_reports_a_failed_item_and_goes_on(client, models):
     too_long = " ".join(["word"] * 5000)
     items = [("ok-1", SOURCES[0]), ("bad", too_long), ("ok-2", SOURCES[1])]
