@@ -29,6 +29,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                         help="largest absolute difference allowed between onnxruntime and PyTorch outputs")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                         help="cuda: fp16 graphs checked on the GPU (needs a GPU and onnxruntime-gpu)")
+    parser.add_argument("--split-mlm", action="store_true",
+                        help="BERT with heads: put the masked-LM head in its own mlm.onnx (sequence_output -> "
+                             "mlm_logits) so encode and NSP requests do not pay for the B x L x V logits")
     parser.add_argument("--sample", type=Path, default=None, metavar="FILE",
                         help="BERT int8 gate sample: prose, one document a line; when omitted, a small built-in sample")
     parser.add_argument("--threads", type=int, default=None, help="torch threads while exporting; when omitted, torch's default")
@@ -66,7 +69,8 @@ def run_export(args: argparse.Namespace, export: Callable[..., Path], **kwargs: 
             kwargs["sample_documents"] = read_documents(args.sample)
         path = export(
             repository=args.repository, name=args.name, version=args.version, quantize=args.quantize,
-            optimize=args.optimize, force=args.force, tolerance=args.tolerance, device=args.device, **kwargs,
+            optimize=args.optimize, force=args.force, tolerance=args.tolerance, device=args.device,
+            split_mlm=args.split_mlm, **kwargs,
         )  # fmt: skip
     except (ExportError, ParityError, QualityGateError, RepositoryError, DataError) as exc:
         log.error("export failed: %s", exc)

@@ -48,6 +48,17 @@ class BertGraph(nn.Module):
         return tuple(getattr(out, name) for name in self.outputs)
 
 
+class MLMHeadGraph(nn.Module):
+    """The masked-LM head alone: sequence_output (B, L, H) -> mlm_logits (B, L, V), position by position."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.head = model.mlm
+
+    def forward(self, sequence_output: Tensor) -> Tensor:
+        return self.head(sequence_output)  # (B, L, V)
+
+
 class EncoderGraph(nn.Module):
     """encode(src_ids, src_pad_mask) -> (*memory, *initial state)."""
 
@@ -175,22 +186,23 @@ def example_bert_inputs(batch: int, length: int, vocab: int, seed: int) -> tuple
 # Exports
 
 
-def bert_outputs(model: nn.Module) -> list[str]:
-    """The outputs a Bert has: sequence_output, plus pooled_output and the heads when configured."""
+def bert_outputs(model: nn.Module, split_mlm: bool = False) -> list[str]:
+    """The outputs of model.onnx: sequence_output, plus pooled_output and the heads when configured
+    (without mlm_logits when the MLM head is a graph of its own)."""
     config = model.config
     names = ["sequence_output"]
     if config.with_pooler:
         names.append("pooled_output")
     if config.with_heads:
-        names += ["mlm_logits", "nsp_logits"]
+        names += ["nsp_logits"] if split_mlm else ["mlm_logits", "nsp_logits"]
     return names
 
 
 @torch.no_grad()
-def export_bert(model: nn.Module, folder: Path, file: str = "model.onnx") -> ExportedGraph:
-    """model.onnx: input_ids, attention_mask, token_type_ids -> the outputs `bert_outputs(model)` names."""
+def export_bert(model: nn.Module, folder: Path, file: str = "model.onnx", split_mlm: bool = False) -> ExportedGraph:
+    """model.onnx: input_ids, attention_mask, token_type_ids -> the outputs `bert_outputs(model, split_mlm)` names."""
     # Export a copy: the TorchScript tracer can leave hooks on the module it traced.
-    graph = BertGraph(copy.deepcopy(model).eval(), bert_outputs(model))
+    graph = BertGraph(copy.deepcopy(model).eval(), bert_outputs(model, split_mlm))
     vocab = model.config.vocab_size
     a = example_bert_inputs(2, 7, vocab, seed=0)
     b = example_bert_inputs(3, 7, vocab, seed=1)
@@ -201,6 +213,20 @@ def export_bert(model: nn.Module, folder: Path, file: str = "model.onnx") -> Exp
     return _export(
         graph, a, folder / file, _specs(BERT_INPUTS, a, in_axes), _specs(graph.outputs, out_a, out_axes)
     )
+
+
+@torch.no_grad()
+def export_mlm_head(model: nn.Module, folder: Path, file: str = "mlm.onnx") -> ExportedGraph:
+    """mlm.onnx: sequence_output (batch, seq, H) -> mlm_logits (batch, seq, V). onnxruntime computes every node of a
+    graph whatever outputs are asked for, so a BERT whose model.onnx carries the B x L x V head pays for it on every
+    encode request; apart, the head runs only for fill-mask (and only on the rows given to it)."""
+    graph = MLMHeadGraph(copy.deepcopy(model).eval())
+    hidden = model.config.hidden_size
+    example = (torch.randn(2, 7, hidden, generator=torch.Generator().manual_seed(0)),)  # (B, L, H)
+    out = graph(*example)  # (B, L, V)
+    axes = [{0: "batch", 1: "seq"}]
+    return _export(graph, example, folder / file, _specs(["sequence_output"], example, axes),
+                   _specs(["mlm_logits"], (out,), axes))  # fmt: skip
 
 
 def target_vocab_size(model: nn.Module) -> int:

@@ -21,7 +21,6 @@ import torch
 from torch import nn
 
 from seqserve.export.graphs import (
-    bert_outputs,
     example_bert_inputs,
     example_source,
     source_vocab_size,
@@ -108,19 +107,24 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 @torch.no_grad()
 def bert_parity(
-    model: nn.Module, session: ort.InferenceSession, tolerance: float = DEFAULT_TOLERANCE, cases=BERT_CASES
-) -> ParityReport:
-    """Every output of model.onnx against Bert.forward on rows of unequal length with both segments."""
+    model: nn.Module, session: ort.InferenceSession, tolerance: float = DEFAULT_TOLERANCE, cases=BERT_CASES,
+    mlm_session: ort.InferenceSession | None = None,
+) -> ParityReport:  # fmt: skip
+    """Every output of model.onnx (and mlm.onnx, fed model.onnx's sequence_output) against Bert.forward on rows of
+    unequal length with both segments."""
     report = ParityReport(tolerance)
-    names = bert_outputs(model)
+    names = [o.name for o in session.get_outputs()]
     for i, (batch, length) in enumerate(cases):
         ids, mask, types = example_bert_inputs(batch, length, model.config.vocab_size, seed=100 + i)
         reference = model(ids, mask, types)
-        ours = session.run(names, {"input_ids": _np(ids), "attention_mask": _np(mask), "token_type_ids": _np(types)})
-        for name, value in zip(names, ours):
+        ours = dict(zip(names, session.run(names, {"input_ids": _np(ids), "attention_mask": _np(mask),
+                                                   "token_type_ids": _np(types)})))  # fmt: skip
+        if mlm_session is not None:
+            (ours["mlm_logits"],) = mlm_session.run(None, {"sequence_output": ours["sequence_output"]})
+        for name, value in ours.items():
             report.record(name, value, _np(getattr(reference, name)))
         report.cases.append([batch, length])
-    report.check("model.onnx")
+    report.check("model.onnx" if mlm_session is None else "model.onnx/mlm.onnx")
     return report
 
 

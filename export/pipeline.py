@@ -23,7 +23,7 @@ import torch
 from tokenizers import Tokenizer
 from torch import nn
 
-from seqserve.export.graphs import OPSET, bert_outputs, export_bert, export_translator
+from seqserve.export.graphs import OPSET, bert_outputs, export_bert, export_mlm_head, export_translator
 from seqserve.export.parity import (
     DEFAULT_TOLERANCE,
     StepGraphs,
@@ -85,31 +85,37 @@ def _to_fp16(path: Path) -> None:
 
 def _export_bert_graphs(
     model: nn.Module, tokenizer: Tokenizer, work: Path, *, quantize: str | None, optimize: bool, tolerance: float,
-    device: str, max_tokens: int, sample_documents: Sequence[Sequence[str]],
+    device: str, max_tokens: int, sample_documents: Sequence[Sequence[str]], split_mlm: bool,
 ) -> tuple[dict[str, Any], dict[str, Path]]:  # fmt: skip
     config = model.config
     providers = _providers(device)
-    exported = export_bert(model, work)
-    check_onnx(exported.path)
+    split_mlm = split_mlm and config.with_heads
+    exported = {"model": export_bert(model, work, split_mlm=split_mlm)}
+    if split_mlm:
+        exported["mlm"] = export_mlm_head(model, work)
+    for graph in exported.values():
+        check_onnx(graph.path)
     record: dict[str, Any] = {}
     if optimize:
-        record["optimization"] = {"model.onnx": optimize_graph(exported.path, config.num_attention_heads,
+        record["optimization"] = {"model.onnx": optimize_graph(exported["model"].path, config.num_attention_heads,
                                                                config.hidden_size)}  # fmt: skip
     if device == "cuda":
-        _to_fp16(exported.path)
+        for graph in exported.values():
+            _to_fp16(graph.path)
         tolerance = max(tolerance, FP16_TOLERANCE)
-    fp32 = open_session(exported.path, providers)
-    record["parity"] = bert_parity(model, fp32, tolerance).to_dict()
-    final = exported.path
+    fp32 = {key: open_session(graph.path, providers) for key, graph in exported.items()}
+    record["parity"] = bert_parity(model, fp32["model"], tolerance, mlm_session=fp32.get("mlm")).to_dict()
+    finals = {graph.spec.file: graph.path for graph in exported.values()}
     if quantize == "int8":
-        final = work / "model.int8.onnx"
-        quantize_int8(exported.path, final)
-        int8 = open_session(final, providers)
+        finals = {file: work / f"int8.{file}" for file in finals}
+        for graph in exported.values():
+            quantize_int8(graph.path, finals[graph.spec.file])
+        int8 = open_session(finals["model.onnx"], providers)
         record["quality"] = bert_quality(
-            fp32, int8, tokenizer, config.pooling, config.with_heads, max_tokens, sample_documents
+            fp32["model"], int8, tokenizer, config.pooling, config.with_heads, max_tokens, sample_documents
         )
-    record["graphs"] = {"model": exported.spec.to_dict()}
-    return record, {"model.onnx": final}
+    record["graphs"] = {key: graph.spec.to_dict() for key, graph in exported.items()}
+    return record, finals
 
 
 def _bert_manifest(model: nn.Module, tokenizer: Tokenizer, max_tokens: int) -> dict[str, Any]:
@@ -123,7 +129,7 @@ def _bert_manifest(model: nn.Module, tokenizer: Tokenizer, max_tokens: int) -> d
         "tokenizers": {"text": "tokenizer.json"},
         "special_tokens": special_token_ids(tokenizer),
         "limits": {"max_tokens": max_tokens},
-        "outputs": bert_outputs(model),
+        "outputs": bert_outputs(model),  # every output, whichever graph computes it
         "pooling": config.pooling,
         "normalize_embeddings": config.normalize_embeddings,
     }
@@ -211,6 +217,7 @@ def export_model(
     dev: Sequence[tuple[str, str]] | None = None,
     sample_documents: Sequence[Sequence[str]] | None = None,
     max_tokens: int | None = None,
+    split_mlm: bool = False,
 ) -> Path:
     """Export a loaded model (eval mode) with its tokenizers into REPO/NAME/VERSION; returns the version folder."""
     if quantize not in (None, *QUANTIZATIONS):
@@ -224,6 +231,7 @@ def export_model(
             record, finals = _export_bert_graphs(
                 model, tokenizers["text"], work, quantize=quantize, optimize=optimize, tolerance=tolerance,
                 device=device, max_tokens=limit, sample_documents=sample_documents or DEFAULT_SAMPLE_DOCUMENTS,
+                split_mlm=split_mlm,
             )  # fmt: skip
             manifest = _bert_manifest(model, tokenizers["text"], limit)
             tokenizer_files = {"tokenizer.json": tokenizers["text"]}
@@ -263,6 +271,7 @@ def export_checkpoint(
     device: str = "cpu",
     dev: Sequence[tuple[str, str]] | None = None,
     sample_documents: Sequence[Sequence[str]] | None = None,
+    split_mlm: bool = False,
 ) -> Path:
     """A checkpoint folder (models/checkpoint.py) -> REPO/NAME/VERSION; returns the version folder."""
     from seqserve.models.checkpoint import load_checkpoint
@@ -271,6 +280,7 @@ def export_checkpoint(
     return export_model(
         ckpt.model, ckpt.family, ckpt.tokenizers, ckpt.metrics, repository, name, version=version, quantize=quantize,
         optimize=optimize, force=force, tolerance=tolerance, device=device, dev=dev, sample_documents=sample_documents,
+        split_mlm=split_mlm,
     )  # fmt: skip
 
 
@@ -285,6 +295,7 @@ def export_hf_bert(
     tolerance: float = DEFAULT_TOLERANCE,
     device: str = "cpu",
     sample_documents: Sequence[Sequence[str]] | None = None,
+    split_mlm: bool = False,
 ) -> Path:
     """A local Hugging Face BERT directory (via models/hf.py) -> REPO/NAME/VERSION; returns the version folder."""
     from seqserve.models.hf import load_hf_bert
@@ -293,5 +304,5 @@ def export_hf_bert(
     return export_model(
         imported.model, "bert", {"text": imported.tokenizer}, {"imported": imported.info}, repository, name,
         version=version, quantize=quantize, optimize=optimize, force=force, tolerance=tolerance, device=device,
-        sample_documents=sample_documents, max_tokens=int(imported.info["max_seq_length"]),
+        sample_documents=sample_documents, max_tokens=int(imported.info["max_seq_length"]), split_mlm=split_mlm,
     )  # fmt: skip

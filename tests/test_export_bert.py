@@ -65,3 +65,19 @@ def test_bert_manifest_names_tokens_limits_and_pooling(tiny_repository, tiny_che
     assert manifest.tokenizers == {"text": "tokenizer.json"}
     assert [s.name for s in manifest.graphs["model"].inputs] == ["input_ids", "attention_mask", "token_type_ids"]
     assert all(s.shape == ("batch", "seq") and s.dtype == "int64" for s in manifest.graphs["model"].inputs)
+
+
+def test_split_mlm_head_gives_the_same_logits_from_its_own_graph(tiny_checkpoints, tmp_path):
+    from seqserve.export import export_checkpoint
+
+    loaded = load_model(export_checkpoint(tiny_checkpoints["bert"], tmp_path, "split", split_mlm=True))
+    assert set(loaded.sessions) == {"model", "mlm"}
+    assert "mlm_logits" not in loaded.manifest.graphs["model"].output_names
+    assert loaded.manifest.outputs == ("sequence_output", "pooled_output", "mlm_logits", "nsp_logits")
+    feeds = _feeds(loaded.tokenizers["text"], [" ".join(doc[:2]) for doc in tiny_documents()[:3]])
+    (sequence,) = loaded.sessions["model"].run(["sequence_output"], feeds)
+    (mlm_logits,) = loaded.sessions["mlm"].run(None, {"sequence_output": sequence})
+    model = load_checkpoint(tiny_checkpoints["bert"]).model
+    with torch.no_grad():
+        reference = model(*(torch.from_numpy(feeds[n]) for n in ("input_ids", "attention_mask", "token_type_ids")))
+    np.testing.assert_allclose(mlm_logits, reference.mlm_logits.numpy(), atol=1e-4)
