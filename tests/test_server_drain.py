@@ -1,0 +1,85 @@
+"""`seqserve serve` as a real process: SIGTERM drains (in-flight requests finish, exit 0), bad device refused."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import onnxruntime as ort
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from seqserve.protos.v1 import seqserve_pb2 as pb
+from seqserve.protos.v1 import seqserve_pb2_grpc as pb_grpc
+
+TEXTS = ["h g f e d c b a h g f e d c b"] * 32
+
+
+def _serve(root: Path, *extra: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "seqserve.cli", "serve", "--repository", str(root), "--port", "0",
+               "--metrics-port", "-1", "--instances", "1", "--threads", "1", *extra]  # fmt: skip
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    return subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+
+
+def _wait_ready(proc: subprocess.Popen, lines: list[str], timeout: float = 120) -> int:
+    """Read the log until the ready line; keep draining it in a thread afterwards so the pipe never fills."""
+    deadline = time.monotonic() + timeout
+    for line in proc.stderr:
+        lines.append(line)
+        if match := re.search(r"ready: gRPC port (\d+)", line):
+            threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()
+            return int(match.group(1))
+        if time.monotonic() > deadline:
+            break
+    proc.kill()
+    raise AssertionError("server did not become ready:\n" + "".join(lines))
+
+
+def test_sigterm_drains_without_losing_in_flight_requests(tiny_repository):
+    root = tiny_repository if isinstance(tiny_repository, Path) else Path(tiny_repository.root)
+    proc = _serve(root, "--models", "tiny-lstm", "--grace-period", "60", "--max-batch-tokens", "200")
+    lines: list[str] = []
+    try:
+        port = _wait_ready(proc, lines)
+        with grpc.insecure_channel(f"localhost:{port}") as channel:
+            stub = pb_grpc.InferenceStub(channel)
+            health = health_pb2_grpc.HealthStub(channel)
+            assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
+            request = pb.TranslateRequest(
+                model=pb.ModelSpec(name="tiny-lstm"), texts=TEXTS, options=pb.DecodingOptions(beam_size=8)
+            )
+            futures = [stub.Translate.future(request, timeout=120) for _ in range(6)]
+            time.sleep(0.3)
+            in_flight = [f for f in futures if not f.done()]
+            proc.send_signal(signal.SIGTERM)
+            assert in_flight, "every request finished before SIGTERM: the test proves nothing"
+            for future in futures:
+                assert len(future.result(timeout=120).translations) == len(TEXTS)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = "".join(lines)
+    assert "SIGTERM received" in log and "draining" in log and "stopped" in log
+
+
+def test_device_cuda_uses_the_cuda_provider_or_is_refused_clearly(tiny_repository):
+    root = tiny_repository if isinstance(tiny_repository, Path) else Path(tiny_repository.root)
+    proc = _serve(root, "--device", "cuda", "--models", "tiny-lstm")
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        lines: list[str] = []
+        _wait_ready(proc, lines)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        assert "device cuda" in "".join(lines)
+        return
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert "CUDAExecutionProvider" in err and "--device cpu" in err
