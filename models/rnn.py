@@ -320,13 +320,14 @@ class Attention(nn.Module):
             hidden = torch.tanh(keys + self.query_proj(query)[:, None, :])  # (B, S, H)
             scores = self.v(hidden).squeeze(-1)  # (B, S)
         else:
-            scores = torch.bmm(keys, query[:, :, None]).squeeze(-1)  # (B,S,H) @ (B,H,1) -> (B, S)
+            # Multiply-and-sum rather than bmm: a one-row matmul per batch item is ~3x slower on CPU.
+            scores = (keys * query[:, None, :]).sum(dim=-1)  # (B,S,H) * (B,1,H) -> (B, S)
             if self.score == "scaled_dot":
                 scores = scores / math.sqrt(self.query_size)
         # The dtype's minimum (not -inf) gives padding exactly zero weight and an all-padding row no NaN.
         scores = scores.masked_fill(src_pad_mask, torch.finfo(scores.dtype).min)
         weights = torch.softmax(scores, dim=-1)  # (B, S)
-        context = torch.bmm(weights[:, None, :], memory_bank).squeeze(1)  # (B,1,S) @ (B,S,Hm) -> (B, Hm)
+        context = (weights[:, :, None] * memory_bank).sum(dim=1)  # (B,S,1) * (B,S,Hm) -> (B, Hm)
         return context, weights
 
 
