@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 from typing import Sequence
 
@@ -61,6 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     parser, module = build_command_parser(argv[0])
     args = parser.parse_args(argv[1:])
+    # A default for every command; a command with its own logging options reconfigures with force=True.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return int(module.run(args) or 0)
 
 
