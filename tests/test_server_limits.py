@@ -14,7 +14,7 @@ from seqserve.server.repository import ModelRepository
 from seqserve.server.testing import ServerThread
 
 LIMITS = Limits(max_texts=4, max_chars_per_text=100, max_tokens_per_text=12, max_message_bytes=16 * 1024,
-                max_beam_size=4, max_top_k=10)  # fmt: skip
+                max_beam_size=4, max_top_k=10, max_queue=3)  # fmt: skip
 INVALID, NOT_FOUND, EXHAUSTED = (
     grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED
 )  # fmt: skip
@@ -77,6 +77,11 @@ def test_truncation_keeps_bert_special_tokens(inference):
 def test_oversized_message_is_resource_exhausted(inference):
     code, details = _error(inference.Translate, _translate(texts=["a" * 20_000]))
     assert code == EXHAUSTED and "16384" in details
+
+
+def test_more_sequences_than_the_queue_holds_is_resource_exhausted(inference):
+    code, details = _error(inference.Translate, _translate(texts=["a", "b", "c", "d"]))
+    assert code == EXHAUSTED and "4 sequences queued" in details and "limit is 3" in details and "max_queue" in details
 
 
 def test_beam_over_the_limit_is_invalid_argument(inference):

@@ -16,7 +16,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from seqserve.protos.v1 import seqserve_pb2 as pb
 from seqserve.protos.v1 import seqserve_pb2_grpc as pb_grpc
-from seqserve.server.config import BatchingConfig, ServerConfig
+from seqserve.server.config import BatchingConfig, Limits, ServerConfig
 from seqserve.server.repository import ModelRepository
 from seqserve.server.testing import ServerThread
 
@@ -232,3 +232,19 @@ def test_cancelled_request_stops_consuming_decode_steps(running, inference, full
     assert 0 < taken < full_run[1] / 2
     ok = inference.Translate(pb.TranslateRequest(model=pb.ModelSpec(name="tiny-lstm"), texts=["a b"]))
     assert ok.translations[0].hypotheses[0].text.split() == ["b", "a"]
+
+
+def test_stream_read_ahead_bounds_the_items_in_flight(tiny_repository):
+    # With a read-ahead of one the server takes the next item only after answering the previous one, so no batch
+    # ever holds two of this stream's items although the client sends them all at once.
+    config = ServerConfig(port=0, metrics_port=None, instances=1, threads=1, limits=Limits(stream_read_ahead=1),
+                          batching=BatchingConfig(max_queue_delay_ms=20.0), models=("tiny-lstm",))  # fmt: skip
+    items = [pb.TranslateStreamRequest(id=str(i), model=pb.ModelSpec(name="tiny-lstm"), text="a b c") for i in range(12)]
+    with ServerThread(config, ModelRepository(_root(tiny_repository))) as running:
+        with grpc.insecure_channel(running.address) as ch:
+            responses = list(pb_grpc.InferenceStub(ch).TranslateStream(iter(items)))
+        registry = running.server.metrics.registry
+        batches = registry.get_sample_value("seqserve_batch_sequences_count", {"model": "tiny-lstm"})
+        sequences = registry.get_sample_value("seqserve_batch_sequences_sum", {"model": "tiny-lstm"})
+    assert sorted(int(r.id) for r in responses) == list(range(12))
+    assert batches == sequences == 12
