@@ -34,7 +34,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                              "mlm_logits) so encode and NSP requests do not pay for the B x L x V logits")
     parser.add_argument("--sample", type=Path, default=None, metavar="FILE",
                         help="BERT int8 gate sample: prose, one document a line; when omitted, a small built-in sample")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads while exporting; when omitted, torch's default")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads while exporting; when omitted, torch's default")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="logging level")
 

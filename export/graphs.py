@@ -255,7 +255,8 @@ def export_translator(model: nn.Module, folder: Path) -> tuple[ExportedGraph, Ex
 
     # Encoder: src_ids, src_pad_mask -> memory, initial state.
     encoder = EncoderGraph(model)
-    a, b, c = example_source(2, 7, src_vocab, 0), example_source(3, 7, src_vocab, 1), example_source(2, 10, src_vocab, 2)
+    # Three examples: a, then one more row (b), then a longer source (c).
+    a, b, c = (example_source(B, S, src_vocab, seed) for seed, (B, S) in enumerate([(2, 7), (3, 7), (2, 10)]))
     out_a, out_b, out_c = encoder(*a), encoder(*b), encoder(*c)
     enc_out_axes = _merge(_moved_axes(out_a, out_b, "batch"), _moved_axes(out_a, out_c, "src_len"))
     src_axes = [{0: "batch", 1: "src_len"}] * 2

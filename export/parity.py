@@ -224,7 +224,8 @@ def translator_parity(
         if not report.greedy_tokens_equal:
             raise ParityError(
                 "greedy decoding through decoder.onnx", None, tolerance,
-                f"tokens differ from models.decoding.greedy_decode:\n torch {reference.tolist()}\n onnx  {ours.tolist()}",
+                f"tokens differ from models.decoding.greedy_decode:\n torch {reference.tolist()}"
+                f"\n onnx  {ours.tolist()}",
             )  # fmt: skip
     return report
 

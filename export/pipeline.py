@@ -185,8 +185,10 @@ def _translator_manifest(model: nn.Module, family: str, tokenizers: dict[str, To
     from seqserve.models.tokenization import special_token_ids
 
     config = model.config
-    special = {"pad": config.pad_id, "bos": config.bos_id, "eos": config.eos_id,
-               "unk": special_token_ids(tokenizers["source"])["unk"], "decoder_start": decoder_start_id(config)}  # fmt: skip
+    special = {
+        "pad": config.pad_id, "bos": config.bos_id, "eos": config.eos_id,
+        "unk": special_token_ids(tokenizers["source"])["unk"], "decoder_start": decoder_start_id(config),
+    }  # fmt: skip
     return {
         "task": "translation",
         "architecture": config.arch if family == "rnn" else family,
@@ -241,7 +243,9 @@ def export_model(
                 device=device, dev=dev,
             )  # fmt: skip
             manifest = _translator_manifest(model, family, tokenizers)
-            tokenizer_files = {"source_tokenizer.json": tokenizers["source"], "target_tokenizer.json": tokenizers["target"]}
+            tokenizer_files = {
+                "source_tokenizer.json": tokenizers["source"], "target_tokenizer.json": tokenizers["target"]
+            }
         for file, path in finals.items():
             shutil.copyfile(path, stage.dir / file)
         for file, tokenizer in tokenizer_files.items():

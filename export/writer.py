@@ -34,7 +34,9 @@ _STAGE_PREFIX = ".staging-"
 class VersionExists(RepositoryError):
     def __init__(self, path: Path):
         self.path = path
-        super().__init__(f"{path} already exists; pass --force (force=True) to overwrite it, or choose another --version")
+        super().__init__(
+            f"{path} already exists; pass --force (force=True) to overwrite it, or choose another --version"
+        )
 
 
 def next_version(repository: str | os.PathLike, name: str) -> int:

@@ -319,7 +319,9 @@ def load_model(version_dir: str | os.PathLike, options: SessionOptions | None = 
     sessions: dict[str, ort.InferenceSession] = {}
     for graph, spec in manifest.graphs.items():
         try:
-            session = ort.InferenceSession(str(root / spec.file), sess_options=options.ort_options(), providers=providers)
+            session = ort.InferenceSession(
+                str(root / spec.file), sess_options=options.ort_options(), providers=providers
+            )
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise RepositoryError(f"{root / spec.file}: onnxruntime could not load the graph: {exc}") from exc
         got_in = [i.name for i in session.get_inputs()]

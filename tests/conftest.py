@@ -1,4 +1,4 @@
-"""Session-scoped fixtures shared by every part's tests: tiny trained checkpoints and a model repository built from them.
+"""Session-scoped fixtures shared by every part's tests: tiny trained checkpoints and a repository built from them.
 
 `tiny_checkpoints`: arch -> checkpoint folder, for "lstm", "gru", "birnn-lstm", "transformer" (translators trained for a
 few seconds on reversing letter sequences, "a c b" -> "b c a", joint BPE vocabulary) and "bert" (MLM + NSP heads,

@@ -46,7 +46,8 @@ def test_int8_bert_passes_its_embedding_and_nsp_gates(tiny_repository):
     assert quality["embedding_cosine_min"] >= MIN_EMBEDDING_COSINE
     assert quality["nsp_pairs"] > 100
     assert quality["nsp_accuracy_fp32"] - quality["nsp_accuracy_int8"] <= MAX_NSP_ACCURACY_DROP
-    assert {"MatMulInteger", "DynamicQuantizeLinear"} <= _op_types(tiny_repository / "tiny-bert-int8" / "1" / "model.onnx")
+    ops = _op_types(tiny_repository / "tiny-bert-int8" / "1" / "model.onnx")
+    assert {"MatMulInteger", "DynamicQuantizeLinear"} <= ops
 
 
 def test_int8_models_load_and_run_through_the_loader(tiny_repository):
