@@ -18,43 +18,21 @@ import numpy as np
 import pytest
 
 from seqserve.clients import AsyncClient, Client, DecodingOptions, RetryPolicy, SeqServeError, TLSConfig
+from seqserve.server.config import ServerConfig
+from seqserve.server.repository import ModelRepository
+from seqserve.server.testing import ServerThread
 
 FAST_RETRY = RetryPolicy(attempts=40, initial_backoff_s=0.05, max_backoff_s=0.2)
 
 
 # --------------------------------------------------------------------------------------------------------------
-# A real server in a background event loop (the client under test blocks the test's own thread)
+# Real servers on local ports
 
 
-class BackgroundServer:
-    """seqserve's create_server running in its own thread and event loop, stopped with a drain."""
-
-    def __init__(self, repository: Path, port: int = 0):
-        from seqserve.server.app import create_server
-        from seqserve.server.config import ServerConfig
-        from seqserve.server.repository import ModelRepository
-
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="test-server", daemon=True)
-        self.thread.start()
-        config = ServerConfig(host="127.0.0.1", port=port, metrics_port=None, instances=1, threads=1, grace_period_s=1)
-
-        async def start():
-            server, bound = create_server(config, ModelRepository(repository))
-            await server.start()
-            return server, bound
-
-        self.server, self.port = self._run(start())
-        self.target = f"127.0.0.1:{self.port}"
-
-    def _run(self, coroutine, timeout: float = 120.0):
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
-
-    def stop(self) -> None:
-        self._run(self.server.drain(0.5))
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
+def start_server(repository: Path, port: int = 0) -> ServerThread:
+    """seqserve's own server (create_server) on its event loop in a background thread: the client blocks this one."""
+    config = ServerConfig(port=port, metrics_port=None, instances=1, threads=1, grace_period_s=1)
+    return ServerThread(config, ModelRepository(Path(repository)))
 
 
 class CountingInterceptor(grpc.UnaryUnaryClientInterceptor):
@@ -77,7 +55,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def empty_server(tmp_path_factory):
-    server = BackgroundServer(tmp_path_factory.mktemp("empty_repository"))
+    server = start_server(tmp_path_factory.mktemp("empty_repository"))
     yield server
     server.stop()
 
@@ -89,8 +67,8 @@ def empty_server(tmp_path_factory):
 def test_client_started_before_server_retries_until_it_answers(tmp_path):
     port = free_port()
     counter = CountingInterceptor()
-    servers: list[BackgroundServer] = []
-    starter = threading.Timer(0.6, lambda: servers.append(BackgroundServer(tmp_path, port)))
+    servers: list[ServerThread] = []
+    starter = threading.Timer(0.6, lambda: servers.append(start_server(tmp_path, port)))
     starter.start()
     try:
         with Client(f"127.0.0.1:{port}", retry=FAST_RETRY, timeout_s=30, interceptors=(counter,)) as client:
@@ -103,14 +81,14 @@ def test_client_started_before_server_retries_until_it_answers(tmp_path):
 
 
 def test_call_survives_server_restart_on_same_port(tmp_path):
-    first = BackgroundServer(tmp_path)
+    first = start_server(tmp_path)
     port = first.port
     counter = CountingInterceptor()
-    with Client(first.target, retry=FAST_RETRY, timeout_s=30, interceptors=(counter,)) as client:
+    with Client(first.address, retry=FAST_RETRY, timeout_s=30, interceptors=(counter,)) as client:
         assert client.health() == "SERVING"
         first.stop()
-        servers: list[BackgroundServer] = []
-        restarter = threading.Timer(0.5, lambda: servers.append(BackgroundServer(tmp_path, port)))
+        servers: list[ServerThread] = []
+        restarter = threading.Timer(0.5, lambda: servers.append(start_server(tmp_path, port)))
         restarter.start()
         try:
             assert client.health() == "SERVING"
@@ -133,7 +111,7 @@ def test_unavailable_gives_up_after_configured_attempts():
 
 def test_unknown_model_raises_not_found_once(empty_server):
     counter = CountingInterceptor()
-    with Client(empty_server.target, retry=FAST_RETRY, interceptors=(counter,)) as client:
+    with Client(empty_server.address, retry=FAST_RETRY, interceptors=(counter,)) as client:
         with pytest.raises(SeqServeError) as failure:
             client.translate("no-such-model", ["hello"])
     assert failure.value.code == grpc.StatusCode.NOT_FOUND
@@ -153,8 +131,8 @@ def test_timeout_bounds_all_attempts_together():
 
 def test_async_client_retries_until_server_answers(tmp_path):
     port = free_port()
-    servers: list[BackgroundServer] = []
-    starter = threading.Timer(0.5, lambda: servers.append(BackgroundServer(tmp_path, port)))
+    servers: list[ServerThread] = []
+    starter = threading.Timer(0.5, lambda: servers.append(start_server(tmp_path, port)))
 
     async def call() -> str:
         async with AsyncClient(f"127.0.0.1:{port}", retry=FAST_RETRY, timeout_s=30) as client:
@@ -170,7 +148,7 @@ def test_async_client_retries_until_server_answers(tmp_path):
 
 
 def test_error_carries_status_code_and_server_message(empty_server):
-    with Client(empty_server.target) as client:
+    with Client(empty_server.address) as client:
         with pytest.raises(SeqServeError) as failure:
             client.encode("missing", ["text"])
     assert failure.value.code == grpc.StatusCode.NOT_FOUND
@@ -199,14 +177,14 @@ SOURCES = ["a c b", "d e f g", "h a b c d", "b b a"]  # the tiny translators rev
 
 @pytest.fixture(scope="module")
 def model_server(tiny_repository):
-    server = BackgroundServer(Path(tiny_repository))
+    server = start_server(Path(tiny_repository))
     yield server
     server.stop()
 
 
 @pytest.fixture(scope="module")
 def client(model_server):
-    with Client(model_server.target, timeout_s=60) as client:
+    with Client(model_server.address, timeout_s=60) as client:
         yield client
 
 
@@ -299,7 +277,7 @@ def test_async_translate_stream_keeps_at_most_window_items_in_flight(model_serve
 
     async def stream() -> list[int]:
         in_flight = []
-        async with AsyncClient(model_server.target) as aclient:
+        async with AsyncClient(model_server.address) as aclient:
             async for result in aclient.translate_stream(models["translate"], items(), window=3):
                 in_flight.append(pulled - len(in_flight))
         return in_flight
@@ -346,7 +324,7 @@ def test_unload_then_load_changes_state_and_serving(client, models):
 
 def test_invalid_argument_is_not_retried(model_server, models):
     counter = CountingInterceptor()
-    with Client(model_server.target, retry=FAST_RETRY, interceptors=(counter,)) as client:
+    with Client(model_server.address, retry=FAST_RETRY, interceptors=(counter,)) as client:
         with pytest.raises(SeqServeError) as failure:
             client.translate(models["translate"], [" ".join(["word"] * 5000)])
     assert failure.value.code == grpc.StatusCode.INVALID_ARGUMENT
@@ -361,7 +339,7 @@ def test_deadline_exceeded_raises_seqserve_error(client, models):
 
 def test_async_client_methods_equal_sync_results(model_server, client, models):
     async def call_all():
-        async with AsyncClient(model_server.target, timeout_s=60) as aclient:
+        async with AsyncClient(model_server.address, timeout_s=60) as aclient:
             return (
                 await aclient.encode(models["encode"], SOURCES),
                 await aclient.translate(models["translate"], SOURCES),
@@ -382,7 +360,7 @@ def test_async_client_methods_equal_sync_results(model_server, client, models):
 
 def test_async_load_and_unload_round_trip(model_server, models):
     async def cycle():
-        async with AsyncClient(model_server.target, timeout_s=60) as aclient:
+        async with AsyncClient(model_server.address, timeout_s=60) as aclient:
             unloaded = await aclient.unload_model(models["fill_mask"])
             loaded = await aclient.load_model(models["fill_mask"])
             return unloaded.state, loaded.state
@@ -395,7 +373,7 @@ def test_async_translate_stream_answers_every_id_like_translate(model_server, cl
     items = [(str(i), SOURCES[i % len(SOURCES)]) for i in range(8)]
 
     async def stream():
-        async with AsyncClient(model_server.target) as aclient:
+        async with AsyncClient(model_server.address) as aclient:
             answers = aclient.translate_stream(models["translate"], items, window=2)
             return {r.id: r.translation.text async for r in answers}
 
@@ -405,7 +383,7 @@ def test_async_translate_stream_answers_every_id_like_translate(model_server, cl
 
 def test_async_invalid_argument_raises_seqserve_error(model_server, models):
     async def call():
-        async with AsyncClient(model_server.target, retry=FAST_RETRY) as aclient:
+        async with AsyncClient(model_server.address, retry=FAST_RETRY) as aclient:
             await aclient.fill_mask(models["fill_mask"], ["a [MASK] runs"], top_k=100_000)
 
     with pytest.raises(SeqServeError) as failure:
@@ -415,7 +393,7 @@ def test_async_invalid_argument_raises_seqserve_error(model_server, models):
 
 def test_max_message_bytes_limits_what_the_client_receives(model_server, models):
     texts = SOURCES * 8  # 32 vectors of float32: more than 256 bytes
-    with Client(model_server.target, max_message_bytes=256) as small:
+    with Client(model_server.address, max_message_bytes=256) as small:
         with pytest.raises(SeqServeError) as failure:
             small.encode(models["encode"], texts)
     assert failure.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -18,21 +18,21 @@ import pytest
 from seqserve.clients import Client
 from seqserve.clients.cli import main
 from seqserve.clients.translate_file import complete_lines
-from test_client import BackgroundServer, free_port
+from test_client import free_port, start_server
 
 WORDS = list("abcdefgh")  # the tiny translators reverse sequences of these letters
 
 
 @pytest.fixture(scope="module")
 def server(tiny_repository):
-    server = BackgroundServer(Path(tiny_repository))
+    server = start_server(Path(tiny_repository))
     yield server
     server.stop()
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    with Client(server.target, timeout_s=60) as client:
+    with Client(server.address, timeout_s=60) as client:
         yield client
 
 
@@ -49,7 +49,7 @@ def models(client) -> dict[str, str]:
 def run_cli(server, *argv: str, stdin: str = "") -> tuple[int, str]:
     """Exit code and stdout of `seqserve-client --server TARGET argv...`."""
     out = io.StringIO()
-    code = main(["--server", server.target, *argv], stdin=io.StringIO(stdin), stdout=out)
+    code = main(["--server", server.address, *argv], stdin=io.StringIO(stdin), stdout=out)
     return code, out.getvalue()
 
 
@@ -204,7 +204,7 @@ def test_translate_file_killed_midway_then_resumed_equals_uninterrupted_run(serv
     lines = corpus(300, seed=3)
     source, whole, killed = write_lines(tmp_path / "in.txt", lines), tmp_path / "whole.txt", tmp_path / "killed.txt"
     args = ["-m", models["translate"], "--no-progress"]
-    command = [sys.executable, "-m", "seqserve.clients.cli", "--server", server.target, "translate-file",
+    command = [sys.executable, "-m", "seqserve.clients.cli", "--server", server.address, "translate-file",
                str(source), str(killed), *args, "--window", "1"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
