@@ -5,7 +5,7 @@ few seconds on reversing letter sequences, "a c b" -> "b c a", joint BPE vocabul
 trained on models/train.py's synthetic documents, WordPiece vocabulary).
 
 `tiny_repository`: a model repository (a folder; treat it as read-only, copy it to change it) holding version 1 of
-tiny-lstm, tiny-gru, tiny-birnn, tiny-transformer, tiny-bert, and the int8 variants tiny-transformer-int8 and
+tiny-lstm, tiny-gru, tiny-birnn, tiny-transformer, tiny-bert, and the int8 variants tiny-lstm-int8 and
 tiny-bert-int8, all exported through seqserve.export with their parity and quality gates.
 """
 
@@ -60,7 +60,7 @@ def tiny_repository(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoints: 
     root = tmp_path_factory.mktemp("model_repository")
     for arch, name in REPOSITORY_NAMES.items():
         export_checkpoint(tiny_checkpoints[arch], root, name, version=1)
-    export_checkpoint(tiny_checkpoints["transformer"], root, "tiny-transformer-int8", version=1, quantize="int8",
+    export_checkpoint(tiny_checkpoints["lstm"], root, "tiny-lstm-int8", version=1, quantize="int8",
                       dev=tiny_dev_pairs())  # fmt: skip
     export_checkpoint(tiny_checkpoints["bert"], root, "tiny-bert-int8", version=1, quantize="int8",
                       sample_documents=tiny_documents())  # fmt: skip

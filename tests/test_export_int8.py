@@ -6,6 +6,7 @@ import onnx
 import pytest
 import torch
 
+from seqserve.export import export_checkpoint
 from seqserve.export.graphs import export_bert, export_translator
 from seqserve.export.parity import StepGraphs, open_session
 from seqserve.export.quantize import (
@@ -29,14 +30,23 @@ def _op_types(path) -> set[str]:
     return {node.op_type for node in onnx.load(str(path)).graph.node}
 
 
-def test_int8_transformer_passes_its_bleu_gate(tiny_repository):
-    manifest = ModelRepository(tiny_repository).manifest("tiny-transformer-int8")
+def test_int8_lstm_passes_its_bleu_gate(tiny_repository):
+    manifest = ModelRepository(tiny_repository).manifest("tiny-lstm-int8")
     quality = manifest.quality
     assert manifest.quantization == "int8"
     assert quality["dev_sentences"] == len(tiny_dev_pairs())
     assert quality["bleu_fp32"] > 10  # a gate on a model that translates, not on noise
     assert quality["bleu_fp32"] - quality["bleu_int8"] <= MAX_BLEU_DROP
-    assert "MatMulInteger" in _op_types(tiny_repository / "tiny-transformer-int8" / "1" / "decoder.onnx")
+    assert "MatMulInteger" in _op_types(tiny_repository / "tiny-lstm-int8" / "1" / "decoder.onnx")
+
+
+def test_int8_optimized_transformer_passes_its_bleu_gate(tiny_checkpoints, tmp_path):
+    path = export_checkpoint(tiny_checkpoints["transformer"], tmp_path, "t8", quantize="int8", dev=tiny_dev_pairs())
+    manifest = load_model(path).manifest
+    assert manifest.raw["optimization"]["encoder.onnx"]  # fused (com.microsoft) ops were quantized too
+    assert manifest.quality["bleu_fp32"] > 10
+    assert manifest.quality["bleu_fp32"] - manifest.quality["bleu_int8"] <= MAX_BLEU_DROP
+    assert "MatMulInteger" in _op_types(path / "decoder.onnx")
 
 
 def test_int8_bert_passes_its_embedding_and_nsp_gates(tiny_repository):
@@ -51,7 +61,7 @@ def test_int8_bert_passes_its_embedding_and_nsp_gates(tiny_repository):
 
 
 def test_int8_models_load_and_run_through_the_loader(tiny_repository):
-    for name in ("tiny-transformer-int8", "tiny-bert-int8"):
+    for name in ("tiny-lstm-int8", "tiny-bert-int8"):
         loaded = ModelRepository(tiny_repository).load(name)
         assert loaded.sessions and loaded.manifest.parity["max_abs_diff"] <= loaded.manifest.parity["tolerance"]
 
