@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections import deque
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol
 
 from seqserve.server.config import BatchingConfig
 from seqserve.server.errors import Cancelled, DeadlineExceeded, ModelUnavailable, QueueFull
@@ -43,8 +44,20 @@ class WorkItem:
         return self.cancelled or self.expired()
 
 
-# run_batch(items) runs in a worker thread and fills each item's job.result
-BatchRunner = Callable[[Sequence[WorkItem]], None]
+class BatchContext(Protocol):
+    """What a running batch may ask of its batcher, from the worker thread."""
+
+    def pull(self, rows: int, src_len: int) -> list[WorkItem]:
+        """Queued items that fit beside `rows` rows of `src_len` tokens (sequences joining a running decode)."""
+        ...
+
+    def finish(self, item: WorkItem) -> None:
+        """Send this item's result now, without waiting for the rest of its batch."""
+        ...
+
+
+# run_batch(items, context) runs in a worker thread and fills each item's job.result
+BatchRunner = Callable[[list[WorkItem], BatchContext], None]
 
 
 def cut_batches(items: list[WorkItem], budget: int, max_size: int) -> list[list[WorkItem]]:
@@ -66,7 +79,12 @@ def cut_batches(items: list[WorkItem], budget: int, max_size: int) -> list[list[
 
 
 class Batcher:
-    """The queue and batching loop of one model version."""
+    """The queue and batching loop of one model version.
+
+    With `joinable` (translators whose sentences can join a running decode), a queued sequence is first offered to
+    the running decode, which pulls what fits its budget before each step; a new batch starts only for sequences that
+    waited `max_queue_delay_ms` without being pulled, or when nothing of this model is running.
+    """
 
     def __init__(
         self,
@@ -76,7 +94,8 @@ class Batcher:
         executor: Executor,
         config: BatchingConfig,
         max_queue: int,
-        observe: Callable[[list[WorkItem], float], None] = lambda batch, seconds: None,
+        observe: Callable[[list[WorkItem], float], None] = lambda batch, started: None,
+        joinable: bool = False,
     ):
         self.name = name
         self.version = version
@@ -85,14 +104,18 @@ class Batcher:
         self.config = config
         self.max_queue = max_queue
         self.observe = observe
+        self.joinable = joinable
         self._queue: deque[WorkItem] = deque()
+        self._lock = threading.Lock()  # the queue is shared with worker threads pulling joiners
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._running: set[asyncio.Task] = set()
         self._closed = False
+        self._loop_ref: asyncio.AbstractEventLoop | None = None
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher-{self.name}")
+        self._loop_ref = asyncio.get_running_loop()
+        self._task = self._loop_ref.create_task(self._loop(), name=f"batcher-{self.name}")
 
     @property
     def queued(self) -> int:
@@ -106,7 +129,8 @@ class Batcher:
             raise QueueFull(self.name, len(self._queue) + len(jobs), self.max_queue)
         loop = asyncio.get_running_loop()
         items = [WorkItem(job, length, cost, deadline, loop.create_future()) for job, length, cost in jobs]
-        self._queue.extend(items)
+        with self._lock:
+            self._queue.extend(items)
         self._wakeup.set()
         try:
             await asyncio.gather(*(it.future for it in items))
@@ -116,49 +140,74 @@ class Batcher:
             raise
         return [it.job for it in items]
 
+    # ---------------------------------------------------------------------------------------------------------
+    # Event loop side
+
     async def _loop(self) -> None:
         delay = self.config.max_queue_delay_ms / 1000.0
+        loop = asyncio.get_running_loop()
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
             if not self._queue:
                 continue
-            # Collect: wait for company until the delay passes or the budget is full.
-            opened = self._queue[0].enqueued
-            while self._queued_cost() < self.config.max_batch_tokens:
-                remaining = opened + delay - time.monotonic()
-                if remaining <= 0:
-                    break
-                try:
-                    await asyncio.wait_for(self._wakeup.wait(), remaining)
-                    self._wakeup.clear()
-                except asyncio.TimeoutError:
-                    break
-            items = [it for it in self._queue]
-            self._queue.clear()
-            live = []
-            for it in items:
-                if it.future.done():
+            if self.joinable and self._running:
+                # A decode is running and pulls joiners itself; start another only for what it leaves waiting.
+                waited = time.monotonic() - self._queue[0].enqueued
+                if waited < delay:
+                    loop.call_later(delay - waited, self._wakeup.set)
                     continue
-                if it.cancelled:
-                    it.future.set_exception(Cancelled())
-                elif it.expired():
-                    it.future.set_exception(DeadlineExceeded(f"after {time.monotonic() - it.enqueued:.3f} s in the queue"))
-                else:
-                    live.append(it)
+            else:
+                # Collect: wait for company until the delay passes or the budget is full.
+                opened = self._queue[0].enqueued
+                while self._queued_cost() < self.config.max_batch_tokens:
+                    remaining = opened + delay - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    try:
+                        await asyncio.wait_for(self._wakeup.wait(), remaining)
+                        self._wakeup.clear()
+                    except asyncio.TimeoutError:
+                        break
+            with self._lock:
+                items = list(self._queue)
+                self._queue.clear()
+            live = [it for it in items if not self._refuse(it)]
             for batch in cut_batches(live, self.config.max_batch_tokens, self.config.max_batch_size):
-                task = asyncio.get_running_loop().create_task(self._run(batch))
+                task = loop.create_task(self._run(batch))
                 self._running.add(task)
-                task.add_done_callback(self._running.discard)
+                task.add_done_callback(self._run_done)
+
+    def _run_done(self, task: asyncio.Task) -> None:
+        self._running.discard(task)
+        if self._queue:
+            self._wakeup.set()
 
     def _queued_cost(self) -> int:
         return sum(it.length * it.cost for it in self._queue)
 
+    def _refuse(self, it: WorkItem) -> bool:
+        """Fail an item that must not run (cancelled, past its deadline); True when it was refused."""
+        if it.future.done():
+            return True
+        if it.cancelled:
+            it.future.set_exception(Cancelled())
+            return True
+        if it.expired():
+            it.future.set_exception(DeadlineExceeded(f"after {time.monotonic() - it.enqueued:.3f} s in the queue"))
+            return True
+        return False
+
+    def _resolve(self, it: WorkItem) -> None:
+        if not self._refuse(it):
+            it.future.set_result(it.job)
+
     async def _run(self, batch: list[WorkItem]) -> None:
         loop = asyncio.get_running_loop()
         started = time.monotonic()
+        self.observe(batch, started)
         try:
-            await loop.run_in_executor(self.executor, self.run_batch, batch)
+            await loop.run_in_executor(self.executor, self.run_batch, batch, self)
         except BaseException as exc:  # a failed batch fails its requests, never the loop
             if not isinstance(exc, asyncio.CancelledError):
                 log.exception("batch of %d for %s failed", len(batch), self.name)
@@ -166,16 +215,37 @@ class Batcher:
                 if not it.future.done():
                     it.future.set_exception(exc if isinstance(exc, Exception) else Cancelled())
             return
-        self.observe(batch, started)
         for it in batch:
-            if it.future.done():
-                continue
-            if it.cancelled:
-                it.future.set_exception(Cancelled())
-            elif it.expired():
-                it.future.set_exception(DeadlineExceeded("while decoding"))
-            else:
-                it.future.set_result(it.job)
+            self._resolve(it)
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Worker thread side (BatchContext)
+
+    def pull(self, rows: int, src_len: int) -> list[WorkItem]:
+        taken: list[WorkItem] = []
+        refused: list[WorkItem] = []
+        budget = self.config.max_batch_tokens
+        with self._lock:
+            while self._queue:
+                it = self._queue[0]
+                if it.stopped() or it.future.done():
+                    refused.append(self._queue.popleft())
+                    continue
+                longest = max(src_len, it.length)
+                if rows and (rows + it.cost) * longest > budget:
+                    break
+                taken.append(self._queue.popleft())
+                rows, src_len = rows + it.cost, longest
+        for it in refused:
+            self.finish(it)
+        if taken:
+            self.observe(taken, time.monotonic())
+        return taken
+
+    def finish(self, item: WorkItem) -> None:
+        if self._loop_ref is None:
+            raise RuntimeError(f"batcher {self.name} was never started")
+        self._loop_ref.call_soon_threadsafe(self._resolve, item)
 
     async def close(self) -> None:
         """Take no new work, finish what is queued and running, stop the loop."""

@@ -32,6 +32,8 @@ class StepModel(Protocol):
     bos_id: int
     eos_id: int
     pad_id: int
+    joinable: bool  # sentences may join a running batch (no state tensor has a time axis)
+    memory_src_axes: list[int]  # the source-length axis of each memory tensor
 
     def encode(self, src_ids: np.ndarray, src_pad_mask: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """(B, S) ids and pad mask -> (memory tensors, initial state tensors), all batch-first."""
@@ -155,84 +157,191 @@ def make_search(beam_size: int, max_len: int, eos_id: int, alpha: float) -> Sear
     return BeamSearch(max_len=max_len, eos_id=eos_id, alpha=alpha, beam_size=beam_size)
 
 
-def decode_batch(
-    model: StepModel,
-    sources: Sequence[Sequence[int]],
-    searches: Sequence[Search],
-    stopped: Callable[[int], bool] = lambda i: False,
-    on_step: Callable[[int], None] = lambda rows: None,
-) -> int:
-    """Run the searches of a batch of sources to the end; returns the number of decode steps taken.
+def _pad_axis(x: np.ndarray, axis: int, length: int, value: float | bool = 0) -> np.ndarray:
+    """Pad `x` along `axis` up to `length` with `value` (masked positions: their content never matters)."""
+    if x.shape[axis] >= length:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, length - x.shape[axis])
+    return np.pad(x, widths, constant_values=value)
 
-    `stopped(i)` is asked before every step: True (sentence i was cancelled or is past its deadline) drops its rows.
-    `on_step(rows)` is told the number of rows of each step (for metrics).
+
+class RunningBatch:
+    """The rows being decoded: one per live hypothesis, each with its state, memory, source mask and last token.
+
+    Sentences are numbered in the order they joined. Memory is kept per row (gathered only when the row layout
+    changes), so a sentence can join a running batch when the model allows it (`StepModel.joinable`: no state tensor
+    has a time axis, true of RNN decoders; a Transformer's key/value caches share one length per batch).
     """
-    from seqserve.server.text import pad_batch
 
-    # (1) Encode. Every sentence starts with one row: its BOS.
-    src_ids, src_pad_mask = pad_batch([list(s) for s in sources], model.pad_id)  # (B, S), (B, S)
-    memory, state = model.encode(src_ids, src_pad_mask)
-    sentence_of_row = list(range(len(sources)))  # row -> sentence
-    rows_of = {i: [i] for i in range(len(sources))}  # sentence -> its rows, in its search's live order
-    prev_ids = np.full((len(sources),), model.bos_id, dtype=np.int64)  # (R,)
-    layout = tuple(sentence_of_row)
-    row_memory, row_mask = memory, src_pad_mask
-    steps = 0
-    for i in list(rows_of):
-        if searches[i].max_len <= 0:
-            searches[i]._close_at_max_len()
-            del rows_of[i]
-    while rows_of:
-        for i in [i for i in rows_of if stopped(i)]:
-            searches[i].done = True
-            del rows_of[i]
-        if not rows_of:
-            break
-        live = [r for i in sorted(rows_of) for r in rows_of[i]]
-        if len(live) != len(sentence_of_row):  # some sentences left: keep only their rows
-            index = np.asarray(live, dtype=np.int64)
-            state = [x[index] for x in state]
-            prev_ids = prev_ids[index]
-            sentence_of_row = [sentence_of_row[r] for r in live]
-            start = 0
-            for i in sorted(rows_of):
-                n = len(rows_of[i])
-                rows_of[i] = list(range(start, start + n))
-                start += n
-        if tuple(sentence_of_row) != layout:
-            # Memory is gathered per row only when the row layout changes (beams grow, sentences leave).
-            layout = tuple(sentence_of_row)
-            index = np.asarray(sentence_of_row, dtype=np.int64)
-            row_memory = [m[index] for m in memory]  # (R, ...)
-            row_mask = src_pad_mask[index]  # (R, S)
-        # (2) One step for every live row.
-        on_step(len(sentence_of_row))
-        log_probs, state = model.step(prev_ids, row_mask, row_memory, state)  # (R, V)
-        steps += 1
-        # (3) Each search picks its continuations among its own rows.
+    def __init__(self, model: StepModel):
+        self.model = model
+        self.searches: list[Search] = []
+        self.rows_of: dict[int, list[int]] = {}  # sentence -> its rows, in its search's live order
+        self.sentence_of_row: list[int] = []
+        self.state: list[np.ndarray] = []
+        self.memory: list[np.ndarray] = []  # per row
+        self.mask = np.zeros((0, 0), dtype=bool)  # (R, S) True at padding
+        self.prev_ids = np.zeros((0,), dtype=np.int64)  # (R,)
+
+    @property
+    def rows(self) -> int:
+        return len(self.sentence_of_row)
+
+    @property
+    def src_len(self) -> int:
+        return self.mask.shape[1]
+
+    def join(self, sources: Sequence[Sequence[int]], searches: Sequence[Search]) -> list[int]:
+        """Encode new sources and add one row (BOS) per sentence; returns their sentence numbers."""
+        from seqserve.server.text import pad_batch
+
+        src_ids, src_pad_mask = pad_batch([list(x) for x in sources], self.model.pad_id)  # (B, S)
+        memory, state = self.model.encode(src_ids, src_pad_mask)
+        first = len(self.searches)
+        self.searches.extend(searches)
+        numbers = list(range(first, first + len(sources)))
+        if not self.rows:
+            self.memory, self.state, self.mask = list(memory), list(state), src_pad_mask
+            self.prev_ids = np.full((len(sources),), self.model.bos_id, dtype=np.int64)
+            self.sentence_of_row = list(numbers)
+        else:
+            length = max(self.src_len, src_pad_mask.shape[1])
+            axes = self.model.memory_src_axes
+            old = [_pad_axis(m, a, length) for m, a in zip(self.memory, axes)]
+            new = [_pad_axis(m, a, length) for m, a in zip(memory, axes)]
+            self.memory = [np.concatenate([a, b]) for a, b in zip(old, new)]  # (R + B, ...)
+            self.mask = np.concatenate(
+                [_pad_axis(self.mask, 1, length, True), _pad_axis(src_pad_mask, 1, length, True)]
+            )  # (R + B, S)
+            self.state = [np.concatenate([a, b]) for a, b in zip(self.state, state)]
+            bos = np.full((len(sources),), self.model.bos_id, dtype=np.int64)
+            self.prev_ids = np.concatenate([self.prev_ids, bos])
+            self.sentence_of_row = self.sentence_of_row + numbers
+        start = self.rows - len(sources)
+        for j, i in enumerate(numbers):
+            self.rows_of[i] = [start + j]
+        return numbers
+
+    def drop(self, sentences: Sequence[int]) -> None:
+        """Remove sentences (done elsewhere, cancelled, past their deadline) from the running batch."""
+        for i in sentences:
+            self.searches[i].done = True
+            del self.rows_of[i]
+        self._keep([r for i in sorted(self.rows_of) for r in self.rows_of[i]])
+
+    def _keep(self, rows: list[int]) -> None:
+        index = np.asarray(rows, dtype=np.int64)
+        self.state = [x[index] for x in self.state]
+        self.memory = [m[index] for m in self.memory]
+        self.mask = self.mask[index]
+        self.prev_ids = self.prev_ids[index]
+        self.sentence_of_row = [self.sentence_of_row[r] for r in rows]
+        start = 0
+        for i in sorted(self.rows_of):
+            n = len(self.rows_of[i])
+            self.rows_of[i] = list(range(start, start + n))
+            start += n
+        self._trim()
+
+    def _trim(self) -> None:
+        """Drop source positions that are padding in every row (a long sentence left)."""
+        if not self.rows or not self.model.joinable:
+            return
+        longest = int((~self.mask).sum(axis=1).max())
+        if longest < self.src_len:
+            self.mask = self.mask[:, :longest]
+            self.memory = [np.take(m, np.arange(longest), axis=a) for m, a in zip(self.memory, self.model.memory_src_axes)]
+
+    def step(self) -> list[int]:
+        """One decoder run for every row, then each search picks its continuations; returns the sentences done."""
+        log_probs, state = self.model.step(self.prev_ids, self.mask, self.memory, self.state)  # (R, V)
         parents: list[int] = []
         tokens: list[int] = []
         new_rows: dict[int, list[int]] = {}
         new_sentence_of_row: list[int] = []
-        for i in sorted(rows_of):
-            rows = rows_of[i]
-            chosen = searches[i].advance(log_probs[rows])
+        finished = []
+        for i in sorted(self.rows_of):
+            rows = self.rows_of[i]
+            chosen = self.searches[i].advance(log_probs[rows])
             if not chosen:
+                finished.append(i)
                 continue
             new_rows[i] = list(range(len(parents), len(parents) + len(chosen)))
             for parent, token in chosen:
                 parents.append(rows[parent])
                 tokens.append(token)
                 new_sentence_of_row.append(i)
-        rows_of = new_rows
-        if not rows_of:
-            break
-        # (4) Reorder state by parent row (beam reordering and expansion are the same gather).
+        # Reorder state by parent row: beam reordering and expansion are the same gather along axis 0.
         index = np.asarray(parents, dtype=np.int64)
-        state = [x[index] for x in state]
-        prev_ids = np.asarray(tokens, dtype=np.int64)
-        sentence_of_row = new_sentence_of_row
-    return steps
+        self.state = [x[index] for x in state]
+        if new_sentence_of_row != self.sentence_of_row:
+            # Rows of one sentence share their memory, so memory moves only when the row layout changes.
+            self.memory = [m[index] for m in self.memory]
+            self.mask = self.mask[index]
+            self.sentence_of_row = new_sentence_of_row
+            self.rows_of = new_rows
+            if finished:
+                self._trim()
+        self.rows_of = new_rows
+        self.prev_ids = np.asarray(tokens, dtype=np.int64)
+        return finished
+
+
+# refill(rows, src_len) -> new (source ids, search) pairs to join the running batch
+Refill = Callable[[int, int], list[tuple[Sequence[int], Search]]]
+
+
+def decode_batch(
+    model: StepModel,
+    sources: Sequence[Sequence[int]],
+    searches: Sequence[Search],
+    stopped: Callable[[int], bool] = lambda i: False,
+    on_step: Callable[[int], None] = lambda rows: None,
+    on_done: Callable[[int], None] = lambda i: None,
+    refill: Refill | None = None,
+) -> int:
+    """Run the searches of a batch to the end; returns the number of decode steps taken.
+
+    Sentences are numbered in order of arrival: the initial sources first, then whatever `refill` adds.
+    `stopped(i)` is asked before every step: True (sentence i was cancelled or is past its deadline) drops its rows.
+    `on_done(i)` is told as soon as sentence i is finished or dropped, so its result can be sent at once.
+    `refill(rows, src_len)` is asked before every step when the model lets sentences join a running batch
+    (`model.joinable`), and whenever the batch has emptied otherwise.
+    `on_step(rows)` is told the number of rows of each step (for metrics).
+    """
+    batch = RunningBatch(model)
+    if sources:
+        batch.join(sources, searches)
+    steps = 0
+    while True:
+        # (1) Sentences that were cancelled or ran out of time leave before the step.
+        gone = [i for i in batch.rows_of if stopped(i)]
+        if gone:
+            batch.drop(gone)
+            for i in gone:
+                on_done(i)
+        # (2) Newcomers join: at any step when the family allows it, else only into an empty batch.
+        if refill is not None and (model.joinable or not batch.rows_of):
+            if not batch.rows_of:
+                batch = _fresh(batch)
+            new = refill(batch.rows, batch.src_len)
+            if new:
+                batch.join([src for src, _ in new], [search for _, search in new])
+        if not batch.rows_of:
+            return steps
+        # (3) One step; (4) finished sentences leave.
+        on_step(batch.rows)
+        for i in batch.step():
+            on_done(i)
+        steps += 1
+
+
+def _fresh(batch: RunningBatch) -> RunningBatch:
+    """An empty batch that keeps numbering sentences where `batch` stopped."""
+    fresh = RunningBatch(batch.model)
+    fresh.searches = batch.searches
+    return fresh
 
 
 def source_max_len(source_tokens: int, max_output_tokens: int, max_output_ratio: float, model_limit: int) -> int:

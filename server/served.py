@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from seqserve.server.batcher import Batcher, WorkItem
+from seqserve.server.batcher import BatchContext, Batcher, WorkItem
 from seqserve.server.bert import BertJob, BertModel
 from seqserve.server.config import BatchingConfig, Limits
 from seqserve.server.decoding import Hypothesis
@@ -88,24 +88,37 @@ class ServedModel:
             self.bert = BertModel(loaded)
             self.capabilities = self.bert.capabilities()
             run = self._run_bert
-        self.batcher = Batcher(self.name, self.version, run, executor, batching, limits.max_queue, self._observe)
+        joinable = self.translator is not None and self.translator.step_model.joinable
+        self.batcher = Batcher(
+            self.name, self.version, run, executor, batching, limits.max_queue, self._observe, joinable=joinable
+        )
 
     # ---------------------------------------------------------------------------------------------------------
     # Batches (worker threads)
 
-    def _run_translation(self, items: Sequence[WorkItem]) -> None:
+    def _run_translation(self, items: list[WorkItem], context: BatchContext) -> None:
         label = self.name
+        items = list(items)  # grows as sentences join the running decode
+
+        def refill(rows: int, src_len: int) -> list[TranslationJob]:
+            new = context.pull(rows, src_len)
+            items.extend(new)
+            return [it.job for it in new]
+
         steps = self.translator.run_batch(
             [it.job for it in items],
             stopped=lambda i: items[i].stopped(),
             on_step=lambda rows: self.metrics.decode_rows.labels(label).inc(rows),
+            on_done=lambda i: context.finish(items[i]),
+            refill=refill,
         )
         self.metrics.decode_steps.labels(label).inc(steps)
 
-    def _run_bert(self, items: Sequence[WorkItem]) -> None:
+    def _run_bert(self, items: list[WorkItem], context: BatchContext) -> None:
         self.bert.run_batch([it.job for it in items])
 
     def _observe(self, batch: list[WorkItem], started: float) -> None:
+        """A batch starting, or a group of sentences joining a running decode."""
         self.metrics.observe_batch(self.name, [started - it.enqueued for it in batch], [it.length for it in batch])
 
     # ---------------------------------------------------------------------------------------------------------

@@ -35,9 +35,22 @@ class OnnxStepModel:
         self.bos_id = int(special.get("decoder_start", special.get("bos", 1)))
         self.eos_id = int(special.get("eos", 2))
         self._new_state = [f"new_{n}" for n in self.state_names]
-        declared = set(manifest.graphs["decoder"].input_names)
+        inputs = {spec.name: spec.shape for spec in manifest.graphs["decoder"].inputs}
         # Decoder graphs may omit src_pad_mask (a model that does not attend over the source, say): feed what exists.
-        self._feeds_mask = "src_pad_mask" in declared
+        self._feeds_mask = "src_pad_mask" in inputs
+        # Where each memory tensor keeps the source positions, so a joining sentence's memory can be padded.
+        self.memory_src_axes = [_axis(inputs.get(name, ()), "src_len") for name in self.memory_names]
+        # A state tensor with a symbolic axis besides "batch" (a Transformer's cache_len) grows with the step, so
+        # every row must be at the same step: sentences can then join only a fresh batch.
+        self.joinable = (
+            self._feeds_mask
+            and all(a >= 0 for a in self.memory_src_axes)
+            and all(
+                isinstance(dim, int) or dim == "batch"
+                for name in self.state_names
+                for dim in inputs.get(name, ("unknown",))
+            )
+        )
 
     def encode(self, src_ids: np.ndarray, src_pad_mask: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
         outputs = self.encoder.run(None, {"src_ids": src_ids, "src_pad_mask": src_pad_mask})
@@ -54,6 +67,10 @@ class OnnxStepModel:
         feeds.update(zip(self.state_names, state))
         outputs = self.decoder.run(["log_probs", *self._new_state], feeds)
         return outputs[0], list(outputs[1:])  # (R, V), state
+
+
+def _axis(shape: Sequence, name: str) -> int:
+    return list(shape).index(name) if name in shape else -1
 
 
 @dataclass(frozen=True)
@@ -105,10 +122,28 @@ class Translator:
         return TranslationJob(ids, search, max(options.n_best, 1))
 
     def run_batch(
-        self, jobs: Sequence[TranslationJob], stopped: Callable[[int], bool], on_step: Callable[[int], None]
+        self,
+        jobs: Sequence[TranslationJob],
+        stopped: Callable[[int], bool],
+        on_step: Callable[[int], None],
+        on_done: Callable[[int], None],
+        refill: Callable[[int, int], list[TranslationJob]] | None = None,
     ) -> int:
-        """Decode the jobs together; fills each job's result; returns the decode steps taken."""
-        steps = decode_batch(self.step_model, [j.ids for j in jobs], [j.search for j in jobs], stopped, on_step)
-        for job in jobs:
-            job.result = job.search.results(job.n_best)
-        return steps
+        """Decode the jobs together (plus those `refill` adds, when the model lets sentences join); each job's result
+        is filled before `on_done(i)` is told. Returns the decode steps taken."""
+        jobs = list(jobs)
+
+        def done(i: int) -> None:
+            jobs[i].result = jobs[i].search.results(jobs[i].n_best)
+            on_done(i)
+
+        def more(rows: int, src_len: int) -> list[tuple[list[int], Search]]:
+            new = refill(rows, src_len) if refill else []
+            jobs.extend(new)
+            return [(job.ids, job.search) for job in new]
+
+        joining = refill if self.step_model.joinable else None
+        return decode_batch(
+            self.step_model, [j.ids for j in jobs], [j.search for j in jobs], stopped, on_step, done,
+            more if joining else None,
+        )  # fmt: skip

@@ -121,3 +121,42 @@ def test_max_length_is_absolute_and_relative_to_the_source():
     assert source_max_len(10, 0, 1.5, 256) == 20
     assert source_max_len(10, 30, 1.5, 256) == 20
     assert source_max_len(10, 0, 0.0, 12) == 12
+
+
+def test_sentences_joining_a_running_decode_get_the_results_they_get_alone(translator):
+    loaded, step_model = translator
+    sources = _sources(loaded)
+    alone = [_greedy(step_model, [s], 15)[0] for s in sources]
+    waiting = list(sources[1:])
+    searches = [GreedySearch(max_len=15, eos_id=step_model.eos_id) for _ in sources]
+    calls: list[int] = []
+
+    def refill(rows: int, src_len: int):
+        calls.append(rows)
+        if waiting and (rows == 0 or len(calls) % 2 == 0):  # a newcomer every other step
+            return [(waiting.pop(0), searches[len(sources) - len(waiting) - 1])]
+        return []
+
+    done: list[int] = []
+    decode_batch(step_model, [sources[0]], [searches[0]], on_done=done.append, refill=refill)
+    assert sorted(done) == list(range(len(sources)))
+    for search, expected in zip(searches, alone):
+        [got] = search.results(1)
+        assert got.tokens == expected.tokens
+        assert got.score == pytest.approx(expected.score, abs=1e-4)
+    # RNN decoders take newcomers into the running batch; a Transformer only once its batch has emptied.
+    assert step_model.joinable == (loaded.manifest.architecture != "transformer")
+    assert any(rows > 0 for rows in calls) == step_model.joinable
+
+
+def test_a_finished_sentence_is_reported_before_the_batch_ends(translator):
+    loaded, step_model = translator
+    tokenizer = loaded.tokenizers["source"]
+    short, long = tokenizer.encode("a").ids, tokenizer.encode("h g f e d c b a h g f e").ids
+    searches = [GreedySearch(max_len=30, eos_id=step_model.eos_id) for _ in range(2)]
+    order: list[tuple[int, int]] = []
+    steps = [0]
+    decode_batch(step_model, [short, long], searches, on_step=lambda rows: steps.__setitem__(0, steps[0] + 1),
+                 on_done=lambda i: order.append((i, steps[0])))  # fmt: skip
+    assert [i for i, _ in order] == [0, 1]
+    assert order[0][1] < order[1][1]
