@@ -154,3 +154,19 @@ def test_cuda_export_runs_on_a_gpu_or_is_refused_clearly(tiny_checkpoints, tmp_p
     else:
         with pytest.raises(ExportError, match="--device cuda needs a GPU"):
             export_checkpoint(tiny_checkpoints["transformer"], tmp_path, "gpu", device="cuda")
+
+
+def test_export_command_quantizes_with_a_dev_file(tiny_checkpoints, tmp_path):
+    dev = tmp_path / "dev.tsv"
+    dev.write_text("".join(f"{s}\t{t}\n" for s, t in tiny_dev_pairs()[:40]), encoding="utf-8")
+    repo = tmp_path / "repo"
+    args = ["export", str(tiny_checkpoints["gru"]), "-r", str(repo), "-n", "gru8", "--quantize", "int8", "--dev",
+            str(dev), "--log-level", "WARNING"]  # fmt: skip
+    assert seqserve_main(args) == 0
+    manifest = ModelRepository(repo).manifest("gru8")
+    assert manifest.quantization == "int8" and manifest.quality["dev_sentences"] == 40
+
+
+def test_export_command_reports_a_missing_checkpoint(tmp_path, caplog):
+    assert seqserve_main(["export", str(tmp_path / "nothing"), "-r", str(tmp_path), "-n", "x"]) == 1
+    assert "config.json is missing" in caplog.text
