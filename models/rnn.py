@@ -287,8 +287,8 @@ class Encoder(nn.Module):
 
 
 class Attention(nn.Module):
-    """score(q, k) in {dot, general: qᵀWk, additive: vᵀtanh(W_q q + W_k k), scaled_dot: q·k/√H}, softmax over real
-    source positions only. The key side of the score is computed once per source by `keys`."""
+    """score(q, k) in {dot, general: qᵀWk, additive: vᵀtanh(W_q q + W_k k), scaled_dot: q·k/√H}, softmax over
+    real source positions only. The key side of the score is computed once per source by `keys`."""
 
     def __init__(self, score: str, query_size: int, memory_size: int) -> None:
         super().__init__()
@@ -371,7 +371,8 @@ class RNNConfig:
             raise RNNConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.tie_embeddings and self.emb_dim != self.hidden_size:
             raise RNNConfigError(
-                f"tie_embeddings needs emb_dim == hidden_size, got emb_dim={self.emb_dim} hidden_size={self.hidden_size}"
+                "tie_embeddings needs emb_dim == hidden_size, "
+                f"got emb_dim={self.emb_dim} hidden_size={self.hidden_size}"
             )
 
     @property
@@ -441,7 +442,7 @@ class RNNTranslator(nn.Module):
         if not torch.onnx.is_in_onnx_export() and src_ids.shape[1] > cfg.max_src_len:
             raise SequenceTooLong("source", src_ids.shape[1], cfg.max_src_len)
         memory_bank, h_n, c_n = self.encoder(src_ids, src_pad_mask)  # (B,S,Hm), (B,L,D,H)
-        B, L = h_n.shape[0], h_n.shape[1]
+        B = h_n.shape[0]
         h = self._bridge(h_n, getattr(self, "bridge_h", None))  # (B, L, H)
         state: tuple[Tensor, ...] = (h,)
         if cfg.cell == "lstm":

@@ -71,7 +71,8 @@ ALL_COMBINATIONS = [
 
 
 def test_config_round_trips_through_dict() -> None:
-    config = RNNConfig.from_arch("birnn-lstm", src_vocab_size=10, tgt_vocab_size=11, attention="additive", peephole=True)
+    config = RNNConfig.from_arch("birnn-lstm", src_vocab_size=10, tgt_vocab_size=11, attention="additive",
+                                 peephole=True)
     assert RNNConfig.from_dict(config.to_dict()) == config
 
 
@@ -325,7 +326,8 @@ def test_encode_and_decode_step_export_with_dynamic_batch_and_length(
     encoder = ort.InferenceSession(str(tmp_path / "encoder.onnx"), providers=["CPUExecutionProvider"])
     decoder = ort.InferenceSession(str(tmp_path / "decoder.onnx"), providers=["CPUExecutionProvider"])
     # Each encoder layer is one recurrent node: the graph does not depend on the traced source length.
-    recurrent = [n.op_type for n in onnx.load(str(tmp_path / "encoder.onnx")).graph.node if n.op_type in ("LSTM", "GRU")]
+    nodes = onnx.load(str(tmp_path / "encoder.onnx")).graph.node
+    recurrent = [n.op_type for n in nodes if n.op_type in ("LSTM", "GRU")]
     assert recurrent == [ARCHS[arch][0].upper()] * model.config.num_layers
     src, pad_mask, tgt_in = make_batch([9, 3, 6, 1], seed=7)  # other batch and length than traced
     encoded = encoder.run(None, {"src_ids": src.numpy(), "src_pad_mask": pad_mask.numpy()})
