@@ -63,13 +63,16 @@ class ParityReport:
         if ours.shape != reference.shape:
             raise ParityError(name, None, self.tolerance, f"shape {ours.shape} != PyTorch's {reference.shape}")
         diff = float(np.max(np.abs(ours.astype(np.float64) - reference.astype(np.float64)))) if ours.size else 0.0
+        if not np.isfinite(diff):  # NaN on either side: max() would silently skip it
+            diff = float("inf")
         self.per_output[name] = max(self.per_output.get(name, 0.0), diff)
         self.max_abs_diff = max(self.max_abs_diff, diff)
 
     def check(self, what: str) -> None:
         if not self.max_abs_diff <= self.tolerance:  # NaN fails too
             worst = max(self.per_output, key=self.per_output.get)
-            raise ParityError(what, self.max_abs_diff, self.tolerance, f"; worst output: {worst}")
+            nonfinite = " (NaN or infinity in an output)" if self.max_abs_diff == float("inf") else ""
+            raise ParityError(what, self.max_abs_diff, self.tolerance, f"; worst output: {worst}{nonfinite}")
 
     def to_dict(self) -> dict[str, Any]:
         d = {
