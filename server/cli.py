@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-port", type=int, default=d.metrics_port,
                         help="Prometheus /metrics HTTP port; -1 turns the endpoint off")  # fmt: skip
     parser.add_argument("--device", choices=("cpu", "cuda"), default=d.device,
-                        help="onnxruntime execution provider; cuda needs onnxruntime-gpu (the [cuda] extra)")  # fmt: skip
+                        help="onnxruntime execution provider; cuda needs onnxruntime-gpu ([cuda] extra)")  # fmt: skip
     parser.add_argument("--instances", type=int, default=d.instances,
                         help="concurrent onnxruntime runs across models (0: from the cores)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=d.threads,
@@ -31,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", nargs="*", default=[], metavar="NAME",
                         help="load only these models at start (default: every model, highest version)")  # fmt: skip
     parser.add_argument("--max-batch-tokens", type=int, default=bat.max_batch_tokens,
-                        help="padded tokens per batch (sequences x longest x beam); REPO/NAME/config.json overrides")  # fmt: skip
+                        help="padded tokens per batch (sequences x longest x beam); REPO/NAME/config.json "
+                             "overrides")  # fmt: skip
     parser.add_argument("--max-batch-size", type=int, default=bat.max_batch_size, help="sequences per batch")
     parser.add_argument("--max-queue-delay-ms", type=float, default=bat.max_queue_delay_ms,
                         help="how long a request waits for others to batch with")  # fmt: skip

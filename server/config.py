@@ -41,7 +41,8 @@ class BatchingConfig:
     max_batch_size: int = 64  # sequences per batch
 
     def with_overrides(self, overrides: dict[str, Any]) -> "BatchingConfig":
-        known = {k: overrides[k] for k in ("max_batch_tokens", "max_queue_delay_ms", "max_batch_size") if k in overrides}
+        keys = ("max_batch_tokens", "max_queue_delay_ms", "max_batch_size")
+        known = {k: overrides[k] for k in keys if k in overrides}
         return replace(self, **known)
 
 

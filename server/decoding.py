@@ -251,7 +251,8 @@ class RunningBatch:
         longest = int((~self.mask).sum(axis=1).max())
         if longest < self.src_len:
             self.mask = self.mask[:, :longest]
-            self.memory = [np.take(m, np.arange(longest), axis=a) for m, a in zip(self.memory, self.model.memory_src_axes)]
+            axes = self.model.memory_src_axes
+            self.memory = [np.take(m, np.arange(longest), axis=a) for m, a in zip(self.memory, axes)]
 
     def step(self) -> list[int]:
         """One decoder run for every row, then each search picks its continuations; returns the sentences done."""

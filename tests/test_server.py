@@ -142,7 +142,8 @@ def test_beam_returns_n_best_sorted_with_token_scores(inference):
 
 def test_max_output_tokens_caps_the_translation(inference):
     options = pb.DecodingOptions(max_output_tokens=2, return_token_scores=True)
-    response = inference.Translate(pb.TranslateRequest(model=_spec("tiny-lstm"), texts=["h g f e d c b a"], options=options))
+    request = pb.TranslateRequest(model=_spec("tiny-lstm"), texts=["h g f e d c b a"], options=options)
+    response = inference.Translate(request)
     hyp = response.translations[0].hypotheses[0]
     assert len(hyp.token_scores) <= 2 and len(hyp.tokens) <= 2
 
@@ -174,7 +175,8 @@ def test_empty_text_list_gives_empty_results(inference):
     assert len(inference.Translate(pb.TranslateRequest(model=_spec("tiny-lstm"))).translations) == 0
     vectors = _vectors(inference.Encode(pb.EncodeRequest(model=_spec("tiny-bert"))))
     assert vectors.shape == (0, 32)
-    assert len(inference.ScoreNextSentence(pb.ScoreNextSentenceRequest(model=_spec("tiny-bert"))).is_next_probability) == 0
+    nsp = inference.ScoreNextSentence(pb.ScoreNextSentenceRequest(model=_spec("tiny-bert")))
+    assert len(nsp.is_next_probability) == 0
     assert len(inference.FillMask(pb.FillMaskRequest(model=_spec("tiny-bert"))).results) == 0
 
 
@@ -252,7 +254,8 @@ def test_fill_mask_gives_top_k_per_mask_from_the_mlm_head(inference, tiny_reposi
     assert len(result.masks) == 2
     inputs = _bert_inputs(tiny_repository, text)
     [logits] = session.run(["mlm_logits"], inputs)  # (1, L, V)
-    mask_id = json.loads((_version_dir(tiny_repository, "tiny-bert") / "manifest.json").read_text())["special_tokens"]["mask"]
+    manifest = json.loads((_version_dir(tiny_repository, "tiny-bert") / "manifest.json").read_text())
+    mask_id = manifest["special_tokens"]["mask"]
     positions = np.flatnonzero(inputs["input_ids"][0] == mask_id)
     for pos, mask in zip(positions, result.masks):
         probs = np.exp(logits[0, pos] - logits[0, pos].max())
@@ -272,7 +275,8 @@ def test_default_top_k_is_five(inference):
 
 
 def test_stream_answers_every_item_by_id_and_matches_translate(inference):
-    items = [pb.TranslateStreamRequest(id=f"n{i}", model=_spec("tiny-transformer"), text=t) for i, t in enumerate(LETTERS)]
+    spec = _spec("tiny-transformer")
+    items = [pb.TranslateStreamRequest(id=f"n{i}", model=spec, text=t) for i, t in enumerate(LETTERS)]
     responses = {r.id: r for r in inference.TranslateStream(iter(items))}
     assert set(responses) == {item.id for item in items}
     unary = inference.Translate(pb.TranslateRequest(model=_spec("tiny-transformer"), texts=LETTERS))

@@ -122,7 +122,8 @@ def test_texts_and_pairs_together_are_invalid_argument(inference):
 
 
 def test_unknown_enum_value_is_invalid_argument(inference):
-    code, details = _error(inference.Encode, pb.EncodeRequest(model=pb.ModelSpec(name="tiny-bert"), texts=["a"], pooling=7))
+    request = pb.EncodeRequest(model=pb.ModelSpec(name="tiny-bert"), texts=["a"], pooling=7)
+    code, details = _error(inference.Encode, request)
     assert code == INVALID and "pooling" in details
 
 
@@ -137,7 +138,8 @@ def test_unknown_model_is_not_found_listing_what_exists(inference):
 
 
 def test_unknown_version_is_not_found_listing_versions(inference):
-    code, details = _error(inference.Translate, _translate(model=pb.ModelSpec(name="tiny-lstm", version=7), texts=["a"]))
+    request = _translate(model=pb.ModelSpec(name="tiny-lstm", version=7), texts=["a"])
+    code, details = _error(inference.Translate, request)
     assert code == NOT_FOUND and "version 7" in details and "tiny-lstm" in details
 
 

@@ -239,7 +239,8 @@ def test_stream_read_ahead_bounds_the_items_in_flight(tiny_repository):
     # ever holds two of this stream's items although the client sends them all at once.
     config = ServerConfig(port=0, metrics_port=None, instances=1, threads=1, limits=Limits(stream_read_ahead=1),
                           batching=BatchingConfig(max_queue_delay_ms=20.0), models=("tiny-lstm",))  # fmt: skip
-    items = [pb.TranslateStreamRequest(id=str(i), model=pb.ModelSpec(name="tiny-lstm"), text="a b c") for i in range(12)]
+    spec = pb.ModelSpec(name="tiny-lstm")
+    items = [pb.TranslateStreamRequest(id=str(i), model=spec, text="a b c") for i in range(12)]
     with ServerThread(config, ModelRepository(_root(tiny_repository))) as running:
         with grpc.insecure_channel(running.address) as ch:
             responses = list(pb_grpc.InferenceStub(ch).TranslateStream(iter(items)))
