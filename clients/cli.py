@@ -166,6 +166,9 @@ def main(argv: Sequence[str] | None = None, stdin: TextIO | None = None, stdout:
     except SeqServeError as error:
         sys.stderr.write(f"seqserve-client: error: {error}\n")
         return 1
+    except KeyboardInterrupt:
+        sys.stderr.write("seqserve-client: interrupted (translate-file: rerun the same command to resume)\n")
+        return 130
     except (UsageError, OutputNotAPrefix, OSError, ValueError) as error:
         sys.stderr.write(f"seqserve-client: {error}\n")
         return 2

@@ -29,9 +29,9 @@ FAST_RETRY = RetryPolicy(attempts=40, initial_backoff_s=0.05, max_backoff_s=0.2)
 # Real servers on local ports
 
 
-def start_server(repository: Path, port: int = 0) -> ServerThread:
+def start_server(repository: Path, port: int = 0, models: tuple[str, ...] = ()) -> ServerThread:
     """seqserve's own server (create_server) on its event loop in a background thread: the client blocks this one."""
-    config = ServerConfig(port=port, metrics_port=None, instances=1, threads=1, grace_period_s=1)
+    config = ServerConfig(port=port, metrics_port=None, instances=1, threads=1, grace_period_s=1, models=models)
     return ServerThread(config, ModelRepository(Path(repository)))
 
 

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -17,8 +18,8 @@ import pytest
 
 from seqserve.clients import Client
 from seqserve.clients.cli import main
-from seqserve.clients.translate_file import complete_lines
-from test_client import free_port, start_server
+from seqserve.clients.translate_file import complete_lines, translate_file
+from test_client import FAST_RETRY, free_port, start_server
 
 WORDS = list("abcdefgh")  # the tiny translators reverse sequences of these letters
 
@@ -249,3 +250,41 @@ def test_translate_file_refuses_output_longer_than_input(server, models, tmp_pat
     target = write_lines(tmp_path / "out.txt", ["one", "two"])
     code, _ = run_cli(server, "translate-file", str(source), str(target), "-m", models["translate"], "--no-progress")
     assert code == 2 and target.read_text() == "one\ntwo\n"
+
+
+def test_translate_file_reopens_its_stream_across_a_server_restart(server, models, tiny_repository, tmp_path):
+    name = models["translate"]
+    source = write_lines(tmp_path / "in.txt", corpus(200, seed=6))
+    whole, restarted = tmp_path / "whole.txt", tmp_path / "restarted.txt"
+    assert run_cli(server, "translate-file", str(source), str(whole), "-m", name, "--no-progress")[0] == 0
+    first = start_server(Path(tiny_repository), models=(name,))
+    replacement = []
+
+    def restart_after_some_lines() -> None:
+        deadline = time.monotonic() + 60
+        while not restarted.exists() or restarted.read_bytes().count(b"\n") < 20:
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.002)
+        first.stop(0.0)  # the stream in flight fails with UNAVAILABLE
+        replacement.append(start_server(Path(tiny_repository), first.port, models=(name,)))
+
+    restarter = threading.Thread(target=restart_after_some_lines, daemon=True)
+    restarter.start()
+    try:
+        with Client(f"127.0.0.1:{first.port}", retry=FAST_RETRY) as client:
+            report = translate_file(client, name, source, restarted, window=1, progress=False)
+    finally:
+        restarter.join(60)
+        for running in replacement:
+            running.stop()
+    assert report.complete and report.reconnects >= 1
+    assert restarted.read_bytes() == whole.read_bytes()
+
+
+def test_translate_file_with_a_small_reorder_limit_keeps_order(client, models, tmp_path):
+    lines = corpus(50, seed=7)
+    source, target = write_lines(tmp_path / "in.txt", lines), tmp_path / "out.txt"
+    report = translate_file(client, models["translate"], source, target, window=8, reorder_limit=3, progress=False)
+    expected = [t.text for t in client.translate(models["translate"], lines)]
+    assert report.complete and target.read_text(encoding="utf-8").splitlines() == expected
