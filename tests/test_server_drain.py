@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -44,7 +45,8 @@ def _wait_ready(proc: subprocess.Popen, lines: list[str], timeout: float = 120) 
 
 def test_sigterm_drains_without_losing_in_flight_requests(tiny_repository):
     root = tiny_repository if isinstance(tiny_repository, Path) else Path(tiny_repository.root)
-    proc = _serve(root, "--models", "tiny-lstm", "--grace-period", "60", "--max-batch-tokens", "200")
+    proc = _serve(root, "--models", "tiny-lstm", "--grace-period", "60", "--max-batch-tokens", "200",
+                  "--log-format", "json")  # fmt: skip
     lines: list[str] = []
     try:
         port = _wait_ready(proc, lines)
@@ -66,8 +68,11 @@ def test_sigterm_drains_without_losing_in_flight_requests(tiny_repository):
     finally:
         if proc.poll() is None:
             proc.kill()
-    log = "".join(lines)
-    assert "SIGTERM received" in log and "draining" in log and "stopped" in log
+    records = [json.loads(line) for line in lines if line.startswith("{")]
+    messages = [r["message"] for r in records]
+    assert all({"time", "level", "logger", "message"} <= set(r) for r in records)
+    assert "SIGTERM received" in messages and "stopped" in messages
+    assert any(m.startswith("draining") for m in messages)
 
 
 def test_device_cuda_uses_the_cuda_provider_or_is_refused_clearly(tiny_repository):
