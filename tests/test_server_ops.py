@@ -249,3 +249,29 @@ def test_stream_read_ahead_bounds_the_items_in_flight(tiny_repository):
         sequences = registry.get_sample_value("seqserve_batch_sequences_sum", {"model": "tiny-lstm"})
     assert sorted(int(r.id) for r in responses) == list(range(12))
     assert batches == sequences == 12
+
+
+def test_version_zero_is_the_highest_ready_version(tiny_repository, tmp_path):
+    root = tmp_path / "repo"
+    shutil.copytree(_root(tiny_repository) / "tiny-lstm" / "1", root / "tiny-lstm" / "1")
+    shutil.copytree(_root(tiny_repository) / "tiny-lstm" / "1", root / "tiny-lstm" / "2")
+    manifest = json.loads((root / "tiny-lstm" / "2" / "manifest.json").read_text())
+    (root / "tiny-lstm" / "2" / "manifest.json").write_text(json.dumps({**manifest, "version": 2}))
+    config = ServerConfig(port=0, metrics_port=None, instances=1, threads=1)
+
+    def translate(stub, version: int) -> pb.TranslateResponse:
+        return stub.Translate(pb.TranslateRequest(model=pb.ModelSpec(name="tiny-lstm", version=version), texts=["a"]))
+
+    with ServerThread(config, ModelRepository(root)) as running, grpc.insecure_channel(running.address) as ch:
+        stub, admin = pb_grpc.InferenceStub(ch), pb_grpc.ModelsStub(ch)
+        assert translate(stub, 0).model.version == 2  # at start only the highest version is loaded
+        with pytest.raises(grpc.RpcError) as info:
+            translate(stub, 1)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "version 1" in info.value.details()
+        admin.LoadModel(pb.LoadModelRequest(model=pb.ModelSpec(name="tiny-lstm", version=1)))
+        assert translate(stub, 1).model.version == 1
+        assert translate(stub, 0).model.version == 2
+        admin.UnloadModel(pb.UnloadModelRequest(model=pb.ModelSpec(name="tiny-lstm", version=2)))
+        assert translate(stub, 0).model.version == 1
+        states = {s.version: s.state for s in admin.ListModels(pb.ListModelsRequest(name="tiny-lstm")).models}
+        assert states == {1: pb.MODEL_STATE_READY, 2: pb.MODEL_STATE_AVAILABLE}
