@@ -288,3 +288,20 @@ def test_translate_file_with_a_small_reorder_limit_keeps_order(client, models, t
     report = translate_file(client, models["translate"], source, target, window=8, reorder_limit=3, progress=False)
     expected = [t.text for t in client.translate(models["translate"], lines)]
     assert report.complete and target.read_text(encoding="utf-8").splitlines() == expected
+
+
+def test_every_option_of_every_command_has_help():
+    import argparse
+
+    from seqserve.clients.cli import build_parser
+
+    parser = build_parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    missing = [
+        f"{name} {action.dest}"
+        for name, sub in [("seqserve-client", parser), *commands.choices.items()]
+        for action in sub._actions
+        if not isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)) and not action.help
+    ]
+    assert set(commands.choices) == {"encode", "translate", "nsp", "fill-mask", "models", "health", "translate-file"}
+    assert missing == []
