@@ -76,6 +76,10 @@ class ModelManager:
         self._raise_missing(name, 0)
         raise AssertionError("unreachable")
 
+    def serves(self, name: str) -> bool:
+        """Whether some version of `name` is READY."""
+        return any(n == name for (n, _) in self._served)
+
     def _raise_missing(self, name: str, version: int) -> None:
         available = self.repository.models()
         versions = available.get(name, [])

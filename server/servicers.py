@@ -48,7 +48,8 @@ def _rpc(method: Callable[..., Awaitable]) -> Callable[..., Awaitable]:
     async def wrapper(self, request, context: grpc.aio.ServicerContext):
         state: ServingState = self.state
         model = request.model.name if hasattr(request, "model") else ""
-        state.metrics.requests.labels(name, model).inc()
+        # Label only with names being served: client-chosen strings must not create unbounded metric series.
+        state.metrics.requests.labels(name, model if state.manager.serves(model) else "other").inc()
         started = time.monotonic()
         try:
             if state.draining:

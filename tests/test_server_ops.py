@@ -180,6 +180,7 @@ def test_metrics_endpoint_counts_rise(running, inference):
     after = scrape()
     assert value(after, key) == value(before, key) + 1
     assert value(after, 'seqserve_errors_total{code="NOT_FOUND",method="Translate"}') >= 1
+    assert 'model="nope"' not in after  # unknown names do not become metric series
     for family in ("seqserve_decode_steps_total", "seqserve_tokens_in_total", "seqserve_tokens_out_total",
                    "seqserve_batch_sequences_count", "seqserve_queue_seconds_count",
                    "seqserve_request_latency_seconds_count"):  # fmt: skip
