@@ -6,6 +6,7 @@ hypothesis (score 0) without running the model; encoding "" encodes `[CLS] [SEP]
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from concurrent.futures import Executor
@@ -27,6 +28,7 @@ from seqserve.server.translation import DecodeOptions, TranslationJob, Translato
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOKENS = 512
+INLINE_TOKENIZE_CHARS = 4096
 
 
 @dataclass(frozen=True)
@@ -128,15 +130,26 @@ class ServedModel:
         if capability not in self.capabilities:
             raise WrongTask(self.name, capability, self.capabilities)
 
-    def _tokenize(self, texts: Sequence[str], truncate: bool, pairs: Sequence[str] | None = None) -> list[Encoded]:
+    async def _tokenize(
+        self, texts: Sequence[str], truncate: bool, pairs: Sequence[str] | None = None
+    ) -> list[Encoded]:
         check_count(len(texts), self.limits)
         check_chars(list(texts), self.limits)
         if pairs is not None:
             check_chars(list(pairs), self.limits)
-        encoded = [
-            self.codec.encode(t, pairs[i] if pairs is not None else None, truncate=truncate, index=i)
-            for i, t in enumerate(texts)
-        ]
+
+        def run() -> list[Encoded]:
+            return [
+                self.codec.encode(t, pairs[i] if pairs is not None else None, truncate=truncate, index=i)
+                for i, t in enumerate(texts)
+            ]
+
+        chars = sum(map(len, texts)) + (sum(map(len, pairs)) if pairs is not None else 0)
+        # Short requests tokenize inline; long ones in a thread so the event loop keeps answering everyone else.
+        if chars > INLINE_TOKENIZE_CHARS:
+            encoded = await asyncio.get_running_loop().run_in_executor(None, run)
+        else:
+            encoded = run()
         self.metrics.tokens_in.labels(self.name).inc(sum(len(e) for e in encoded))
         return encoded
 
@@ -145,7 +158,7 @@ class ServedModel:
     ) -> list[TranslationResult]:
         self.require("translate")
         options.check(self.limits.max_beam_size, self.translator.max_target_tokens)
-        encoded = self._tokenize(texts, truncate)
+        encoded = await self._tokenize(texts, truncate)
         jobs: dict[int, TranslationJob] = {}
         for i, (text, enc) in enumerate(zip(texts, encoded)):
             if text.strip():
@@ -191,9 +204,9 @@ class ServedModel:
             raise InvalidRequest("send either texts or pairs, not both")
         pooling = pooling or self.bert.pooling
         if pairs:
-            encoded = self._tokenize([a for a, _ in pairs], truncate, [b for _, b in pairs])
+            encoded = await self._tokenize([a for a, _ in pairs], truncate, [b for _, b in pairs])
         else:
-            encoded = self._tokenize(texts, truncate)
+            encoded = await self._tokenize(texts, truncate)
         jobs = await self._bert([BertJob("encode", e, pooling, normalize) for e in encoded], deadline)
         hidden = self._hidden_size()
         vectors = np.stack([j.result for j in jobs]) if jobs else np.zeros((0, hidden), np.float32)  # (N, H)
@@ -210,7 +223,7 @@ class ServedModel:
         self, pairs: Sequence[tuple[str, str]], truncate: bool, deadline: float | None
     ) -> list[float]:
         self.require("nsp")
-        encoded = self._tokenize([a for a, _ in pairs], truncate, [b for _, b in pairs])
+        encoded = await self._tokenize([a for a, _ in pairs], truncate, [b for _, b in pairs])
         jobs = await self._bert([BertJob("nsp", e) for e in encoded], deadline)
         return [j.result for j in jobs]
 
@@ -222,7 +235,7 @@ class ServedModel:
         top_k = top_k or 5
         if top_k > self.limits.max_top_k:
             raise OptionOutOfRange("top_k", top_k, self.limits.max_top_k)
-        encoded = self._tokenize(texts, truncate)
+        encoded = await self._tokenize(texts, truncate)
         for i, e in enumerate(encoded):
             if self.bert.mask_id not in e.ids:
                 raise InvalidRequest(f"text {i} has no {self.bert.mask_token} token to fill")

@@ -70,6 +70,15 @@ def _bert_inputs(tiny_repository, text: str, pair: str | None = None) -> dict[st
     return {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.asarray([enc.type_ids])}
 
 
+def _bert_manifest(tiny_repository) -> dict:
+    return json.loads((_version_dir(tiny_repository, "tiny-bert") / "manifest.json").read_text())
+
+
+def _hidden(tiny_repository) -> int:
+    outputs = _bert_manifest(tiny_repository)["graphs"]["model"]["outputs"]
+    return next(o["shape"][-1] for o in outputs if o["name"] == "sequence_output")
+
+
 def _vectors(response: pb.EncodeResponse) -> np.ndarray:
     t = response.embeddings
     assert t.dtype == "float32"
@@ -171,10 +180,10 @@ def _batch_count(running, model: str) -> float:
     return running.server.metrics.registry.get_sample_value("seqserve_batch_sequences_count", {"model": model}) or 0
 
 
-def test_empty_text_list_gives_empty_results(inference):
+def test_empty_text_list_gives_empty_results(inference, tiny_repository):
     assert len(inference.Translate(pb.TranslateRequest(model=_spec("tiny-lstm"))).translations) == 0
     vectors = _vectors(inference.Encode(pb.EncodeRequest(model=_spec("tiny-bert"))))
-    assert vectors.shape == (0, 32)
+    assert vectors.shape == (0, _hidden(tiny_repository))
     nsp = inference.ScoreNextSentence(pb.ScoreNextSentenceRequest(model=_spec("tiny-bert")))
     assert len(nsp.is_next_probability) == 0
     assert len(inference.FillMask(pb.FillMaskRequest(model=_spec("tiny-bert"))).results) == 0
@@ -197,7 +206,7 @@ def test_embeddings_equal_the_onnx_session_output_pooled(pooling, inference, tin
     enum = {"cls": pb.POOLING_CLS, "mean": pb.POOLING_MEAN}[pooling]
     response = inference.Encode(pb.EncodeRequest(model=_spec("tiny-bert"), texts=DOCS, pooling=enum))
     vectors = _vectors(response)
-    assert vectors.shape == (len(DOCS), 32)
+    assert vectors.shape == (len(DOCS), _hidden(tiny_repository))
     for text, vector, count in zip(DOCS, vectors, response.token_counts):
         inputs = _bert_inputs(tiny_repository, text)
         [sequence] = session.run(["sequence_output"], inputs)  # (1, L, H)
@@ -223,6 +232,17 @@ def test_encode_of_an_empty_string_encodes_cls_sep(inference):
     response = inference.Encode(pb.EncodeRequest(model=_spec("tiny-bert"), texts=[""]))
     assert list(response.token_counts) == [2]
     assert np.isfinite(_vectors(response)).all()
+
+
+def test_long_requests_are_tokenized_like_short_ones(inference, tiny_repository):
+    text = "forest five foru " * 17  # 16 of these pass 4096 characters: tokenized in a worker thread
+    request = pb.EncodeRequest(model=_spec("tiny-bert"), texts=[text] * 16, truncation=pb.TRUNCATION_TRUNCATE)
+    many = inference.Encode(request)
+    one = inference.Encode(pb.EncodeRequest(model=_spec("tiny-bert"), texts=[text], truncation=pb.TRUNCATION_TRUNCATE))
+    limit = _bert_manifest(tiny_repository)["limits"]["max_tokens"]
+    assert len(text.split()) > limit
+    assert list(many.token_counts) == [limit] * 16 and list(one.token_counts) == [limit]
+    np.testing.assert_allclose(_vectors(many), np.repeat(_vectors(one), 16, axis=0), atol=1e-5)
 
 
 def test_embeddings_do_not_depend_on_batch_company(inference):
@@ -254,8 +274,7 @@ def test_fill_mask_gives_top_k_per_mask_from_the_mlm_head(inference, tiny_reposi
     assert len(result.masks) == 2
     inputs = _bert_inputs(tiny_repository, text)
     [logits] = session.run(["mlm_logits"], inputs)  # (1, L, V)
-    manifest = json.loads((_version_dir(tiny_repository, "tiny-bert") / "manifest.json").read_text())
-    mask_id = manifest["special_tokens"]["mask"]
+    mask_id = _bert_manifest(tiny_repository)["special_tokens"]["mask"]
     positions = np.flatnonzero(inputs["input_ids"][0] == mask_id)
     for pos, mask in zip(positions, result.masks):
         probs = np.exp(logits[0, pos] - logits[0, pos].max())
