@@ -36,6 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch-size", type=int, default=bat.max_batch_size, help="sequences per batch")
     parser.add_argument("--max-queue-delay-ms", type=float, default=bat.max_queue_delay_ms,
                         help="how long a request waits for others to batch with")  # fmt: skip
+    parser.add_argument("--max-join-ms", type=float, default=bat.max_join_ms,
+                        help="how long a running RNN decode takes newcomers before it finishes and frees its worker")
     parser.add_argument("--max-texts", type=int, default=lim.max_texts, help="texts or pairs per request")
     parser.add_argument("--max-chars-per-text", type=int, default=lim.max_chars_per_text, help="characters per text")
     parser.add_argument("--max-tokens-per-text", type=int, default=lim.max_tokens_per_text,
@@ -65,7 +67,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         ),
         batching=BatchingConfig(
             max_batch_tokens=args.max_batch_tokens, max_queue_delay_ms=args.max_queue_delay_ms,
-            max_batch_size=args.max_batch_size,
+            max_batch_size=args.max_batch_size, max_join_ms=args.max_join_ms,
         ),
     )  # fmt: skip
 

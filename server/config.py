@@ -39,9 +39,12 @@ class BatchingConfig:
     max_batch_tokens: int = 4096  # padded tokens per batch (sequences x longest)
     max_queue_delay_ms: float = 5.0  # how long the first request of a batch waits for company
     max_batch_size: int = 64  # sequences per batch
+    # A running translation decode takes newcomers for this long, then finishes and frees its worker, so one
+    # model's steady stream cannot starve the others of the worker pool.
+    max_join_ms: float = 500.0
 
     def with_overrides(self, overrides: dict[str, Any]) -> "BatchingConfig":
-        keys = ("max_batch_tokens", "max_queue_delay_ms", "max_batch_size")
+        keys = ("max_batch_tokens", "max_queue_delay_ms", "max_batch_size", "max_join_ms")
         known = {k: overrides[k] for k in keys if k in overrides}
         return replace(self, **known)
 

@@ -68,6 +68,7 @@ class ServedModel:
         self.manifest = manifest
         self.name, self.version = manifest.name, manifest.version
         self.limits = limits
+        self.batching = batching
         self.metrics = metrics
         cap = limits.max_tokens_per_text
         if manifest.task == "translation":
@@ -101,8 +102,11 @@ class ServedModel:
     def _run_translation(self, items: list[WorkItem], context: BatchContext) -> None:
         label = self.name
         items = list(items)  # grows as sentences join the running decode
+        stop_joining = time.monotonic() + self.batching.max_join_ms / 1000.0
 
         def refill(rows: int, src_len: int) -> list[TranslationJob]:
+            if time.monotonic() > stop_joining:
+                return []
             new = context.pull(rows, src_len)
             items.extend(new)
             return [it.job for it in new]

@@ -1,0 +1,115 @@
+"""The per-model batcher (server/batcher.py) on a real event loop and thread pool, with plain-Python batch runners."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from seqserve.server.batcher import Batcher, WorkItem, cut_batches
+from seqserve.server.config import BatchingConfig
+from seqserve.server.errors import DeadlineExceeded
+
+
+def _item(length: int, cost: int = 1) -> WorkItem:
+    return WorkItem(job=None, length=length, cost=cost, deadline=None, future=None)  # type: ignore[arg-type]
+
+
+def test_batches_group_similar_lengths_within_the_token_budget():
+    items = [_item(n) for n in (30, 2, 29, 3, 31, 2)]
+    batches = cut_batches(items, budget=64, max_size=8)
+    assert [[it.length for it in b] for b in batches] == [[2, 2, 3], [29, 30], [31]]
+    for batch in batches:
+        assert len(batch) * max(it.length for it in batch) <= 64
+
+
+def test_beam_cost_counts_against_the_budget():
+    batches = cut_batches([_item(10, cost=4) for _ in range(4)], budget=100, max_size=8)
+    assert [len(b) for b in batches] == [2, 2]
+
+
+def test_batch_size_is_capped():
+    assert [len(b) for b in cut_batches([_item(1) for _ in range(5)], budget=1000, max_size=2)] == [2, 2, 1]
+
+
+def _run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 30))
+
+
+def test_a_queued_sequence_joins_the_running_batch():
+    started, release = threading.Event(), threading.Event()
+    runs: list[list[str]] = []
+
+    def run(items, context):
+        names = [it.job["name"] for it in items]
+        runs.append(names)
+        started.set()
+        release.wait(10)
+        for it in context.pull(rows=len(items), src_len=4):
+            names.append(it.job["name"])
+            it.job["by"] = names[0]
+            context.finish(it)
+        for it in items:
+            it.job["by"] = names[0]
+
+    async def scenario():
+        with ThreadPoolExecutor(1) as pool:
+            batcher = Batcher("m", 1, run, pool, BatchingConfig(max_queue_delay_ms=200.0), 100, joinable=True)
+            batcher.start()
+            first = asyncio.ensure_future(batcher.submit([({"name": "a"}, 4, 1)], None))
+            await asyncio.get_running_loop().run_in_executor(None, started.wait, 10)
+            second = asyncio.ensure_future(batcher.submit([({"name": "b"}, 3, 1)], None))
+            await asyncio.sleep(0)
+            release.set()
+            done = await asyncio.gather(first, second)
+            await batcher.close()
+            return done
+
+    [[a], [b]] = _run(scenario())
+    assert runs == [["a", "b"]]  # one run: "b" was pulled into "a"'s batch, no second batch
+    assert a["by"] == b["by"] == "a"
+
+
+def test_a_sequence_past_its_deadline_never_runs():
+    ran: list[str] = []
+
+    def run(items, context):
+        ran.extend(it.job for it in items)
+
+    async def scenario():
+        with ThreadPoolExecutor(1) as pool:
+            batcher = Batcher("m", 1, run, pool, BatchingConfig(max_queue_delay_ms=50.0), 100)
+            batcher.start()
+            late = asyncio.ensure_future(batcher.submit([("late", 1, 1)], time.monotonic() + 0.001))
+            ok = asyncio.ensure_future(batcher.submit([("ok", 1, 1)], None))
+            with pytest.raises(DeadlineExceeded):
+                await late
+            await ok
+            await batcher.close()
+
+    _run(scenario())
+    assert ran == ["ok"]
+
+
+def test_a_cancelled_request_never_runs():
+    ran: list[str] = []
+
+    def run(items, context):
+        ran.extend(it.job for it in items)
+
+    async def scenario():
+        with ThreadPoolExecutor(1) as pool:
+            batcher = Batcher("m", 1, run, pool, BatchingConfig(max_queue_delay_ms=50.0), 100)
+            batcher.start()
+            gone = asyncio.ensure_future(batcher.submit([("gone", 1, 1)], None))
+            ok = asyncio.ensure_future(batcher.submit([("ok", 1, 1)], None))
+            await asyncio.sleep(0.005)
+            gone.cancel()
+            await ok
+            await batcher.close()
+
+    _run(scenario())
+    assert ran == ["ok"]
