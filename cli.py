@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export-hf": ("seqserve.export.cli_hf", "export a local Hugging Face BERT directory into the model repository"),
     "build-default": ("seqserve.export.default_repo", "build the default model repository (data, training, export)"),
     "serve": ("seqserve.server.cli", "serve a model repository over gRPC"),
+    "batch": ("seqserve.server.batch", "batch translation of a file in-process, locally or on Ray Data"),
 }
 
 
