@@ -11,6 +11,10 @@ import numpy as np
 from seqserve.clients.types import Hypothesis, ModelInfo, TokenCandidate, Translation
 
 
+# The table shows the quality metrics only (training internals stay in --json): names ending with these.
+QUALITY_METRICS = ("bleu", "chrf", "accuracy", "exact_match")
+
+
 def json_line(stream: TextIO, record: dict[str, Any]) -> None:
     stream.write(json.dumps(record, ensure_ascii=False) + "\n")
 
@@ -68,7 +72,7 @@ def fill_mask(
 
 
 def models(stream: TextIO, infos: Iterable[ModelInfo], as_json: bool) -> None:
-    """Text: a table of name, version, state, task, architecture, capabilities, quantization, metrics."""
+    """Text: a table of name, version, state, task, architecture, capabilities, quantization, quality metrics."""
     rows = list(infos)
     if as_json:
         for info in rows:
@@ -77,7 +81,7 @@ def models(stream: TextIO, infos: Iterable[ModelInfo], as_json: bool) -> None:
     table = [("NAME", "VERSION", "STATE", "TASK", "ARCHITECTURE", "CAPABILITIES", "QUANT", "METRICS")]
     for info in rows:
         state = info.state if not info.reason else f"{info.state} ({info.reason})"
-        metrics = " ".join(f"{k}={v:.4g}" for k, v in sorted(info.metrics.items()))
+        metrics = " ".join(f"{k}={v:.4g}" for k, v in sorted(info.metrics.items()) if k.endswith(QUALITY_METRICS))
         table.append(
             (info.name, str(info.version), state, info.task, info.architecture, ",".join(info.capabilities),
              info.quantization or "-", metrics or "-")
