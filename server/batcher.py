@@ -112,6 +112,7 @@ class Batcher:
         self._running: set[asyncio.Task] = set()
         self._closed = False
         self._loop_ref: asyncio.AbstractEventLoop | None = None
+        self._local = threading.local()  # per worker thread: the sequences its running batch pulled in
 
     def start(self) -> None:
         self._loop_ref = asyncio.get_running_loop()
@@ -207,7 +208,7 @@ class Batcher:
         started = time.monotonic()
         self.observe(batch, started)
         try:
-            await loop.run_in_executor(self.executor, self.run_batch, batch, self)
+            await loop.run_in_executor(self.executor, self._execute, batch)
         except BaseException as exc:  # a failed batch fails its requests, never the loop
             if not isinstance(exc, asyncio.CancelledError):
                 log.exception("batch of %d for %s failed", len(batch), self.name)
@@ -220,6 +221,27 @@ class Batcher:
 
     # ---------------------------------------------------------------------------------------------------------
     # Worker thread side (BatchContext)
+
+    def _execute(self, batch: list[WorkItem]) -> None:
+        """Run a batch; if it fails, the sequences it pulled in fail with it (the batch's own fail in `_run`)."""
+        self._local.pulled = []
+        try:
+            self.run_batch(batch, self)
+        except Exception as exc:
+            for it in self._local.pulled:
+                self._call(self._fail, it, exc)
+            raise
+        finally:
+            self._local.pulled = []
+
+    def _fail(self, it: WorkItem, exc: Exception) -> None:
+        if not it.future.done():
+            it.future.set_exception(exc)
+
+    def _call(self, fn: Callable[..., None], *args: Any) -> None:
+        if self._loop_ref is None:
+            raise RuntimeError(f"batcher {self.name} was never started")
+        self._loop_ref.call_soon_threadsafe(fn, *args)
 
     def pull(self, rows: int, src_len: int) -> list[WorkItem]:
         taken: list[WorkItem] = []
@@ -238,14 +260,13 @@ class Batcher:
                 rows, src_len = rows + it.cost, longest
         for it in refused:
             self.finish(it)
+        getattr(self._local, "pulled", []).extend(taken)
         if taken:
             self.observe(taken, time.monotonic())
         return taken
 
     def finish(self, item: WorkItem) -> None:
-        if self._loop_ref is None:
-            raise RuntimeError(f"batcher {self.name} was never started")
-        self._loop_ref.call_soon_threadsafe(self._resolve, item)
+        self._call(self._resolve, item)
 
     async def close(self) -> None:
         """Take no new work, finish what is queued and running, stop the loop."""

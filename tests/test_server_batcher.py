@@ -113,3 +113,29 @@ def test_a_cancelled_request_never_runs():
 
     _run(scenario())
     assert ran == ["ok"]
+
+
+def test_a_failing_batch_fails_the_sequences_it_pulled_in():
+    started, release = threading.Event(), threading.Event()
+
+    def run(items, context):
+        started.set()
+        release.wait(10)
+        context.pull(rows=1, src_len=1)
+        raise RuntimeError("graph failed")
+
+    async def scenario():
+        with ThreadPoolExecutor(1) as pool:
+            batcher = Batcher("m", 1, run, pool, BatchingConfig(max_queue_delay_ms=200.0), 100, joinable=True)
+            batcher.start()
+            first = asyncio.ensure_future(batcher.submit([("a", 1, 1)], None))
+            await asyncio.get_running_loop().run_in_executor(None, started.wait, 10)
+            second = asyncio.ensure_future(batcher.submit([("b", 1, 1)], None))
+            await asyncio.sleep(0)
+            release.set()
+            results = await asyncio.gather(first, second, return_exceptions=True)
+            await batcher.close()
+            return results
+
+    results = _run(scenario())
+    assert [str(r) for r in results] == ["graph failed", "graph failed"]
