@@ -96,7 +96,7 @@ class SeqServer:
         grace = self.config.grace_period_s if grace is None else grace
         log.info("draining: no new work, %.1f s for in-flight requests", grace)
         self.state.draining = True
-        await self.manager.set_all_not_serving()
+        await self.health.enter_graceful_shutdown()  # every service NOT_SERVING, for good
         await self.grpc.stop(grace)
         await self.manager.close()
         self.executor.shutdown(wait=False, cancel_futures=True)

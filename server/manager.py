@@ -188,7 +188,3 @@ class ModelManager:
         ready = any(n == name for (n, _) in self._served)
         await self.health.set(name, SERVING if ready else NOT_SERVING)
         self.metrics.models_ready.set(len(self._served))
-
-    async def set_all_not_serving(self) -> None:
-        for model in {n for (n, _) in self._served} | {""}:
-            await self.health.set(model, NOT_SERVING)

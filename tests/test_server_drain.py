@@ -57,11 +57,14 @@ def test_sigterm_drains_without_losing_in_flight_requests(tiny_repository):
             request = pb.TranslateRequest(
                 model=pb.ModelSpec(name="tiny-lstm"), texts=TEXTS, options=pb.DecodingOptions(beam_size=8)
             )
+            watch = health.Watch(health_pb2.HealthCheckRequest(service="tiny-lstm"), timeout=120)
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
             futures = [stub.Translate.future(request, timeout=120) for _ in range(6)]
             time.sleep(0.3)
             in_flight = [f for f in futures if not f.done()]
             proc.send_signal(signal.SIGTERM)
             assert in_flight, "every request finished before SIGTERM: the test proves nothing"
+            assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
             for future in futures:
                 assert len(future.result(timeout=120).translations) == len(TEXTS)
         assert proc.wait(timeout=60) == 0
