@@ -21,7 +21,7 @@ from seqserve.protos.v1 import seqserve_pb2 as pb
 from seqserve.protos.v1 import seqserve_pb2_grpc as pb_grpc
 from seqserve.server.config import ServerConfig, available_cores
 from seqserve.server.interceptors import ParseErrorsInterceptor
-from seqserve.server.manager import NOT_SERVING, SERVING, ModelManager
+from seqserve.server.manager import SERVING, ModelManager
 from seqserve.server.metrics import Metrics
 from seqserve.server.repository import ModelRepository, SessionOptions
 from seqserve.server.servicers import InferenceServicer, ModelsServicer, ServingState
@@ -114,4 +114,4 @@ def create_server(config: ServerConfig, repository: ModelRepository) -> tuple[Se
     return server, server.port
 
 
-__all__ = ["create_server", "SeqServer", "DeviceUnavailable", "NOT_SERVING"]
+__all__ = ["create_server", "SeqServer", "DeviceUnavailable"]
