@@ -568,7 +568,8 @@ TINY_TRANSLATOR = TrainConfig(
 )
 TINY_BERT = TrainConfig(
     arch="bert", hidden_size=32, layers=2, heads=2, ff_size=64, dropout=0.0, max_len=32, vocab_size=200,
-    token_budget=1024, lr=2e-3, schedule="linear", warmup=20, steps=300, validate_every=150, progress=False,
+    vocab_kind="bpe", token_budget=1024, lr=5e-3, schedule="linear", warmup=20, steps=300, validate_every=150,
+    progress=False,
 )
 
 
