@@ -244,6 +244,10 @@ class Batcher:
         self._loop_ref.call_soon_threadsafe(fn, *args)
 
     def pull(self, rows: int, src_len: int) -> list[WorkItem]:
+        if len(self._running) > 1:
+            # Another batch of this model already waits for (or holds) a worker: newer sequences must not overtake
+            # the older ones it carries, so the running decode takes no more and finishes.
+            return []
         taken: list[WorkItem] = []
         refused: list[WorkItem] = []
         budget = self.config.max_batch_tokens
