@@ -1,0 +1,281 @@
+"""`seqserve batch translate`: translate a file of sentences in-process with onnxruntime, no server needed.
+
+    seqserve batch translate IN OUT --repository DIR --model NAME [--engine local|ray]
+
+IN holds one sentence a line; OUT gets one translation a line, in input order. The input is cut into blocks of
+`--block-lines` lines; every block is translated by `BlockTranslator.translate` (the server's `Translator` over the
+exported encoder/decoder, batches of `--batch-size` sentences), so the local and the Ray engine decode exactly the same
+batches and write the same bytes. Resume: OUT's complete lines are kept and their input lines skipped (a half-written
+last line, left by a crash, is cut off first); blocks are appended and flushed one by one.
+
+Engines: `local` translates block after block in this process; `ray` (server/batch_ray.py, the `ray` extra) hands the
+blocks to a Ray Data actor pool, each actor holding one onnxruntime session of the model, and writes the results back
+in input order as they arrive.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+from seqserve.server.repository import ModelRepository, RepositoryError, SessionOptions
+from seqserve.server.text import TextCodec
+from seqserve.server.translation import DecodeOptions, Translator
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_TOKENS = 512
+ENGINES = ("local", "ray")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Errors
+
+
+class BatchError(Exception):
+    """A batch job that cannot run (exit code 2)."""
+
+
+class OutputLongerThanInput(BatchError):
+    def __init__(self, out: Path, out_lines: int, in_lines: int):
+        self.out_lines, self.in_lines = out_lines, in_lines
+        super().__init__(
+            f"{out} already holds {out_lines} lines but the input has only {in_lines}: it is not a partial output "
+            f"of this input (remove it to start over)"
+        )
+
+
+class NotATranslator(BatchError):
+    def __init__(self, model: str, task: str):
+        self.model, self.task = model, task
+        super().__init__(f"model {model} is a {task!r} model; batch translate needs a 'translation' model")
+
+
+class BlockOutOfOrder(BatchError):
+    def __init__(self, expected: int, got: int):
+        self.expected, self.got = expected, got
+        super().__init__(f"the engine returned the block starting at line {got} where line {expected} was due")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The job and its worker
+
+
+@dataclass(frozen=True)
+class BatchJob:
+    """What every worker needs to translate blocks: the model, decoding options and onnxruntime settings."""
+
+    repository: Path
+    model: str
+    version: int | None = None
+    options: DecodeOptions = DecodeOptions()
+    batch_size: int = 32  # sentences decoded together
+    block_lines: int = 256  # lines per block (the unit of work, of ordering and of resume)
+    threads: int = 1  # onnxruntime intra-op threads per worker
+    device: str = "cpu"  # "cpu" | "cuda"
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.block_lines < 1 or self.threads < 0:
+            raise BatchError(
+                f"batch size {self.batch_size} and block lines {self.block_lines} must be >= 1, "
+                f"threads {self.threads} >= 0"
+            )
+
+
+@dataclass(frozen=True)
+class Block:
+    start: int  # 0-based index of its first line in the input
+    lines: tuple[str, ...]  # without line breaks
+
+
+class BlockTranslator:
+    """One onnxruntime session of the model; translates a block of lines into as many lines."""
+
+    def __init__(self, job: BatchJob):
+        self.job = job
+        repository = ModelRepository(job.repository)
+        options = SessionOptions(provider=job.device, intra_op_threads=job.threads, inter_op_threads=1)
+        loaded = repository.load(job.model, job.version, options)
+        manifest = loaded.manifest
+        if manifest.task != "translation":
+            raise NotATranslator(job.model, manifest.task)
+        limits = manifest.limits
+        max_source = int(limits.get("max_source_tokens") or limits.get("max_tokens") or DEFAULT_MAX_TOKENS)
+        max_target = int(limits.get("max_target_tokens") or limits.get("max_tokens") or DEFAULT_MAX_TOKENS)
+        self.codec = TextCodec(loaded.tokenizers["source"], max_source, loaded.tokenizers["target"])
+        self.translator = Translator(loaded, self.codec, max_target)
+        self.name, self.version = manifest.name, manifest.version
+        self.truncated = 0  # sentences cut to the model's source limit so far
+
+    def translate(self, lines: Sequence[str]) -> list[str]:
+        out = [""] * len(lines)
+        encoded = {}
+        for i, line in enumerate(lines):
+            if not line.strip():
+                continue  # an empty line stays empty, as the server answers "" without running the model
+            enc = self.codec.encode(line, truncate=True, index=i)
+            if enc.truncated_from:
+                self.truncated += 1
+                log.warning("line %d: %d tokens cut to the model's limit of %d", i, enc.truncated_from, len(enc))
+            encoded[i] = enc.ids
+        # Longest first, so each batch holds similar lengths and pads little; the order is fixed by the block alone.
+        order = sorted(encoded, key=lambda i: (-len(encoded[i]), i))
+        size = self.job.batch_size
+        for first in range(0, len(order), size):
+            rows = order[first : first + size]
+            jobs = [self.translator.job(encoded[i], self.job.options) for i in rows]
+            self.translator.run_batch(jobs, stopped=lambda i: False, on_step=lambda r: None, on_done=lambda i: None)
+            for i, job in zip(rows, jobs):
+                best = job.result[0] if job.result else None
+                # A translation is one output line whatever its text holds.
+                out[i] = " ".join(self.codec.decode(list(best.tokens)).splitlines()) if best else ""
+        return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Input, output, resume
+
+
+def resume_point(out: Path) -> int:
+    """The complete lines OUT holds (0 when absent); a half-written last line is cut off so appending can go on."""
+    if not out.exists():
+        return 0
+    with open(out, "rb+") as f:
+        data = f.read()
+        keep = data.rfind(b"\n") + 1
+        if keep < len(data):
+            log.info("%s: cutting a half-written last line (%d bytes)", out, len(data) - keep)
+            f.truncate(keep)
+    return data.count(b"\n", 0, keep)
+
+
+def count_lines(path: Path) -> int:
+    with open(path, "rb") as f:
+        data = f.read()
+    return data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)
+
+
+def read_blocks(path: Path, skip: int, block_lines: int) -> Iterator[Block]:
+    """Blocks of the input after its first `skip` lines, read lazily."""
+    with open(path, encoding="utf-8", newline="") as f:
+        lines = (line.rstrip("\r\n") for line in f)
+        for _ in islice(lines, skip):
+            pass
+        start = skip
+        while chunk := tuple(islice(lines, block_lines)):
+            yield Block(start, chunk)
+            start += len(chunk)
+
+
+# engine(job, blocks) -> (block start, translations) pairs, in input order
+Engine = Callable[[BatchJob, Iterable[Block]], Iterable[tuple[int, list[str]]]]
+
+
+def local_engine(job: BatchJob, blocks: Iterable[Block]) -> Iterator[tuple[int, list[str]]]:
+    worker = BlockTranslator(job)
+    for block in blocks:
+        yield block.start, worker.translate(block.lines)
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    lines: int  # lines the input holds
+    resumed_from: int  # lines OUT already held
+    translated: int  # lines translated by this run
+    seconds: float
+
+
+def translate_file(job: BatchJob, source: Path, out: Path, engine: Engine = local_engine) -> BatchResult:
+    """Translate SOURCE into OUT with `engine`, resuming after OUT's complete lines."""
+    started = time.perf_counter()
+    total = count_lines(source)
+    done = resume_point(out)
+    if done > total:
+        raise OutputLongerThanInput(out, done, total)
+    if done:
+        log.info("%s holds %d of %d lines: resuming", out, done, total)
+    expected = done
+    with open(out, "a", encoding="utf-8", newline="\n") as f:
+        for start, translations in engine(job, read_blocks(source, done, job.block_lines)):
+            if start != expected:
+                raise BlockOutOfOrder(expected, start)
+            f.write("".join(t + "\n" for t in translations))
+            f.flush()
+            expected += len(translations)
+            log.info("%d/%d lines", expected, total)
+    seconds = time.perf_counter() - started
+    log.info("translated %d lines into %s in %.1f s", expected - done, out, seconds)
+    return BatchResult(total, done, expected - done, seconds)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    jobs = parser.add_subparsers(dest="job", required=True, metavar="JOB")
+    p = jobs.add_parser("translate", help="translate a file, one sentence a line, into OUT in the same order",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    d = BatchJob(repository=Path("."), model="")
+    p.add_argument("input", type=Path, metavar="IN", help="text file, one sentence a line")
+    p.add_argument("output", type=Path, metavar="OUT",
+                   help="translations, one a line; complete lines already there are kept and skipped (resume)")
+    p.add_argument("--repository", type=Path, required=True, help="model repository folder (REPO/NAME/VERSION/...)")
+    p.add_argument("--model", required=True, help="name of a translation model in the repository")
+    p.add_argument("--version", type=int, default=None, help="model version (default: the highest)")
+    p.add_argument("--engine", choices=ENGINES, default="local",
+                   help="local: this process; ray: a Ray Data actor pool (the `ray` extra)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="sentences decoded together")
+    p.add_argument("--block-lines", type=int, default=d.block_lines,
+                   help="lines per block: the unit handed to a worker, written in order, and resumed")
+    p.add_argument("--threads", type=int, default=d.threads, help="onnxruntime intra-op threads per worker")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=d.device,
+                   help="onnxruntime execution provider; cuda needs onnxruntime-gpu ([cuda] extra)")
+    p.add_argument("--beam-size", type=int, default=1, help="beam width (1: greedy)")
+    p.add_argument("--length-penalty", type=float, default=0.0, help="GNMT length penalty alpha of beam search")
+    p.add_argument("--max-output-tokens", type=int, default=0, help="output tokens at most (0: the model's limit)")
+    p.add_argument("--max-output-ratio", type=float, default=0.0,
+                   help="output tokens at most ratio x source tokens + 5 (0: no relative limit)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="ray: actors in the pool, each with one onnxruntime session (0: the cluster's CPUs / threads)")
+    p.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS"),
+                   help="ray: cluster to join ('auto': the running one; default: $RAY_ADDRESS, else start a local one)")
+    p.add_argument("--ray-cpus", type=int, default=None,
+                   help="ray: CPUs of the local cluster started when no address is given (default: all)")
+
+
+def job_from_args(args: argparse.Namespace) -> BatchJob:
+    options = DecodeOptions(
+        beam_size=args.beam_size, length_penalty=args.length_penalty,
+        max_output_tokens=args.max_output_tokens, max_output_ratio=args.max_output_ratio,
+    )  # fmt: skip
+    return BatchJob(
+        repository=args.repository, model=args.model, version=args.version, options=options,
+        batch_size=args.batch_size, block_lines=args.block_lines, threads=args.threads, device=args.device,
+    )  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        job = job_from_args(args)
+        if not args.input.is_file():
+            raise BatchError(f"input {args.input} is not a file")
+        if args.engine == "ray":
+            from seqserve.server.batch_ray import ray_engine
+
+            engine = ray_engine(workers=args.workers, address=args.ray_address, num_cpus=args.ray_cpus)
+        else:
+            engine = local_engine
+        result = translate_file(job, args.input, args.output, engine)
+    except (BatchError, RepositoryError, OSError) as exc:
+        log.error("%s", exc)
+        return 2
+    log.info("done: %d lines (%d resumed, %d translated) in %.1f s", result.lines, result.resumed_from,
+             result.translated, result.seconds)  # fmt: skip
+    return 0
