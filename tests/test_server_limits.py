@@ -95,6 +95,12 @@ def test_n_best_over_the_beam_is_invalid_argument(inference):
     assert code == INVALID and "n_best = 3" in details
 
 
+def test_max_output_tokens_over_the_model_limit_is_invalid_argument(inference):
+    options = pb.DecodingOptions(max_output_tokens=1_000_000)
+    code, details = _error(inference.Translate, _translate(texts=["a"], options=options))
+    assert code == INVALID and "max_output_tokens = 1000000" in details
+
+
 def test_negative_length_penalty_is_invalid_argument(inference):
     options = pb.DecodingOptions(length_penalty=-1.0)
     code, details = _error(inference.Translate, _translate(texts=["a"], options=options))
