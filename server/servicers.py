@@ -61,10 +61,14 @@ def _rpc(method: Callable[..., Awaitable]) -> Callable[..., Awaitable]:
         except Exception as exc:
             code, message = status_of(exc)
             state.metrics.errors.labels(name, code.name).inc()
-            log.info("%s for %s: %s %s", name, model or "-", code.name, message)
+            log.info("%s for %s: %s %s", name, model or "-", code.name, message,
+                     extra={"rpc": name, "model": model, "code": code.name})  # fmt: skip
             await context.abort(code, message)
         finally:
-            state.metrics.latency.labels(name).observe(time.monotonic() - started)
+            seconds = time.monotonic() - started
+            state.metrics.latency.labels(name).observe(seconds)
+            log.debug("%s for %s in %.1f ms", name, model or "-", seconds * 1000,
+                      extra={"rpc": name, "model": model, "ms": round(seconds * 1000, 2)})  # fmt: skip
 
     return wrapper
 

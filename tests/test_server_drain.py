@@ -91,3 +91,14 @@ def test_device_cuda_uses_the_cuda_provider_or_is_refused_clearly(tiny_repositor
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2
     assert "CUDAExecutionProvider" in err and "--device cpu" in err
+
+
+def test_json_log_lines_carry_extra_fields():
+    import logging
+
+    from seqserve.server.logs import JsonFormatter
+
+    record = logging.makeLogRecord({"name": "x", "levelname": "INFO", "msg": "Translate for %s", "args": ("m",),
+                                    "rpc": "Translate", "code": "NOT_FOUND"})  # fmt: skip
+    line = json.loads(JsonFormatter().format(record))
+    assert line["message"] == "Translate for m" and line["rpc"] == "Translate" and line["code"] == "NOT_FOUND"
