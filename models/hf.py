@@ -1,5 +1,7 @@
 """`seqserve import-hf DIR --output CKPT`: a local Hugging Face BERT directory becomes a seqserve checkpoint.
 
+A MarianMT directory (config.json model_type "marian") is handed to models/hf_marian.py instead.
+
 Reads config.json, the weights (model.safetensors, its sharded index, or pytorch_model.bin with weights_only=True)
 and tokenizer.json, renames the weights to models/bert.py's names, and records the sentence pooling of a
 sentence-transformers directory (modules.json -> 1_Pooling/config.json, Normalize). The mapping is ours: importing
@@ -241,7 +243,8 @@ def import_hf_bert(hf_dir: str | Path, output_dir: str | Path, force: bool = Fal
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("hf_dir", metavar="DIR", type=Path,
                         help="local Hugging Face BERT directory (config.json, model.safetensors or pytorch_model.bin, "
-                             "tokenizer.json; sentence-transformers' modules.json and 1_Pooling/ when present)")
+                             "tokenizer.json; sentence-transformers' modules.json and 1_Pooling/ when present), or "
+                             "a MarianMT (OPUS-MT) directory (config.json, weights, source.spm, target.spm, vocab.json)")
     parser.add_argument("--output", "-o", required=True, type=Path, metavar="CKPT",
                         help="checkpoint folder to write (model.safetensors, config.json, tokenizer.json, "
                              "metrics.json)")
@@ -250,8 +253,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from seqserve.models.hf_marian import import_hf_marian, is_marian_dir
+
+    importer = import_hf_marian if is_marian_dir(args.hf_dir) else import_hf_bert
     try:
-        path = import_hf_bert(args.hf_dir, args.output, force=args.force)
+        path = importer(args.hf_dir, args.output, force=args.force)
     except HFImportError as e:
         logger.error("%s", e)
         return 1
