@@ -68,20 +68,25 @@ def translate(
     from seqserve.models.decoding import greedy_decode
 
     model.eval()
+    limits = getattr(model, "config", None)
+    if max_source_tokens is None:
+        max_source_tokens = getattr(limits, "max_src_len", None)
+    max_target_tokens = getattr(limits, "max_tgt_len", None) or 10**9
     encoded = [source_tokenizer.encode(text).ids for text in sources]
     if max_source_tokens is not None:
         # Keep the closing </s>: the model never saw a source without it.
         encoded = [ids if len(ids) <= max_source_tokens else ids[: max_source_tokens - 1] + [ids[-1]] for ids in encoded]
     outputs: list[str] = [""] * len(sources)
     # Budget on source length and the decode limit together: both are padded for the batch.
-    lengths = [(len(ids), decode_limit(len(ids))) for ids in encoded]
+    lengths = [(len(ids), min(decode_limit(len(ids)), max_target_tokens)) for ids in encoded]
     for batch in token_budget_batches(lengths, token_budget, seed=0, shuffle=False):
         longest = max(len(encoded[i]) for i in batch)
         src = torch.full((len(batch), longest), PAD_ID, dtype=torch.long)  # (B, S)
         for row, i in enumerate(batch):
             src[row, : len(encoded[i])] = torch.tensor(encoded[i])
         src_pad_mask = src.eq(PAD_ID)  # (B, S) True at padding
-        hyp = greedy_decode(model, src, src_pad_mask, decode_limit(longest), BOS_ID, EOS_ID)  # (B, <=T)
+        limit = min(decode_limit(longest), max_target_tokens)
+        hyp = greedy_decode(model, src, src_pad_mask, limit, BOS_ID, EOS_ID)  # (B, <=T)
         for row, i in enumerate(batch):
             ids = hyp[row].tolist()
             if EOS_ID in ids:
@@ -239,8 +244,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from seqserve.models.checkpoint import CheckpointError
+
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:
+        metrics = _evaluate(args)
+    except (ValueError, CheckpointError) as exc:  # every seqserve data/checkpoint/evaluation error is one of these
+        logger.debug("evaluation failed", exc_info=True)
+        logger.error("%s", exc)
+        return 1
+    if not args.no_save:
+        save_metrics(args.checkpoint, metrics)
+    # The command's output is the metrics: stdout, not the log.
+    print(json.dumps(metrics, indent=2, sort_keys=True))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> dict[str, Any]:
     checkpoint = load_checkpoint(args.checkpoint)
     metrics: dict[str, Any]
     if args.tsv is not None:
@@ -263,9 +284,6 @@ def run(args: argparse.Namespace) -> int:
         documents = [list(d) for d in read_documents(args.prose)][: args.limit]
         bert = evaluate_bert(checkpoint, documents, args.seed, args.max_len, args.token_budget)
         metrics = {"mlm_accuracy": bert.mlm_accuracy, "nsp_accuracy": bert.nsp_accuracy,
-                   "eval_masked_tokens": bert.masked_tokens, "eval_pairs": bert.pairs, "eval_prose": os.fspath(args.prose)}
-    if not args.no_save:
-        save_metrics(args.checkpoint, metrics)
-    # The command's output is the metrics: stdout, not the log.
-    print(json.dumps(metrics, indent=2, sort_keys=True))
-    return 0
+                   "eval_masked_tokens": bert.masked_tokens, "eval_pairs": bert.pairs,
+                   "eval_prose": os.fspath(args.prose)}
+    return metrics

@@ -17,6 +17,8 @@ import math
 import os
 import random
 import re
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,7 +182,7 @@ def _fit(
     start = time.monotonic()
     last_validated, interval_loss, interval_steps, tokens, tick = -1, 0.0, 0, 0, time.monotonic()
     dev: dict[str, float] = {}
-    train_loss = math.nan
+    train_loss: float | None = None  # mean over the steps since the last validation
     stopped_by_time = False
     step_losses: list[float] = []  # this run's, for callers that compare runs
     bar = tqdm(total=config.steps, initial=step, disable=not config.progress, unit="step", dynamic_ncols=True)
@@ -207,37 +209,61 @@ def _fit(
         })
         last_validated = step
 
+    # Ctrl-C ends the run at a step boundary, where the saved state is exact; a second Ctrl-C stops at once.
+    interrupted = False
+
+    def on_interrupt(signum: int, frame: Any) -> None:
+        nonlocal interrupted
+        if interrupted:
+            raise KeyboardInterrupt
+        interrupted = True
+
+    previous_handler = _install_sigint(on_interrupt)
     end = config.steps if stop_at is None else min(stop_at, config.steps)
-    while step < end:
-        if config.time_budget is not None and time.monotonic() - start >= config.time_budget:
-            logger.info("time budget of %.0fs spent at step %d", config.time_budget, step)
-            stopped_by_time = True
-            break
-        model.train()
-        loss, batch_tokens = task.loss(model, next(stream))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_norm)
-        optimizer.step()
-        scheduler.step()
-        step += 1
-        value = loss.item()
-        if not math.isfinite(value):
-            raise TrainingError(f"loss became {value} at step {step}; lower --lr (now {config.lr}) or --clip-norm")
-        step_losses.append(value)
-        interval_loss, interval_steps, tokens = interval_loss + value, interval_steps + 1, tokens + batch_tokens
-        bar.update(1)
-        now = time.monotonic()
-        if now - tick >= 1.0:
-            bar.set_postfix(loss=f"{value:.3f}", tok_s=f"{tokens / (now - tick):.0f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-            tokens, tick = 0, now
-        if step % config.validate_every == 0:
-            validate_and_save()
+    try:
+        while step < end:
+            if config.time_budget is not None and time.monotonic() - start >= config.time_budget:
+                logger.info("time budget of %.0fs spent at step %d", config.time_budget, step)
+                stopped_by_time = True
+                break
+            if interrupted:
+                logger.warning("interrupted at step %d; saving so that --resume continues from here", step)
+                break
+            model.train()
+            loss, batch_tokens = task.loss(model, next(stream))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_norm)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            value = loss.item()
+            if not math.isfinite(value):
+                raise TrainingError(f"loss became {value} at step {step}; lower --lr (now {config.lr}) or --clip-norm")
+            step_losses.append(value)
+            interval_loss, interval_steps, tokens = interval_loss + value, interval_steps + 1, tokens + batch_tokens
+            bar.update(1)
+            now = time.monotonic()
+            if now - tick >= 1.0:
+                rate, lr = tokens / (now - tick), scheduler.get_last_lr()[0]
+                bar.set_postfix(loss=f"{value:.3f}", tok_s=f"{rate:.0f}", lr=f"{lr:.2e}")
+                tokens, tick = 0, now
+            if step % config.validate_every == 0:
+                validate_and_save()
+    finally:
+        _install_sigint(previous_handler)
     bar.close()
     if last_validated != step:
         validate_and_save()
     return {**best, "best_step": best["step"], "steps_trained": step, "last_dev": dev, "last_train_loss": train_loss,
-            "stopped_by_time_budget": stopped_by_time, "step_losses": step_losses}
+            "stopped_by_time_budget": stopped_by_time, "interrupted": interrupted, "step_losses": step_losses}
+
+
+def _install_sigint(handler: Any) -> Any:
+    """Install a SIGINT handler and return the previous one; a no-op off the main thread, where Python forbids it."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGINT, handler) if handler is not None else None
 
 
 def _fmt(metrics: dict[str, float]) -> str:
@@ -682,11 +708,18 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    from seqserve.models.checkpoint import CheckpointError
+
     config = config_from_args(args)
-    if args.what == "translator":
-        metrics = train_translator(config, args.train, args.dev, args.output, resume=args.resume)
-    else:
-        metrics = train_bert(config, args.corpus, args.output, dev=args.dev_corpus, resume=args.resume)
+    try:
+        if args.what == "translator":
+            metrics = train_translator(config, args.train, args.dev, args.output, resume=args.resume)
+        else:
+            metrics = train_bert(config, args.corpus, args.output, dev=args.dev_corpus, resume=args.resume)
+    except (ValueError, CheckpointError) as exc:  # every seqserve data/config/training error is one of these
+        logger.debug("training failed", exc_info=True)
+        logger.error("%s", exc)
+        return 1
     logger.info("best checkpoint %s (step %d): %s", args.output, metrics["best_step"],
                 _fmt({k: v for k, v in metrics.items() if k.startswith("dev_")}))
     return 0
