@@ -91,6 +91,9 @@ class StagedVersion:
             if target.exists():
                 raise VersionExists(target)
         self.dir = Path(tempfile.mkdtemp(prefix=_STAGE_PREFIX, dir=model_dir))
+        # mkdtemp makes the folder private (0700); a published version must be readable by the serving user,
+        # which in a container is not the user that built the repository.
+        self.dir.chmod(0o755)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -204,3 +204,9 @@ def test_loader_imports_no_torch():
         "assert 'torch' not in sys.modules, 'torch imported'; assert 'onnx' not in sys.modules, 'onnx imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_published_version_is_readable_by_other_users(tmp_path):
+    # A container serves the repository as another user than the one that built it.
+    version_dir = _publish(tmp_path, "toy")
+    assert version_dir.stat().st_mode & 0o777 == 0o755
