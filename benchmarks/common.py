@@ -1,0 +1,221 @@
+"""What every benchmark shares: timing with warm-up and medians, the result table (throughput and the ratio of seqserve
+to each contender), a `seqserve serve` subprocess (time to ready, resident memory), and the in-process model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WORK = Path(os.environ.get("SEQSERVE_BENCH_WORK", "/tmp/seqserve-bench"))
+
+
+def base_arguments(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--threads", type=int, default=2, help="intra-op threads of every contender (the cores)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement; the median is reported")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed runs before each measurement")
+    parser.add_argument("--work", type=Path, default=DEFAULT_WORK,
+                        help="folder for built models, converted models and repositories (reused across runs)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the result rows to this JSON file")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny models and inputs, one repeat: checks the script end to end, measures nothing")
+    return parser
+
+
+def setup(args: argparse.Namespace) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("onnxruntime", "root", "httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger("benchmarks").setLevel(logging.INFO)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.quick:
+        args.repeats, args.warmup = 1, 1
+    args.work.mkdir(parents=True, exist_ok=True)
+
+
+def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int) -> float:
+    """Median wall time of `fn` over `repeats` runs after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@dataclass
+class Row:
+    """One contender on one workload: `items` units done per run, `seconds` the median run."""
+
+    workload: str
+    contender: str
+    items: float
+    unit: str
+    seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def throughput(self) -> float:
+        return self.items / self.seconds if self.seconds > 0 else float("inf")
+
+
+class Results:
+    """Rows grouped by workload; printed with each contender's ratio seqserve / contender (> 1: seqserve faster)."""
+
+    def __init__(self, title: str, reference: str):
+        self.title = title
+        self.reference = reference  # the contender the ratios are taken from (a seqserve row)
+        self.rows: list[Row] = []
+
+    def add(self, row: Row) -> Row:
+        self.rows.append(row)
+        log.info("%s | %s: %.1f %s/s (%.2f ms)", row.workload, row.contender, row.throughput, row.unit,
+                 row.seconds * 1e3)  # fmt: skip
+        return row
+
+    def ratio(self, workload: str, contender: str) -> float | None:
+        by = {r.contender: r for r in self.rows if r.workload == workload}
+        if self.reference not in by or contender not in by:
+            return None
+        return by[self.reference].throughput / by[contender].throughput
+
+    def latency_ratio(self, workload: str, contender: str, baseline: str) -> float:
+        """Median time of `contender` over that of `baseline` on one workload."""
+        by = {r.contender: r for r in self.rows if r.workload == workload}
+        return by[contender].seconds / by[baseline].seconds
+
+    def table(self) -> str:
+        lines = [f"## {self.title}", "",
+                 f"| workload | contender | throughput | median ms | {self.reference} / contender |",
+                 "|---|---|---:|---:|---:|"]  # fmt: skip
+        for row in self.rows:
+            ratio = self.ratio(row.workload, row.contender)
+            extra = "".join(f" {k}={v}" for k, v in row.extra.items())
+            lines.append(
+                f"| {row.workload} | {row.contender}{extra} | {row.throughput:,.1f} {row.unit}/s | "
+                f"{row.seconds * 1e3:,.2f} | {'' if ratio is None else f'{ratio:.2f}x'} |"
+            )
+        return "\n".join(lines)
+
+    def finish(self, args: argparse.Namespace, notes: Sequence[str] = ()) -> None:
+        text = self.table() + "".join(f"\n\n{n}" for n in notes)
+        sys.stdout.write(text + "\n")
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            data = {"title": self.title, "reference": self.reference, "machine": machine(), "notes": list(notes),
+                    "rows": [{**asdict(r), "throughput": r.throughput,
+                              "ratio": self.ratio(r.workload, r.contender)} for r in self.rows]}  # fmt: skip
+            args.json.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def machine() -> dict[str, Any]:
+    """Cores, CPU model, load average: recorded with every result."""
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cores": len(os.sched_getaffinity(0)), "cpu": cpu, "loadavg": os.getloadavg()}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# seqserve, in process and as a server
+
+
+def session_options(threads: int) -> Any:
+    from seqserve.server.repository import SessionOptions
+
+    return SessionOptions(intra_op_threads=threads, inter_op_threads=1, allow_spinning=False)
+
+
+def load_in_process(version_dir: Path, threads: int) -> Any:
+    """The version as the server loads it (server/repository.py), without the server."""
+    from seqserve.server.repository import load_model
+
+    return load_model(version_dir, session_options(threads))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _proc_status(pid: int, key: str) -> int:
+    """A /proc/PID/status memory figure (VmRSS, VmHWM) in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+class ServerProcess:
+    """`seqserve serve` in a subprocess on a free port; `ready_seconds` is the time from start to health SERVING."""
+
+    def __init__(self, repository: Path, threads: int, extra: Sequence[str] = (), timeout: float = 120.0):
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "seqserve.cli", "serve", "--repository", str(repository), "--host", "127.0.0.1",
+               "--port", str(self.port), "--metrics-port", "-1", "--threads", str(threads), "--instances", "1",
+               "--log-level", "WARNING", *extra]  # fmt: skip
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+        start = time.perf_counter()
+        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.ready_seconds = self._wait_ready(start, timeout)
+
+    def _wait_ready(self, start: float, timeout: float) -> float:
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        with grpc.insecure_channel(self.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while time.perf_counter() - start < timeout:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"seqserve serve exited: {self.proc.stderr.read().decode()[-2000:]}")
+                try:
+                    status = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0).status
+                    if status == health_pb2.HealthCheckResponse.SERVING:
+                        return time.perf_counter() - start
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.05)
+        raise RuntimeError(f"seqserve serve not ready after {timeout} s")
+
+    def rss_bytes(self) -> int:
+        return _proc_status(self.proc.pid, "VmRSS")
+
+    def peak_rss_bytes(self) -> int:
+        return _proc_status(self.proc.pid, "VmHWM")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
