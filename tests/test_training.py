@@ -53,7 +53,7 @@ def _exact_match(checkpoint_dir: Path, pairs: list[tuple[str, str]]) -> float:
         ("gru", {}),
         ("birnn-lstm", {"peephole": True, "attention": "additive"}),
         ("birnn-gru", {"attention": "scaled_dot"}),
-        ("transformer", {}),
+        ("transformer", T.TINY_OVERRIDES["transformer"]),
     ],
 )
 def test_translator_family_learns_reversal(tmp_path, reversal_tokenizers, arch, overrides):
