@@ -48,14 +48,20 @@ def setup(args: argparse.Namespace) -> None:
 
 def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int) -> float:
     """Median wall time of `fn` over `repeats` runs after `warmup` untimed ones."""
+    return timed(fn, repeats, warmup)[0]
+
+
+def timed(fn: Callable[[], Any], repeats: int, warmup: int) -> tuple[float, Any]:
+    """(median wall time of `fn` over `repeats` runs after `warmup` untimed ones, what the last run returned)."""
+    result = None
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        fn()
+        result = fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(times), result
 
 
 @dataclass
