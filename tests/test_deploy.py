@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -331,6 +332,41 @@ def test_compose_servers_wait_for_the_models_and_stop_after_their_drain():
 
 def _seconds(duration: str) -> float:
     return sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in re.findall(r"([\d.]+)([hms])", duration))
+
+
+def _envoy_bootstrap(config: dict):
+    """deploy/envoy.yaml parsed as Envoy's Bootstrap message: unknown fields, bad enum values and unregistered
+    typed_config types raise (the extensions it names are imported so that their Any payloads decode too)."""
+    import importlib
+
+    from envoy_data_plane.envoy.config.bootstrap.v3 import Bootstrap
+
+    for module in ("filters.network.http_connection_manager.v3", "filters.http.router.v3", "upstreams.http.v3"):
+        importlib.import_module(f"envoy_data_plane.envoy.extensions.{module}")
+    return Bootstrap.from_dict(config)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pydantic's, about envoy-data-plane's own code
+def test_envoy_config_is_a_valid_bootstrap_without_deprecated_fields():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        bootstrap = _envoy_bootstrap(yaml.safe_load((ROOT / "deploy" / "envoy.yaml").read_text()))
+    # envoy-data-plane warns "Message.field is deprecated" for each deprecated field the config sets.
+    deprecated = [str(w.message) for w in caught if re.fullmatch(r"\w+\.\w+ is deprecated", str(w.message))]
+    assert not deprecated
+    cluster = bootstrap.static_resources.clusters[0]
+    assert (cluster.name, str(cluster.lb_policy.name), str(cluster.type.name)) == (
+        "seqserve", "LEAST_REQUEST", "STRICT_DNS"
+    )
+    assert cluster.health_checks[0].grpc_health_check is not None
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_envoy_config_check_rejects_a_misspelt_field():
+    config = yaml.safe_load((ROOT / "deploy" / "envoy.yaml").read_text())
+    config["static_resources"]["clusters"][0]["lb_polcy"] = "ROUND_ROBIN"
+    with pytest.raises(KeyError, match="lb_polcy"):
+        _envoy_bootstrap(config)
 
 
 def test_envoy_balances_grpc_over_the_replicas():
