@@ -111,14 +111,20 @@ class ServedModel:
             items.extend(new)
             return [it.job for it in new]
 
-        steps = self.translator.run_batch(
+        decode_rows, decode_steps = self.metrics.decode_rows.labels(label), self.metrics.decode_steps.labels(label)
+
+        def on_step(rows: int) -> None:
+            # Counted as they happen: a response may reach its client before the batch ends.
+            decode_rows.inc(rows)
+            decode_steps.inc()
+
+        self.translator.run_batch(
             [it.job for it in items],
             stopped=lambda i: items[i].stopped(),
-            on_step=lambda rows: self.metrics.decode_rows.labels(label).inc(rows),
+            on_step=on_step,
             on_done=lambda i: context.finish(items[i]),
             refill=refill,
         )
-        self.metrics.decode_steps.labels(label).inc(steps)
 
     def _run_bert(self, items: list[WorkItem], context: BatchContext) -> None:
         self.bert.run_batch([it.job for it in items])
