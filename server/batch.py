@@ -86,6 +86,11 @@ class BatchJob:
                 f"batch size {self.batch_size} and block lines {self.block_lines} must be >= 1, "
                 f"threads {self.threads} >= 0"
             )
+        if self.options.beam_size < 1 or self.options.max_output_tokens < 0 or self.options.max_output_ratio < 0:
+            raise BatchError(
+                f"beam size {self.options.beam_size} must be >= 1, max output tokens "
+                f"{self.options.max_output_tokens} and ratio {self.options.max_output_ratio} >= 0"
+            )
 
 
 @dataclass(frozen=True)
@@ -146,19 +151,34 @@ def resume_point(out: Path) -> int:
     """The complete lines OUT holds (0 when absent); a half-written last line is cut off so appending can go on."""
     if not out.exists():
         return 0
+    lines = count_lines(out)
     with open(out, "rb+") as f:
-        data = f.read()
-        keep = data.rfind(b"\n") + 1
-        if keep < len(data):
-            log.info("%s: cutting a half-written last line (%d bytes)", out, len(data) - keep)
-            f.truncate(keep)
-    return data.count(b"\n", 0, keep)
+        size = f.seek(0, os.SEEK_END)
+        # Walk back from the end to the last line break (a partial line is short: a few reads at most).
+        end = size
+        while end > 0:
+            step = min(end, 1 << 16)
+            f.seek(end - step)
+            block = f.read(step)
+            if (i := block.rfind(b"\n")) >= 0:
+                end = end - step + i + 1
+                break
+            end -= step
+        if end < size:
+            log.info("%s: cutting a half-written last line (%d bytes)", out, size - end)
+            f.truncate(end)
+            lines -= 1
+    return lines
 
 
-def count_lines(path: Path) -> int:
+def count_lines(path: Path, chunk: int = 1 << 20) -> int:
+    """Lines of a text file, a last line without a line break included."""
+    lines, last = 0, b"\n"
     with open(path, "rb") as f:
-        data = f.read()
-    return data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)
+        while block := f.read(chunk):
+            lines += block.count(b"\n")
+            last = block[-1:]
+    return lines + (last != b"\n")
 
 
 def read_blocks(path: Path, skip: int, block_lines: int) -> Iterator[Block]:

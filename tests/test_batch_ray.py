@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from seqserve.cli import main
-from seqserve.server.batch import BatchJob, BlockTranslator, OutputLongerThanInput, read_blocks, translate_file
+from seqserve.server.batch import (
+    BatchError, BatchJob, BlockTranslator, OutputLongerThanInput, count_lines, read_blocks, resume_point, translate_file,
+)
 
 from conftest import tiny_dev_pairs
 
@@ -102,3 +104,25 @@ def test_blocks_after_a_resume_start_at_the_resume_line(source_file: Path):
     starts = [b.start for b in read_blocks(source_file, 5, 8)]
     sizes = [len(b.lines) for b in read_blocks(source_file, 5, 8)]
     assert starts == [5, 13, 21, 29] and sizes == [8, 8, 8, 2]
+
+
+@pytest.mark.parametrize(
+    "content, lines, resume, kept",
+    [(b"", 0, 0, b""), (b"a\n", 1, 1, b"a\n"), (b"a\nb", 2, 1, b"a\n"), (b"abc", 1, 0, b""),
+     (b"a\n\n" + b"y" * 200_000, 3, 2, b"a\n\n")],
+)  # fmt: skip
+def test_resume_point_counts_complete_lines_and_cuts_the_rest(
+    tmp_path: Path, content: bytes, lines: int, resume: int, kept: bytes
+):
+    path = tmp_path / "out.txt"
+    path.write_bytes(content)
+    assert count_lines(path) == lines
+    assert resume_point(path) == resume
+    assert path.read_bytes() == kept
+
+
+def test_a_bert_model_is_refused_and_bad_options_are_named(tiny_repository: Path):
+    with pytest.raises(BatchError, match="tiny-bert is a 'bert' model"):
+        BlockTranslator(BatchJob(tiny_repository, "tiny-bert"))
+    with pytest.raises(BatchError, match="batch size 0"):
+        BatchJob(tiny_repository, MODEL, batch_size=0)
