@@ -11,7 +11,14 @@ import pytest
 
 from seqserve.cli import main
 from seqserve.server.batch import (
-    BatchError, BatchJob, BlockTranslator, OutputLongerThanInput, count_lines, read_blocks, resume_point, translate_file,
+    BatchError,
+    BatchJob,
+    BlockTranslator,
+    OutputLongerThanInput,
+    count_lines,
+    read_blocks,
+    resume_point,
+    translate_file,
 )
 
 from conftest import tiny_dev_pairs
@@ -92,7 +99,8 @@ def test_ray_engine_on_a_local_cluster_equals_the_local_run(
         # A resumed run: the first 5 lines are there already, the rest goes through 2 actors in blocks of 8 lines.
         out.write_text("".join(local_output.read_text(encoding="utf-8").splitlines(keepends=True)[:5]))
         argv = ["batch", "translate", str(source_file), str(out), "--repository", str(tiny_repository),
-                "--model", MODEL, "--engine", "ray", "--workers", "2", "--block-lines", "8", "--batch-size", "4"]  # fmt: skip
+                "--model", MODEL, "--engine", "ray", "--workers", "2",
+                "--block-lines", "8", "--batch-size", "4"]  # fmt: skip
         assert main(argv) == 0
         assert out.read_bytes() == local_output.read_bytes()
     finally:
