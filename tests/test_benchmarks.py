@@ -1,0 +1,89 @@
+"""Smoke tests: every benchmark script runs end to end at its --quick size and reports every contender on every
+workload. Behaviour only: the timings of a loaded test machine are not checked."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for benchmarks/
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One work folder for the module, so the load benchmark reuses the models the others exported."""
+    import torch
+
+    torch.set_num_threads(1)
+    return tmp_path_factory.mktemp("bench_work")
+
+
+def _run(module, work: Path, tmp_path: Path, *extra: str) -> dict:
+    out = tmp_path / "result.json"
+    assert module.main(["--quick", "--threads", "1", "--work", str(work), "--json", str(out), *extra]) == 0
+    return json.loads(out.read_text())
+
+
+def _contenders(result: dict) -> dict[str, set[str]]:
+    by: dict[str, set[str]] = {}
+    for row in result["rows"]:
+        assert row["seconds"] > 0 and row["items"] > 0
+        by.setdefault(row["workload"], set()).add(row["contender"])
+    return by
+
+
+def test_encode_benchmark_reports_every_contender_with_int8_close_to_fp32(work, tmp_path):
+    from benchmarks import encode
+
+    result = _run(encode, work, tmp_path)
+    by = _contenders(result)
+    assert set(by) == {f"{p} {w}" for p in ("fp32", "int8") for w in ("batch 1 x 10 tokens", "batch 4 x 16 tokens")}
+    for contenders in by.values():
+        assert contenders == {"seqserve-grpc", "seqserve-grpc queue-delay 0", "seqserve-inproc", "onnxruntime",
+                              "sentence-transformers fp32"}  # fmt: skip
+    fp32_cosines = [n for n in result["notes"] if n.startswith("fp32") and "cosine" in n]
+    assert fp32_cosines and all("mean 1.0000" in n for n in fp32_cosines)
+
+
+def test_transformer_translation_benchmark_matches_ctranslate2_greedy_in_fp32(work, tmp_path):
+    from benchmarks import translate_transformer
+
+    result = _run(translate_transformer, work, tmp_path)
+    by = _contenders(result)
+    assert set(by) == {f"{p} batch {b} {s}" for p in ("fp32", "int8") for b in (1, 4) for s in ("greedy", "beam 2")}
+    assert by["fp32 batch 4 greedy"] == {"seqserve-inproc", "seqserve-grpc", "ctranslate2 float32",
+                                         "transformers eager fp32"}  # fmt: skip
+    assert any(c.startswith("ctranslate2 int8") for c in by["int8 batch 4 greedy"])
+    tokens = {r["contender"]: r["items"] for r in result["rows"] if r["workload"] == "fp32 batch 4 greedy"}
+    assert len(set(tokens.values())) == 1  # every toolkit decoded the same number of target tokens
+    assert "fp32 batch 4 greedy: seqserve and CTranslate2 greedy outputs identical for 4 of 4 sentences" in result[
+        "notes"]
+
+
+def test_rnn_translation_benchmark_equals_the_torch_reference(work, tmp_path):
+    from benchmarks import translate_rnn
+
+    result = _run(translate_rnn, work, tmp_path)
+    by = _contenders(result)
+    assert set(by) == {f"{a} batch {b} greedy" for a in ("lstm", "gru") for b in (1, 4)}
+    assert all(c == {"seqserve-inproc", "torch-reference"} for c in by.values())
+    for note in result["notes"]:
+        same, total = note.split("identical tokens for ")[1].split(" sentences")[0].split(" of ")
+        assert same == total
+
+
+def test_load_benchmark_reports_every_setting_without_errors(work, tmp_path):
+    from benchmarks import load
+
+    result = _run(load, work, tmp_path)
+    settings = {(r["task"], r["setting"], r["clients"]) for r in result["rows"]}
+    expected_settings = {("encode", "batching on"), ("encode", "batching off"), ("translate", "batching on, joining on"),
+                         ("translate", "batching on, joining off"), ("translate", "batching off")}  # fmt: skip
+    assert settings == {(t, s, c) for t, s in expected_settings for c in (1, 4)}
+    for row in result["rows"]:
+        assert row["requests"] > 0 and row["errors"] == 0
+        assert row["p99_ms"] >= row["p50_ms"] > 0
+        assert row["server_peak_rss_mib"] > 0 and row["ready_s"] > 0
