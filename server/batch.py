@@ -118,7 +118,8 @@ class BlockTranslator:
         self.name, self.version = manifest.name, manifest.version
         self.truncated = 0  # sentences cut to the model's source limit so far
 
-    def translate(self, lines: Sequence[str]) -> list[str]:
+    def translate(self, lines: Sequence[str], start: int = 0) -> list[str]:
+        """Translations of `lines` (input lines start + 1, ... for log messages), one per line."""
         out = [""] * len(lines)
         encoded = {}
         for i, line in enumerate(lines):
@@ -127,7 +128,8 @@ class BlockTranslator:
             enc = self.codec.encode(line, truncate=True, index=i)
             if enc.truncated_from:
                 self.truncated += 1
-                log.warning("line %d: %d tokens cut to the model's limit of %d", i, enc.truncated_from, len(enc))
+                log.warning("line %d: %d tokens cut to the model's limit of %d", start + i + 1, enc.truncated_from,
+                            len(enc))  # fmt: skip
             encoded[i] = enc.ids
         # Longest first, so each batch holds similar lengths and pads little; the order is fixed by the block alone.
         order = sorted(encoded, key=lambda i: (-len(encoded[i]), i))
@@ -200,7 +202,7 @@ Engine = Callable[[BatchJob, Iterable[Block]], Iterable[tuple[int, list[str]]]]
 def local_engine(job: BatchJob, blocks: Iterable[Block]) -> Iterator[tuple[int, list[str]]]:
     worker = BlockTranslator(job)
     for block in blocks:
-        yield block.start, worker.translate(block.lines)
+        yield block.start, worker.translate(block.lines, block.start)
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,8 @@ class RayBlockTranslator:
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         # Lines travel joined by "\n" (a line never holds one): one string column is the cheapest Arrow layout.
         lines = str(row["text"]).split("\n")[: int(row["count"])]
-        return {"start": int(row["start"]), "count": len(lines), "text": "\n".join(self.worker.translate(lines))}
+        start = int(row["start"])
+        return {"start": start, "count": len(lines), "text": "\n".join(self.worker.translate(lines, start))}
 
 
 def ray_engine(workers: int = 0, address: str | None = None, num_cpus: int | None = None) -> Engine:
