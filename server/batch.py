@@ -250,7 +250,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="translations, one a line; complete lines already there are kept and skipped (resume)")
     p.add_argument("--repository", type=Path, required=True, help="model repository folder (REPO/NAME/VERSION/...)")
     p.add_argument("--model", required=True, help="name of a translation model in the repository")
-    p.add_argument("--version", type=int, default=None, help="model version (default: the highest)")
+    p.add_argument("--version", type=int, default=None, help="model version (None: the highest)")
     p.add_argument("--engine", choices=ENGINES, default="local",
                    help="local: this process; ray: a Ray Data actor pool (the `ray` extra)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="sentences decoded together")
@@ -267,9 +267,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=0,
                    help="ray: actors in the pool, each with one onnxruntime session (0: the cluster's CPUs / threads)")
     p.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS"),
-                   help="ray: cluster to join ('auto': the running one; default: $RAY_ADDRESS, else start a local one)")
+                   help="ray: cluster to join (auto: the running one; from $RAY_ADDRESS; None: start a local one)")
     p.add_argument("--ray-cpus", type=int, default=None,
-                   help="ray: CPUs of the local cluster started when no address is given (default: all)")
+                   help="ray: CPUs of the local cluster started when no address is given (None: all)")
 
 
 def job_from_args(args: argparse.Namespace) -> BatchJob:
