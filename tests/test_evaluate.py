@@ -1,4 +1,4 @@
-"""Evaluation: sacrebleu BLEU/chrF of greedy translations, MLM/NSP accuracy of a BERT, metrics saved beside checkpoints."""
+"""Evaluation: BLEU/chrF of greedy translations, MLM/NSP accuracy of a BERT, metrics saved beside checkpoints."""
 
 from __future__ import annotations
 
