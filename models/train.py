@@ -594,7 +594,8 @@ TINY_TRANSLATOR = TrainConfig(
     token_budget=700, lr=5e-3, schedule="linear", warmup=0, steps=400, validate_every=200, bleu_sample=50,
     progress=False,
 )
-# Where a family needs other settings to learn the reversal task as reliably (tuned with several seeds).
+# Where a family needs more to learn the reversal task to >= 95% exact match reliably (tuned over seeds); tiny_translator
+# does not apply these, so that fixtures built with the plain settings stay as they are.
 TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     "transformer": {"heads": 2, "steps": 600, "validate_every": 300, "token_budget": 1000},
 }
@@ -611,7 +612,7 @@ def tiny_translator(output_dir: str | os.PathLike, arch: str = "lstm", **overrid
     ``overrides`` replace TrainConfig fields, e.g. ``steps=50`` for a checkpoint that only needs to exist."""
     from seqserve.models.tokenization import train_tokenizer
 
-    config = dataclasses.replace(TINY_TRANSLATOR, arch=arch, **{**TINY_OVERRIDES.get(arch, {}), **overrides})
+    config = dataclasses.replace(TINY_TRANSLATOR, arch=arch, **overrides)
     train, dev = reversal_pairs(2000, config.seed), reversal_pairs(100, config.seed + 1000)
     tokenizer = train_tokenizer([s for s, _ in train], kind="bpe", vocab_size=40, role="joint")
     train_translator(config, train, dev, output_dir, {"source": tokenizer, "target": tokenizer})
