@@ -39,6 +39,7 @@ TRANSLATOR_ARCHS = ("lstm", "gru", "birnn-lstm", "birnn-gru", "transformer")
 ATTENTIONS = ("dot", "general", "additive", "scaled_dot")
 SCHEDULES = ("auto", "constant", "inverse-sqrt", "linear")
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2  # translator special ids, fixed by docs/design.md
+RUN_ONLY_SETTINGS = frozenset({"time_budget", "threads", "progress"})  # may change on --resume without changing results
 
 
 class TrainingError(ValueError):
@@ -171,8 +172,9 @@ def _fit(
         position = BatchPosition(saved["epoch"], saved["batch"])
         torch.set_rng_state(saved["torch_rng"])
         task.set_rng_state(saved["task_rng"])
-        if saved["config"] != dataclasses.asdict(config):
-            changed = sorted(k for k, v in dataclasses.asdict(config).items() if saved["config"].get(k) != v)
+        changed = sorted(k for k, v in dataclasses.asdict(config).items()
+                         if saved["config"].get(k) != v and k not in RUN_ONLY_SETTINGS)
+        if changed:
             logger.warning("resuming with changed settings %s: the run will not match an uninterrupted one", changed)
         logger.info("resuming %s at step %d (epoch %d, batch %d)", output_dir, step, position.epoch, position.batch)
     stream = BatchStream(task.lengths, config.token_budget, config.seed, position=position)
