@@ -84,6 +84,21 @@ class TrainConfig:
     mlm_probability: float = 0.15
     dev_fraction: float = 0.05  # documents held out for validation when no dev corpus is given
 
+    def __post_init__(self) -> None:
+        if self.arch not in (*TRANSLATOR_ARCHS, "bert"):
+            raise TrainingError(f"unknown arch {self.arch!r}; known: {', '.join((*TRANSLATOR_ARCHS, 'bert'))}")
+        if self.schedule not in SCHEDULES:
+            raise TrainingError(f"unknown schedule {self.schedule!r}; known: {', '.join(SCHEDULES)}")
+        for name in ("steps", "validate_every", "token_budget", "max_len", "vocab_size"):
+            if getattr(self, name) < 1:
+                raise TrainingError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise TrainingError(f"lr must be positive, got {self.lr}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise TrainingError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise TrainingError(f"dropout must be in [0, 1), got {self.dropout}")
+
     def resolved_schedule(self) -> str:
         if self.schedule != "auto":
             return self.schedule

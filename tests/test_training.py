@@ -192,6 +192,12 @@ def test_cli_trains_a_bert_from_prose(tmp_path):
 # --- pieces ------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("field, value", [("steps", 0), ("lr", 0.0), ("label_smoothing", 1.0), ("arch", "cnn")])
+def test_config_refuses_impossible_settings(field, value):
+    with pytest.raises(T.TrainingError, match=field if field != "arch" else "cnn"):
+        T.TrainConfig(**{field: value})
+
+
 @pytest.mark.parametrize("text, seconds", [("90", 90), ("45s", 45), ("20m", 1200), ("1.5h", 5400)])
 def test_duration_accepts_seconds_minutes_hours(text, seconds):
     assert T.parse_duration(text) == seconds
