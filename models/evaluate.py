@@ -26,7 +26,7 @@ from seqserve.models.checkpoint import Checkpoint, load_checkpoint, save_metrics
 
 logger = logging.getLogger(__name__)
 
-# Translator special ids are fixed by docs/design.md.
+# Translator special ids fixed by docs/design.md; a model config that names its own ids wins.
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 
 
@@ -64,7 +64,8 @@ def translate(
     token_budget: int = 4096,
     max_source_tokens: int | None = None,
 ) -> list[str]:
-    """Greedy translations of ``sources``, in order, batched by length under ``token_budget`` source tokens."""
+    """Greedy translations of ``sources``, in order, in batches of similar length whose padded source plus decoding
+    room stays under ``token_budget`` tokens."""
     from seqserve.models.decoding import greedy_decode
 
     model.eval()
@@ -72,25 +73,31 @@ def translate(
     if max_source_tokens is None:
         max_source_tokens = getattr(limits, "max_src_len", None)
     max_target_tokens = getattr(limits, "max_tgt_len", None) or 10**9
+    start_id = getattr(limits, "decoder_start_id", None)  # Transformer configs may start decoding from another id
+    start_id = getattr(limits, "bos_id", BOS_ID) if start_id is None else start_id
+    eos_id = getattr(limits, "eos_id", EOS_ID)
+    pad_id = getattr(limits, "pad_id", PAD_ID)
     encoded = [source_tokenizer.encode(text).ids for text in sources]
     if max_source_tokens is not None:
         # Keep the closing </s>: the model never saw a source without it.
-        encoded = [ids if len(ids) <= max_source_tokens else ids[: max_source_tokens - 1] + [ids[-1]] for ids in encoded]
+        limit = max_source_tokens
+        encoded = [ids if len(ids) <= limit else ids[: limit - 1] + [ids[-1]] for ids in encoded]
     outputs: list[str] = [""] * len(sources)
     # Budget on source length and the decode limit together: both are padded for the batch.
     lengths = [(len(ids), min(decode_limit(len(ids)), max_target_tokens)) for ids in encoded]
     for batch in token_budget_batches(lengths, token_budget, seed=0, shuffle=False):
         longest = max(len(encoded[i]) for i in batch)
-        src = torch.full((len(batch), longest), PAD_ID, dtype=torch.long)  # (B, S)
+        src = torch.full((len(batch), longest), pad_id, dtype=torch.long)  # (B, S)
+        src_pad_mask = torch.ones((len(batch), longest), dtype=torch.bool)  # (B, S) True at padding
         for row, i in enumerate(batch):
             src[row, : len(encoded[i])] = torch.tensor(encoded[i])
-        src_pad_mask = src.eq(PAD_ID)  # (B, S) True at padding
+            src_pad_mask[row, : len(encoded[i])] = False
         limit = min(decode_limit(longest), max_target_tokens)
-        hyp = greedy_decode(model, src, src_pad_mask, limit, BOS_ID, EOS_ID)  # (B, <=T)
+        hyp = greedy_decode(model, src, src_pad_mask, limit, start_id, eos_id)  # (B, <=T)
         for row, i in enumerate(batch):
             ids = hyp[row].tolist()
-            if EOS_ID in ids:
-                ids = ids[: ids.index(EOS_ID)]
+            if eos_id in ids:
+                ids = ids[: ids.index(eos_id)]
             outputs[i] = target_tokenizer.decode(ids, skip_special_tokens=True)
     return outputs
 
