@@ -1,0 +1,39 @@
+"""`python -m benchmarks`: every benchmark, one after another, each writing its JSON beside the others.
+
+    python -m benchmarks --threads 2 --out docs/bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from benchmarks import encode, load, translate_rnn, translate_transformer
+from benchmarks.common import DEFAULT_WORK
+
+log = logging.getLogger("benchmarks")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2, help="intra-op threads of every contender (the cores)")
+    parser.add_argument("--out", type=Path, default=Path("docs/bench"), help="folder for the JSON results")
+    parser.add_argument("--work", type=Path, default=DEFAULT_WORK, help="folder for built and exported models")
+    parser.add_argument("--sizes", nargs="+", default=["base", "small"], help="MarianMT sizes to translate with")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the scripts, measures nothing")
+    args = parser.parse_args(argv)
+    common = ["--threads", str(args.threads), "--work", str(args.work)] + (["--quick"] if args.quick else [])
+    status = encode.main([*common, "--json", str(args.out / "encode.json")])
+    for size in args.sizes:
+        status |= translate_transformer.main(
+            [*common, "--size", size, "--repeats", "3", "--warmup", "1", "--json", str(args.out / f"translate_{size}.json")]
+        )
+    status |= translate_rnn.main([*common, "--json", str(args.out / "translate_rnn.json")])
+    status |= load.main([*common, "--json", str(args.out / "load.json")])
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
