@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from seqserve.export.parity import DEFAULT_TOLERANCE
-from seqserve.export.pipeline import export_hf_bert, export_model
+from seqserve.export.pipeline import ExportError, export_hf_bert, export_model
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +45,18 @@ def export_hf_marian(
 
 def export_hf(hf_dir: str | os.PathLike, repository: str | os.PathLike, name: str, **options: Any) -> Path:
     """A local Hugging Face directory, MarianMT or BERT (by config.json's model_type), into the repository.
-    Options are those of export_hf_marian or export_hf_bert; ones the chosen exporter lacks are refused."""
+    Options are those of export_hf_marian or export_hf_bert; one the chosen exporter lacks, when set, raises
+    ExportError (unset ones, as the command line passes them, are dropped)."""
     from seqserve.models.hf_marian import is_marian_dir
 
+    def drop(*keys: str, reason: str) -> None:
+        for key in keys:
+            value = options.pop(key, None)
+            if value:
+                raise ExportError(f"{key} does not apply to {hf_dir}: {reason}")
+
     if is_marian_dir(hf_dir):
-        options.pop("sample_documents", None)
-        options.pop("split_mlm", None)
+        drop("sample_documents", "split_mlm", reason="a MarianMT translator is not a BERT")
         return export_hf_marian(hf_dir, repository, name, **options)
-    options.pop("dev", None)
+    drop("dev", "max_len", reason="only a MarianMT translator takes a dev sample and max_len")
     return export_hf_bert(hf_dir, repository, name, **options)
