@@ -614,7 +614,7 @@ TINY_TRANSLATOR = TrainConfig(
 # Where a family needs more to learn the reversal task to >= 95% exact match reliably (tuned over seeds); tiny_translator
 # does not apply these, so that fixtures built with the plain settings stay as they are.
 TINY_OVERRIDES: dict[str, dict[str, Any]] = {
-    "transformer": {"heads": 2, "steps": 600, "validate_every": 300, "token_budget": 1000},
+    "transformer": {"heads": 2, "steps": 800, "validate_every": 400, "token_budget": 1000},
 }
 TINY_BERT = TrainConfig(
     arch="bert", hidden_size=32, layers=2, heads=2, ff_size=64, dropout=0.0, max_len=32, vocab_size=200,
