@@ -77,7 +77,7 @@ def test_bert_beats_chance_on_mlm_and_nsp(tmp_path):
             counts[token] = counts.get(token, 0) + 1
     majority = max(counts.values()) / sum(counts.values())
     assert scores.nsp_accuracy >= 0.75
-    assert scores.mlm_accuracy >= 2 * majority
+    assert scores.mlm_accuracy >= 4 * majority
 
 
 # --- resume, repeatability, budget, metrics ----------------------------------------------------------------------
