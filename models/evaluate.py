@@ -244,7 +244,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token-budget", type=int, default=4096, help="padded tokens per evaluation batch")
     parser.add_argument("--max-len", type=int, default=128, help="BERT: truncate sentence pairs to this many tokens")
     parser.add_argument("--seed", type=int, default=0, help="BERT: seed of the masking and the random next sentences")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads; None leaves torch's choice")
     parser.add_argument("--hypotheses", type=Path, default=None,
                         help="translator: also write the translations here, one a line")
     parser.add_argument("--no-save", action="store_true", help="print the metrics without saving them in metrics.json")

@@ -663,7 +663,7 @@ def _add_common(parser: argparse.ArgumentParser, defaults: TrainConfig) -> None:
     vocab = parser.add_argument_group("vocabulary (trained on the training data)")
     vocab.add_argument("--vocab-size", type=int, default=defaults.vocab_size, help="tokenizer vocabulary size")
     vocab.add_argument("--vocab-kind", choices=("bpe", "wordpiece"), default=None,
-                       help="tokenizer model (default: bpe for translators, wordpiece for BERT); the tokenizers "
+                       help="tokenizer model; None: bpe for translators, wordpiece for BERT. The tokenizers "
                             "library breaks WordPiece ties in a random order, so only bpe repeats a run bit for bit")
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--token-budget", type=int, default=defaults.token_budget,
@@ -673,7 +673,7 @@ def _add_common(parser: argparse.ArgumentParser, defaults: TrainConfig) -> None:
                      help="learning-rate schedule after warmup; auto: constant for RNNs, inverse-sqrt for the "
                           "Transformer, linear decay to 0 at --steps for BERT")
     opt.add_argument("--warmup", type=int, default=None,
-                     help="linear warmup steps (default: 0 for RNNs, min(4000, steps/10) otherwise)")
+                     help="linear warmup steps; None: 0 for RNNs, min(4000, steps/10) otherwise")
     opt.add_argument("--clip-norm", type=float, default=defaults.clip_norm, help="clip the gradient norm to this")
     opt.add_argument("--steps", type=int, default=defaults.steps, help="optimizer steps to train in all (a resumed "
                      "run continues up to this step)")
@@ -686,7 +686,7 @@ def _add_common(parser: argparse.ArgumentParser, defaults: TrainConfig) -> None:
                      help="stop after this much wall-clock time, e.g. 90s, 20m, 1.5h (then validate and save)")
     run.add_argument("--resume", action="store_true",
                      help=f"continue from {TRAIN_STATE_FILE} in --output exactly where it stopped")
-    run.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    run.add_argument("--threads", type=int, default=None, help="torch intra-op threads; None leaves torch's choice")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -717,7 +717,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     bert.add_argument("--corpus", required=True, type=Path,
                       help="prose: one document a line or paragraphs separated by blank lines")
     bert.add_argument("--dev-corpus", type=Path, default=None,
-                      help="prose for validation (default: hold out --dev-fraction of the documents)")
+                      help="prose for validation; None: hold out --dev-fraction of the documents")
     bert.add_argument("--dev-fraction", type=float, default=defaults.dev_fraction,
                       help="share of the documents held out for validation when there is no --dev-corpus")
     bert.add_argument("--mlm-probability", type=float, default=defaults.mlm_probability,
