@@ -611,8 +611,8 @@ TINY_TRANSLATOR = TrainConfig(
     token_budget=700, lr=5e-3, schedule="linear", warmup=0, steps=400, validate_every=200, bleu_sample=50,
     progress=False,
 )
-# Where a family needs more to learn the reversal task to >= 95% exact match reliably (tuned over seeds); tiny_translator
-# does not apply these, so that fixtures built with the plain settings stay as they are.
+# Where a family needs more to learn the reversal task to >= 95% exact match reliably (tuned over seeds);
+# tiny_translator does not apply these, so that fixtures built with the plain settings stay as they are.
 TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     "transformer": {"heads": 2, "steps": 800, "validate_every": 400, "token_budget": 1000},
 }
