@@ -24,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", nargs="+", default=["base", "small"], help="MarianMT sizes to translate with")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the scripts, measures nothing")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.sizes = ["tiny"]
     common = ["--threads", str(args.threads), "--work", str(args.work)] + (["--quick"] if args.quick else [])
     status = encode.main([*common, "--json", str(args.out / "encode.json")])
     for size in args.sizes:
