@@ -100,6 +100,20 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
+def union_repository(work: Path) -> Path:
+    """WORK/all_repository: links to every model the other benchmarks exported (encode, translate, RNN)."""
+    union = work / "all_repository"
+    union.mkdir(exist_ok=True)
+    for repo in ("encode_repository", "translate_repository", "rnn_repository"):
+        if not (work / repo).is_dir():
+            continue
+        for model in (work / repo).iterdir():
+            link = union / model.name
+            if not model.name.startswith(".") and model.is_dir() and not link.exists():
+                link.symlink_to(model.resolve(), target_is_directory=True)
+    return union
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = base_arguments(__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=8.0, help="seconds of load per client count and setting")
@@ -108,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", nargs="+", default=["encode", "translate"], choices=["encode", "translate"],
                         help="what the clients ask for")  # fmt: skip
     parser.add_argument("--repository", type=Path, default=None,
-                        help="time-to-ready and memory of this repository too (e.g. seqserve build-default's)")
+                        help="repository whose time to ready and memory are measured at the end (e.g. seqserve "
+                             "build-default's); default: every model the benchmarks exported, linked together")
     args = parser.parse_args(argv)
     if args.quick:
         args.duration, args.clients, args.size = 0.5, [1, 4], "tiny"
@@ -147,11 +162,12 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
                 log.info("%s %s %d clients: %.1f req/s p50 %.1f ms p99 %.1f ms", task, setting, clients,
                          row.throughput, row.p50_ms, row.p99_ms)  # fmt: skip
-    if args.repository is not None:
-        with ServerProcess(args.repository, args.threads) as server:
-            time.sleep(1.0)
-            notes.append(f"{args.repository}: ready in {server.ready_seconds:.2f} s, resident memory "
-                         f"{server.rss_bytes() / 2**20:.0f} MiB")  # fmt: skip
+    everything = args.repository or union_repository(args.work)
+    with ServerProcess(everything, args.threads) as server:
+        time.sleep(1.0)
+        served = sorted(p.name for p in everything.iterdir() if not p.name.startswith("."))
+        notes.append(f"repository {everything} ({', '.join(served)}): ready in {server.ready_seconds:.2f} s, "
+                     f"resident memory {server.rss_bytes() / 2**20:.0f} MiB")  # fmt: skip
 
     lines = ["## Under load (single-sentence requests, mixed lengths)", "",
              "| task | setting | clients | requests/s | vs 1 client | p50 ms | p99 ms | p99/p50 | errors | "
