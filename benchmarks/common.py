@@ -208,6 +208,11 @@ class ServerProcess:
     def rss_bytes(self) -> int:
         return _proc_status(self.proc.pid, "VmRSS")
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time the server process has used so far."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
     def peak_rss_bytes(self) -> int:
         return _proc_status(self.proc.pid, "VmHWM")
 

@@ -42,6 +42,7 @@ class LoadRow:
     errors: int
     server_peak_rss_mib: float
     ready_s: float
+    server_cpu_cores: float  # CPU seconds the server used per second of load: the rest went to the clients
 
     @property
     def throughput(self) -> float:
@@ -155,10 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     for task, setting, repo, models, extra, call in plans:
         with ServerProcess(repo, args.threads, ["--models", *models, *extra]) as server:
             for clients in args.clients:
+                cpu = server.cpu_seconds()
                 count, latencies, errors = drive(server.address, clients, args.duration, call)
                 row = LoadRow(task, setting, clients, count, args.duration, percentile(latencies, 50) * 1e3,
                               percentile(latencies, 99) * 1e3, errors, server.peak_rss_bytes() / 2**20,
-                              server.ready_seconds)  # fmt: skip
+                              server.ready_seconds, (server.cpu_seconds() - cpu) / args.duration)  # fmt: skip
                 rows.append(row)
                 log.info("%s %s %d clients: %.1f req/s p50 %.1f ms p99 %.1f ms", task, setting, clients,
                          row.throughput, row.p50_ms, row.p99_ms)  # fmt: skip
@@ -171,13 +173,14 @@ def main(argv: list[str] | None = None) -> int:
 
     lines = ["## Under load (single-sentence requests, mixed lengths)", "",
              "| task | setting | clients | requests/s | vs 1 client | p50 ms | p99 ms | p99/p50 | errors | "
-             "server peak RSS MiB | ready s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+             "server CPU cores | server peak RSS MiB | ready s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for row in rows:
         single = next((r for r in rows if (r.task, r.setting, r.clients) == (row.task, row.setting, 1)), None)
         ratio = f"{row.throughput / single.throughput:.2f}x" if single and single.throughput else ""
         lines.append(f"| {row.task} | {row.setting} | {row.clients} | {row.throughput:,.1f} | {ratio} | "
                      f"{row.p50_ms:.1f} | {row.p99_ms:.1f} | {row.p99_ms / row.p50_ms:.2f} | {row.errors} | "
-                     f"{row.server_peak_rss_mib:.0f} | {row.ready_s:.2f} |")  # fmt: skip
+                     f"{row.server_cpu_cores:.2f} | {row.server_peak_rss_mib:.0f} | {row.ready_s:.2f} |")  # fmt: skip
     text = "\n".join(lines) + "".join(f"\n\n{n}" for n in notes)
     sys.stdout.write(text + "\n")
     if args.json:
