@@ -64,7 +64,7 @@ class TrainConfig:
     max_len: int = 128  # longer training examples are dropped (tokens, per side)
     # tokenizers (used only when none are given)
     vocab_size: int = 8000
-    vocab_kind: str | None = None  # bpe | wordpiece; None: bpe for translators, wordpiece for BERT
+    vocab_kind: str = "bpe"  # bpe | wordpiece (the tokenizers library's WordPiece trainer is not repeatable)
     joint_vocab: bool = False
     # optimisation
     token_budget: int = 4096  # padded tokens per batch
@@ -448,7 +448,7 @@ def train_translator(
             from seqserve.models.tokenization import train_translation_tokenizers
 
             source, target = train_translation_tokenizers(
-                train_pairs, kind=config.vocab_kind or "bpe", vocab_size=config.vocab_size, joint=config.joint_vocab)
+                train_pairs, kind=config.vocab_kind, vocab_size=config.vocab_size, joint=config.joint_vocab)
             tokenizers = {"source": source, "target": target}
         family, model_config = translator_model_config(
             config, tokenizers["source"].get_vocab_size(), tokenizers["target"].get_vocab_size())
@@ -561,7 +561,7 @@ def train_bert(
         if tokenizer is None:
             from seqserve.models.tokenization import train_tokenizer
 
-            tokenizer = train_tokenizer((s for d in documents for s in d), kind=config.vocab_kind or "wordpiece",
+            tokenizer = train_tokenizer((s for d in documents for s in d), kind=config.vocab_kind,
                                         vocab_size=config.vocab_size, role="bert")
         _, model = build_model("bert", bert_model_config(config, tokenizer))
     max_len = model.config.max_position_embeddings
@@ -662,9 +662,9 @@ def _add_common(parser: argparse.ArgumentParser, defaults: TrainConfig) -> None:
                             "dropped")
     vocab = parser.add_argument_group("vocabulary (trained on the training data)")
     vocab.add_argument("--vocab-size", type=int, default=defaults.vocab_size, help="tokenizer vocabulary size")
-    vocab.add_argument("--vocab-kind", choices=("bpe", "wordpiece"), default=None,
-                       help="tokenizer model; None: bpe for translators, wordpiece for BERT. The tokenizers "
-                            "library breaks WordPiece ties in a random order, so only bpe repeats a run bit for bit")
+    vocab.add_argument("--vocab-kind", choices=("bpe", "wordpiece"), default=defaults.vocab_kind,
+                       help="tokenizer model. The tokenizers library's WordPiece trainer breaks ties in a random "
+                            "order (its vocabulary differs from run to run), so only bpe repeats a run bit for bit")
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--token-budget", type=int, default=defaults.token_budget,
                      help="padded tokens per batch; batches group examples of similar length")
