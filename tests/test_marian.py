@@ -164,3 +164,24 @@ def test_pad_banned_by_generation_config_is_never_chosen(imported):
     bias = imported.model.final_logits_bias.detach().numpy()
     assert bias[config.pad_id] <= -300
     assert np.all(bias[: config.pad_id] > -100)  # EOS carries the test model's own -50, nothing else is banned
+
+
+def test_export_hf_command_exports_a_marian_directory(marian_dir, tmp_path):
+    import argparse
+
+    from seqserve.export import cli_hf
+    from seqserve.server.repository import ModelRepository
+
+    parser = argparse.ArgumentParser()
+    cli_hf.add_arguments(parser)
+    args = parser.parse_args([str(marian_dir), "--repository", str(tmp_path / "repo"), "--name", "opus"])
+    assert cli_hf.run(args) == 0
+    assert ModelRepository(tmp_path / "repo").manifest("opus").architecture == "transformer"
+
+
+def test_export_hf_refuses_bert_options_for_a_marian_directory(marian_dir, tmp_path):
+    from seqserve.export.hf_marian import export_hf
+    from seqserve.export.pipeline import ExportError
+
+    with pytest.raises(ExportError, match="split_mlm"):
+        export_hf(marian_dir, tmp_path / "repo", "opus", split_mlm=True)
