@@ -29,9 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     common = ["--threads", str(args.threads), "--work", str(args.work)] + (["--quick"] if args.quick else [])
     status = encode.main([*common, "--json", str(args.out / "encode.json")])
     for size in args.sizes:
-        status |= translate_transformer.main(
-            [*common, "--size", size, "--repeats", "3", "--warmup", "1", "--json", str(args.out / f"translate_{size}.json")]
-        )
+        out = str(args.out / f"translate_{size}.json")
+        status |= translate_transformer.main([*common, "--size", size, "--repeats", "3", "--warmup", "1", "--json", out])
     status |= translate_rnn.main([*common, "--json", str(args.out / "translate_rnn.json")])
     status |= load.main([*common, "--json", str(args.out / "load.json")])
     return status

@@ -65,7 +65,8 @@ class RawOnnx:
         options = ort.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(version_dir / "model.onnx"), options, providers=["CPUExecutionProvider"])
+        model = str(version_dir / "model.onnx")
+        self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
         self.tokenizer = Tokenizer.from_file(str(version_dir / "tokenizer.json"))
         self.tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
         self.tokenizer.enable_truncation(max_length=256)

@@ -80,8 +80,9 @@ def test_load_benchmark_reports_every_setting_without_errors(work, tmp_path):
 
     result = _run(load, work, tmp_path)
     settings = {(r["task"], r["setting"], r["clients"]) for r in result["rows"]}
-    expected_settings = {("encode", "batching on"), ("encode", "batching off"), ("translate", "batching on, joining on"),
-                         ("translate", "batching on, joining off"), ("translate", "batching off")}  # fmt: skip
+    expected_settings = {("encode", "batching on"), ("encode", "batching off"),
+                         ("translate", "batching on, joining on"), ("translate", "batching on, joining off"),
+                         ("translate", "batching off")}  # fmt: skip
     assert settings == {(t, s, c) for t, s in expected_settings for c in (1, 4)}
     for row in result["rows"]:
         assert row["requests"] > 0 and row["errors"] == 0
