@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     status = encode.main([*common, "--json", str(args.out / "encode.json")])
     for size in args.sizes:
         out = str(args.out / f"translate_{size}.json")
-        status |= translate_transformer.main([*common, "--size", size, "--repeats", "3", "--warmup", "1", "--json", out])
+        timing = ["--repeats", "3", "--warmup", "1"]
+        status |= translate_transformer.main([*common, "--size", size, *timing, "--json", out])
     status |= translate_rnn.main([*common, "--json", str(args.out / "translate_rnn.json")])
     status |= load.main([*common, "--json", str(args.out / "load.json")])
     return status
