@@ -64,9 +64,11 @@ def train_spm(out_dir: Path, vocab: int, seed: int = 0) -> Path:
     return out_dir / "spm.model"
 
 
-def build_marian_dir(out_dir: str | Path, size: MarianSize, seed: int = 0) -> Path:
+def build_marian_dir(
+    out_dir: str | Path, size: MarianSize, seed: int = 0, language_codes: tuple[str, ...] = ()
+) -> Path:
     """Save a random-weight MarianMTModel and its MarianTokenizer files (source.spm, target.spm, vocab.json) to
-    out_dir; returns it. EOS gets a -50 logit bias, so greedy outputs run to the length limit in every toolkit."""
+    out_dir; returns it. `language_codes` (">>fra<<") join the vocabulary as multilingual models have them. EOS gets a -50 logit bias, so greedy outputs run to the length limit in every toolkit."""
     import sentencepiece as spm
     import torch
     from transformers import MarianConfig, MarianMTModel, MarianTokenizer
@@ -81,6 +83,8 @@ def build_marian_dir(out_dir: str | Path, size: MarianSize, seed: int = 0) -> Pa
     for piece in pieces:
         if piece not in ("<s>", "</s>", "<unk>") and piece not in vocab:
             vocab[piece] = len(vocab)
+    for code in language_codes:  # multilingual OPUS-MT targets: ">>fra<<" tokens in vocab.json, not in the spm
+        vocab[code] = len(vocab)
     vocab["<pad>"] = len(vocab)
     (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     for name in ("source.spm", "target.spm"):

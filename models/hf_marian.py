@@ -113,6 +113,10 @@ def spm_tokenizer(spm_path: str | Path, vocab: dict[str, int], role: str) -> Tok
     specials = [t for t in ("</s>", "<unk>", "<pad>") if t in vocab]
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     tokenizer.add_special_tokens([AddedToken(BOS_TOKEN, special=True, normalized=False)])  # id V, see the docstring
+    # Target-language codes of multilingual models (">>fra<<"): MarianTokenizer takes one off the front of the text as
+    # a whole token; as added tokens they are matched whole (anywhere, a superset) and kept when decoding.
+    codes = [t for t in vocab if t.startswith(">>") and t.endswith("<<")]
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in codes])
     if role == "source":
         eos = vocab["</s>"]
         tokenizer.post_processor = processors.TemplateProcessing(

@@ -185,3 +185,15 @@ def test_export_hf_refuses_bert_options_for_a_marian_directory(marian_dir, tmp_p
 
     with pytest.raises(ExportError, match="split_mlm"):
         export_hf(marian_dir, tmp_path / "repo", "opus", split_mlm=True)
+
+
+def test_language_code_prefix_is_one_token_as_in_marian_tokenizer(tmp_path):
+    from transformers import MarianTokenizer
+
+    from seqserve.models.hf_marian import load_hf_marian
+
+    directory = build_marian_dir(tmp_path / "multi", TINY, seed=4, language_codes=(">>deu<<", ">>fra<<"))
+    theirs = MarianTokenizer.from_pretrained(directory)
+    ours = load_hf_marian(directory).tokenizers["source"]
+    for text in (">>fra<< Hello there.", ">>deu<<Guten Tag", "no code here"):
+        assert ours.encode(text).ids == theirs(text)["input_ids"], text
