@@ -22,6 +22,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("docs/bench"), help="folder for the JSON results")
     parser.add_argument("--work", type=Path, default=DEFAULT_WORK, help="folder for built and exported models")
     parser.add_argument("--sizes", nargs="+", default=["base", "small"], help="MarianMT sizes to translate with")
+    parser.add_argument("--repository", type=Path, default=None,
+                        help="repository whose time to ready and memory the load benchmark measures (e.g. seqserve "
+                             "build-default's); default: every model the benchmarks exported")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the scripts, measures nothing")
     args = parser.parse_args(argv)
     if args.quick:
@@ -33,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         timing = ["--repeats", "3", "--warmup", "1"]
         status |= translate_transformer.main([*common, "--size", size, *timing, "--json", out])
     status |= translate_rnn.main([*common, "--json", str(args.out / "translate_rnn.json")])
-    status |= load.main([*common, "--json", str(args.out / "load.json")])
+    extra = ["--repository", str(args.repository)] if args.repository else []
+    status |= load.main([*common, *extra, "--json", str(args.out / "load.json")])
     return status
 
 
