@@ -165,8 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     with ServerProcess(everything, args.threads) as server:
         time.sleep(1.0)
         served = sorted(p.name for p in everything.iterdir() if not p.name.startswith("."))
+        start_up = {"path": str(everything), "models": served, "ready_s": server.ready_seconds,
+                    "rss_mib": server.rss_bytes() / 2**20}  # fmt: skip
         notes.append(f"repository {everything} ({', '.join(served)}): ready in {server.ready_seconds:.2f} s, "
-                     f"resident memory {server.rss_bytes() / 2**20:.0f} MiB")  # fmt: skip
+                     f"resident memory {start_up['rss_mib']:.0f} MiB")  # fmt: skip
 
     lines = ["## Under load (single-sentence requests, mixed lengths)", "",
              "| task | setting | clients | requests/s | vs 1 client | p50 ms | p99 ms | p99/p50 | errors | "
@@ -182,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.write(text + "\n")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        data = {"machine": machine(), "duration_s": args.duration, "notes": notes,
+        data = {"machine": machine(), "duration_s": args.duration, "notes": notes, "repository": start_up,
                 "rows": [{**asdict(r), "throughput": r.throughput} for r in rows]}  # fmt: skip
         args.json.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     return 0

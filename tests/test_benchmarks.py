@@ -88,3 +88,4 @@ def test_load_benchmark_reports_every_setting_without_errors(work, tmp_path):
         assert row["requests"] > 0 and row["errors"] == 0
         assert row["p99_ms"] >= row["p50_ms"] > 0
         assert row["server_peak_rss_mib"] > 0 and row["ready_s"] > 0 and row["server_cpu_cores"] > 0
+    assert result["repository"]["ready_s"] > 0 and result["repository"]["rss_mib"] > 0
