@@ -68,7 +68,8 @@ def build_marian_dir(
     out_dir: str | Path, size: MarianSize, seed: int = 0, language_codes: tuple[str, ...] = ()
 ) -> Path:
     """Save a random-weight MarianMTModel and its MarianTokenizer files (source.spm, target.spm, vocab.json) to
-    out_dir; returns it. `language_codes` (">>fra<<") join the vocabulary as multilingual models have them. EOS gets a -50 logit bias, so greedy outputs run to the length limit in every toolkit."""
+    out_dir; returns it. `language_codes` (">>fra<<") join the vocabulary as multilingual models have them.
+    EOS gets a -50 logit bias, so greedy outputs run to the length limit in every toolkit."""
     import sentencepiece as spm
     import torch
     from transformers import MarianConfig, MarianMTModel, MarianTokenizer
