@@ -1,6 +1,6 @@
 """`python -m benchmarks`: every benchmark, one after another, each writing its JSON beside the others.
 
-    python -m benchmarks --threads 2 --out docs/bench
+    python -m benchmarks --threads 2 --out benchmarks/results
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ log = logging.getLogger("benchmarks")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads of every contender (the cores)")
-    parser.add_argument("--out", type=Path, default=Path("docs/bench"), help="folder for the JSON results")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for the JSON results")
     parser.add_argument("--work", type=Path, default=DEFAULT_WORK, help="folder for built and exported models")
     parser.add_argument("--sizes", nargs="+", default=["base", "small"], help="MarianMT sizes to translate with")
     parser.add_argument("--repository", type=Path, default=None,

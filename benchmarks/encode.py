@@ -8,7 +8,7 @@ Contenders, per workload (batch 1 x ~10 tokens, batch 32 x ~32 tokens, batch 32 
 The int8 rows compare the int8 export with sentence-transformers fp32 (its only precision) and raw onnxruntime on the
 same int8 graph; the int8 embeddings' cosine to fp32 is measured here as well as by the export's gate.
 
-    python -m benchmarks.encode --threads 2 --json docs/bench/encode.json
+    python -m benchmarks.encode --threads 2 --json benchmarks/results/encode.json
 """
 
 from __future__ import annotations

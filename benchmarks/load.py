@@ -6,7 +6,7 @@ and server setting (batching on, batching off = --max-batch-size 1; for translat
 --max-join-ms 0): requests/s, p50 and p99 latency, the server's peak resident memory and its time from start to ready.
 The ratio reported is throughput at N clients over throughput of one client at a time (serving them one by one).
 
-    python -m benchmarks.load --threads 2 --duration 8 --json docs/bench/load.json
+    python -m benchmarks.load --threads 2 --duration 8 --json benchmarks/results/load.json
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`python -m benchmarks.report docs/bench`: the issue's targets checked against the JSON results of one run.
+"""`python -m benchmarks.report benchmarks/results`: the issue's targets checked against the JSON results of one run.
 
 Prints a markdown table: target, measured value (from the same run's rows), met or not.
 """

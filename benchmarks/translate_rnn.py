@@ -8,7 +8,7 @@ and fixed), exported with `export_checkpoint`, and run on the same sources by:
 Workloads: batch 1 and batch 32 sources of ~20 tokens, greedy (the torch reference has no beam search); throughput is
 target tokens per second, and the outputs of both are compared.
 
-    python -m benchmarks.translate_rnn --threads 2 --json docs/bench/translate_rnn.json
+    python -m benchmarks.translate_rnn --threads 2 --json benchmarks/results/translate_rnn.json
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ Contenders, per workload (batch 1 and 32 sources of ~20 tokens, greedy and beam 
                     included (the same tokenizer.json);
   transformers      MarianMTModel.generate in PyTorch eager (fp32 workloads only).
 
-    python -m benchmarks.translate_transformer --size base --threads 2 --json docs/bench/translate_base.json
+    python -m benchmarks.translate_transformer --size base --threads 2 --json benchmarks/results/translate_base.json
 """
 
 from __future__ import annotations
