@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,7 +99,8 @@ def build_default_repository(plan: BuildPlan) -> list[str]:
         checkpoint = plan.checkpoints / BERT
         config = TrainConfig(arch="bert", hidden_size=128, layers=2, heads=2, ff_size=512, max_len=128,
                              vocab_size=8000, token_budget=4096, lr=5e-4, warmup=200, steps=100_000,
-                             validate_every=400, time_budget=plan.bert_budget, threads=plan.threads, dev_fraction=0.02)
+                             validate_every=400, time_budget=plan.bert_budget, threads=plan.threads, dev_fraction=0.02,
+                             progress=sys.stderr.isatty())
         metrics = train_bert(config, corpora.prose, checkpoint)
         logger.info("bert: dev MLM accuracy %.3f, NSP accuracy %.3f", metrics.get("dev_mlm_accuracy", float("nan")),
                     metrics.get("dev_nsp_accuracy", float("nan")))
@@ -123,7 +125,8 @@ def _translator_config(plan: BuildPlan):  # -> TrainConfig
     from seqserve.models.train import TrainConfig
 
     common = dict(arch=plan.translator_arch, max_len=96, vocab_size=8000, steps=100_000, validate_every=500,
-                  bleu_sample=100, time_budget=plan.translator_budget, threads=plan.threads)
+                  bleu_sample=100, time_budget=plan.translator_budget, threads=plan.threads,
+                  progress=sys.stderr.isatty())
     if plan.translator_arch == "transformer":
         # A few hundred steps is all a short budget buys on two cores: a short warmup so the peak rate is reached.
         return TrainConfig(**common, hidden_size=256, layers=3, heads=4, ff_size=1024, lr=1e-3, warmup=100,
