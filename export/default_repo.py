@@ -36,7 +36,7 @@ class BuildPlan:
     repository: Path
     data: Path = Path("data")
     checkpoints: Path = Path("checkpoints")
-    translator_arch: str = "transformer"
+    translator_arch: str = "gru"  # the family that learns most per minute on two cores (docs/training.md)
     translator_budget: float = 240.0  # seconds of training
     bert_budget: float = 150.0
     threads: int | None = None
