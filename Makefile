@@ -14,7 +14,7 @@ METRICS_PORT ?= 9090
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[train,dev,ray]'
+	$(BIN)/python -m pip install --quiet -e '.[train,dev,ray,bench]'
 	touch $@
 
 setup: $(BIN)/.installed
