@@ -2,7 +2,9 @@
 
 Letters: B batch, L sequence length, H hidden, V vocabulary, M masks in one text.
 One padded run of model.onnx serves a batch mixing the three kinds of job; only the outputs some job needs are
-fetched (mlm_logits is B x L x V, so it is asked for only when a fill-mask job is in the batch).
+fetched (mlm_logits is B x L x V, so it is asked for only when a fill-mask job is in the batch). When the export split
+the masked-LM head into mlm.onnx (manifest `graphs.mlm`), model.onnx has no mlm_logits and encode/NSP runs do not pay
+for the head; fill-mask jobs then run mlm.onnx on the sequence_output rows of those jobs only.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class BertModel:
     def __init__(self, loaded: LoadedModel):
         manifest = loaded.manifest
         self.session = loaded.sessions["model"]
+        self.mlm_session = loaded.sessions.get("mlm")  # split masked-LM head: sequence_output -> mlm_logits
         self.outputs = tuple(manifest.outputs) or tuple(o.name for o in self.session.get_outputs())
         self.pooling = manifest.pooling or "cls"
         # Models trained with normalised embeddings (all-MiniLM-L6-v2) are always normalised, as their pipeline does.
@@ -89,9 +92,19 @@ class BertModel:
         if "nsp" in kinds:
             wanted.append("nsp_logits")
         if "fill_mask" in kinds:
-            wanted.append("mlm_logits")
+            wanted.append("sequence_output" if self.mlm_session is not None else "mlm_logits")
         feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": type_ids}
+        wanted = list(dict.fromkeys(wanted))
         out = dict(zip(wanted, self.session.run(wanted, feeds)))
+        mlm_rows: dict[int, int] = {}  # batch row -> row of out["mlm_logits"]
+        if "fill_mask" in kinds:
+            if self.mlm_session is None:
+                mlm_rows = {b: b for b in range(len(jobs))}
+            else:
+                rows = [b for b, j in enumerate(jobs) if j.kind == "fill_mask"]
+                mlm_rows = {b: i for i, b in enumerate(rows)}
+                hidden = np.ascontiguousarray(out["sequence_output"][rows])  # (F, L, H), F fill-mask jobs
+                out["mlm_logits"] = self.mlm_session.run(["mlm_logits"], {"sequence_output": hidden})[0]  # (F, L, V)
         vectors = {}
         if "encode" in kinds:
             for pooling in {j.pooling for j in jobs if j.kind == "encode"}:
@@ -106,7 +119,7 @@ class BertModel:
             elif job.kind == "nsp":
                 job.result = float(nsp[b])
             else:
-                job.result = self._fill_mask(out["mlm_logits"][b], job)
+                job.result = self._fill_mask(out["mlm_logits"][mlm_rows[b]], job)
 
     def _fill_mask(self, logits: np.ndarray, job: BertJob) -> list[list[tuple[int, float]]]:
         """(L, V) logits of one text -> per mask, left to right, the top-k (token id, probability)."""

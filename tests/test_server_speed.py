@@ -1,0 +1,103 @@
+"""Server speed-ups keep the reference outputs: the split masked-LM head (mlm.onnx) and beam top-k preselection."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from seqserve.protos.v1 import seqserve_pb2 as pb
+from seqserve.protos.v1 import seqserve_pb2_grpc as pb_grpc
+from seqserve.server.bert import BertJob, BertModel
+from seqserve.server.config import BatchingConfig, ServerConfig
+from seqserve.server.repository import ModelRepository, load_model
+from seqserve.server.testing import ServerThread
+from seqserve.server.text import Encoded
+
+TEXTS = ["forest [MASK] foru [MASK] fori", "forest six [MASK]", "[MASK] seven", "fora foru [MASK] fore five"]
+PAIRS = [("forest five", "foru fore"), ("forest seven", "fora")]
+
+
+@pytest.fixture(scope="module")
+def split_root(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoints: dict[str, Path]) -> Path:
+    """One BERT checkpoint exported twice: with the MLM head inside model.onnx, and split into mlm.onnx."""
+    import torch
+
+    from seqserve.export import export_checkpoint
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("split_repository")
+    export_checkpoint(tiny_checkpoints["bert"], root, "bert-whole", version=1, split_mlm=False)
+    export_checkpoint(tiny_checkpoints["bert"], root, "bert-split", version=1, split_mlm=True)
+    return root
+
+
+@pytest.fixture(scope="module")
+def inference(split_root: Path):
+    config = ServerConfig(port=0, metrics_port=None, instances=1, threads=1,
+                          batching=BatchingConfig(max_queue_delay_ms=5.0))  # fmt: skip
+    with ServerThread(config, ModelRepository(split_root)) as server:
+        with grpc.insecure_channel(server.address) as channel:
+            yield pb_grpc.InferenceStub(channel)
+
+
+def _array(t: pb.Tensor) -> np.ndarray:
+    return np.frombuffer(t.data, dtype=t.dtype).reshape(tuple(t.shape))
+
+
+def _spec(name: str) -> pb.ModelSpec:
+    return pb.ModelSpec(name=name)
+
+
+def test_split_export_has_no_mlm_logits_in_model_graph(split_root: Path) -> None:
+    loaded = load_model(split_root / "bert-split" / "1")
+    assert set(loaded.sessions) == {"model", "mlm"}
+    assert "mlm_logits" not in {o.name for o in loaded.sessions["model"].get_outputs()}
+    assert "fill_mask" in BertModel(loaded).capabilities()
+
+
+def test_fill_mask_over_grpc_matches_between_split_and_whole_head(inference) -> None:
+    whole = inference.FillMask(pb.FillMaskRequest(model=_spec("bert-whole"), texts=TEXTS, top_k=4))
+    split = inference.FillMask(pb.FillMaskRequest(model=_spec("bert-split"), texts=TEXTS, top_k=4))
+    assert len(split.results) == len(TEXTS)
+    for a, b in zip(whole.results, split.results):
+        assert len(a.masks) == len(b.masks) > 0
+        for mask_a, mask_b in zip(a.masks, b.masks):
+            assert [c.token_id for c in mask_a.candidates] == [c.token_id for c in mask_b.candidates]
+            got = [c.probability for c in mask_b.candidates]
+            assert got == pytest.approx([c.probability for c in mask_a.candidates], abs=1e-5)
+
+
+def test_encode_and_nsp_over_grpc_match_between_split_and_whole_head(inference) -> None:
+    texts = [t.replace("[MASK]", "fore") for t in TEXTS]
+    whole = inference.Encode(pb.EncodeRequest(model=_spec("bert-whole"), texts=texts))
+    split = inference.Encode(pb.EncodeRequest(model=_spec("bert-split"), texts=texts))
+    assert list(split.embeddings.shape) == list(whole.embeddings.shape) and split.embeddings.shape[0] == len(texts)
+    np.testing.assert_allclose(_array(split.embeddings), _array(whole.embeddings), atol=1e-5)
+    pairs = [pb.TextPair(first=a, second=b) for a, b in PAIRS]
+    nsp_whole = inference.ScoreNextSentence(pb.ScoreNextSentenceRequest(model=_spec("bert-whole"), pairs=pairs))
+    nsp_split = inference.ScoreNextSentence(pb.ScoreNextSentenceRequest(model=_spec("bert-split"), pairs=pairs))
+    assert list(nsp_split.is_next_probability) == pytest.approx(list(nsp_whole.is_next_probability), abs=1e-5)
+
+
+def _job(loaded, text: str, kind: str) -> BertJob:
+    enc = loaded.tokenizers["text"].encode(text)
+    return BertJob(kind=kind, encoded=Encoded(list(enc.ids), list(enc.type_ids)), top_k=3)
+
+
+def test_split_head_runs_fill_mask_rows_of_a_mixed_batch_as_if_alone(split_root: Path) -> None:
+    loaded = load_model(split_root / "bert-split" / "1")
+    model = BertModel(loaded)
+    kinds = ["encode", "fill_mask", "encode", "fill_mask"]
+    mixed = [_job(loaded, text, kind) for text, kind in zip(TEXTS, kinds)]
+    model.run_batch(mixed)
+    for text, job in zip(TEXTS, mixed):
+        if job.kind != "fill_mask":
+            continue
+        alone = _job(loaded, text, "fill_mask")
+        model.run_batch([alone])
+        assert [[t for t, _ in m] for m in job.result] == [[t for t, _ in m] for m in alone.result]
+        for m_job, m_alone in zip(job.result, alone.result):
+            assert [p for _, p in m_job] == pytest.approx([p for _, p in m_alone], abs=1e-5)
