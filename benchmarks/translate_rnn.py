@@ -26,7 +26,7 @@ log = logging.getLogger("benchmarks.translate_rnn")
 def build(args: argparse.Namespace, arch: str) -> tuple[Path, Path]:
     """(checkpoint folder, exported version folder) of one architecture, built once into the work folder."""
     from seqserve.export.pipeline import export_checkpoint
-    from seqserve.models.train import tiny_translator
+    from seqserve.models.synthetic import tiny_translator
     from seqserve.server.repository import ModelRepository
 
     tag = f"{arch}-h{args.hidden}-l{args.layers}"
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from seqserve.models.checkpoint import load_checkpoint
     from seqserve.models.decoding import greedy_decode
-    from seqserve.models.train import reversal_pairs
+    from seqserve.models.synthetic import reversal_pairs
 
     torch.set_num_threads(args.threads)
     results = Results("Translate, RNN: our translators (target tokens/s)", "seqserve-inproc")

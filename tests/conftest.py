@@ -24,14 +24,14 @@ SEED = 1
 
 def tiny_dev_pairs() -> list[tuple[str, str]]:
     """The dev pairs of the tiny translators' task (held out from training)."""
-    from seqserve.models.train import reversal_pairs
+    from seqserve.models.synthetic import reversal_pairs
 
     return reversal_pairs(100, SEED + 1000)
 
 
 def tiny_documents() -> list[list[str]]:
     """Documents of the tiny BERT's domain (not the ones it was trained on)."""
-    from seqserve.models.train import synthetic_documents
+    from seqserve.models.synthetic import synthetic_documents
 
     return synthetic_documents(40, SEED + 2000)
 
@@ -40,7 +40,7 @@ def tiny_documents() -> list[list[str]]:
 def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     import torch
 
-    from seqserve.models.train import TINY_OVERRIDES, tiny_bert, tiny_translator
+    from seqserve.models.synthetic import TINY_OVERRIDES, tiny_bert, tiny_translator
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("checkpoints")

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from seqserve.cli import main as cli_main
+from seqserve.models import synthetic as S
 from seqserve.models import train as T
 from seqserve.models.checkpoint import load_checkpoint
 from seqserve.models.evaluate import EvaluationError, evaluate_bert, evaluate_translator, score_translations, translate
@@ -29,9 +30,9 @@ def translator_dir(tmp_path_factory) -> Path:
     """A half-trained reversal translator: good enough to emit words, not so good that every score is 100."""
     torch.set_num_threads(1)
     output = tmp_path_factory.mktemp("translator")
-    tokenizer = train_tokenizer([s for s, _ in T.reversal_pairs(500, 0)], kind="bpe", vocab_size=40, role="joint")
-    config = dataclasses.replace(T.TINY_TRANSLATOR, steps=120, validate_every=120, bleu_sample=0)
-    T.train_translator(config, T.reversal_pairs(1000, 0), T.reversal_pairs(20, 1), output,
+    tokenizer = train_tokenizer([s for s, _ in S.reversal_pairs(500, 0)], kind="bpe", vocab_size=40, role="joint")
+    config = dataclasses.replace(S.TINY_TRANSLATOR, steps=120, validate_every=120, bleu_sample=0)
+    T.train_translator(config, S.reversal_pairs(1000, 0), S.reversal_pairs(20, 1), output,
                        {"source": tokenizer, "target": tokenizer})
     return output
 
@@ -40,7 +41,7 @@ def translator_dir(tmp_path_factory) -> Path:
 def bert_dir(tmp_path_factory) -> Path:
     torch.set_num_threads(1)
     output = tmp_path_factory.mktemp("bert")
-    T.tiny_bert(output, steps=20, validate_every=20)
+    S.tiny_bert(output, steps=20, validate_every=20)
     return output
 
 
@@ -79,7 +80,7 @@ def test_scoring_refuses_unequal_counts():
 
 def test_translate_returns_outputs_in_input_order(translator_dir):
     checkpoint = load_checkpoint(translator_dir)
-    sources = [s for s, _ in T.reversal_pairs(30, 5)]  # mixed lengths: batches are formed by length
+    sources = [s for s, _ in S.reversal_pairs(30, 5)]  # mixed lengths: batches are formed by length
     src_tok, tgt_tok = checkpoint.tokenizers["source"], checkpoint.tokenizers["target"]
     batched = translate(checkpoint.model, src_tok, tgt_tok, sources, token_budget=200)
     one_by_one = [translate(checkpoint.model, src_tok, tgt_tok, [s])[0] for s in sources]
@@ -88,7 +89,7 @@ def test_translate_returns_outputs_in_input_order(translator_dir):
 
 def test_cli_scores_bleu_100_against_the_models_own_output(tmp_path, capsys, translator_dir):
     checkpoint = load_checkpoint(translator_dir)
-    sources = [s for s, _ in T.reversal_pairs(40, 6)]
+    sources = [s for s, _ in S.reversal_pairs(40, 6)]
     hypotheses = translate(checkpoint.model, checkpoint.tokenizers["source"], checkpoint.tokenizers["target"], sources)
     assert all(hypotheses)
     tsv = _write_tsv(tmp_path / "perfect.tsv", list(zip(sources, hypotheses)))
@@ -98,7 +99,7 @@ def test_cli_scores_bleu_100_against_the_models_own_output(tmp_path, capsys, tra
 
 
 def test_cli_saves_bleu_and_chrf_beside_the_checkpoint(tmp_path, capsys, translator_dir):
-    pairs = T.reversal_pairs(40, 7)
+    pairs = S.reversal_pairs(40, 7)
     tsv = _write_tsv(tmp_path / "test.tsv", pairs)
     hyp_file = tmp_path / "hyp.txt"
     printed = _cli_metrics(capsys, ["evaluate", str(translator_dir), "--tsv", str(tsv), "--hypotheses", str(hyp_file)])
@@ -120,7 +121,7 @@ def test_translator_evaluation_refuses_a_bert(bert_dir):
 
 
 def test_cli_reports_mlm_and_nsp_accuracy_on_prose(tmp_path, capsys, bert_dir):
-    documents = T.synthetic_documents(10, 9, sentences=4)
+    documents = S.synthetic_documents(10, 9, sentences=4)
     prose = tmp_path / "prose.txt"
     prose.write_text("".join(" ".join(f"{s.capitalize()}." for s in d) + "\n" for d in documents))
     printed = _cli_metrics(capsys, ["evaluate", str(bert_dir), "--prose", str(prose), "--max-len", "32"])
@@ -133,11 +134,11 @@ def test_cli_reports_mlm_and_nsp_accuracy_on_prose(tmp_path, capsys, bert_dir):
 
 def test_bert_evaluation_repeats_with_the_same_seed(bert_dir):
     checkpoint = load_checkpoint(bert_dir)
-    documents = T.synthetic_documents(10, 4)
+    documents = S.synthetic_documents(10, 4)
     assert evaluate_bert(checkpoint, documents, seed=1, max_len=32) == evaluate_bert(checkpoint, documents, seed=1,
                                                                                      max_len=32)
 
 
 def test_bert_evaluation_refuses_a_translator(translator_dir):
     with pytest.raises(EvaluationError, match="not a BERT"):
-        evaluate_bert(load_checkpoint(translator_dir), T.synthetic_documents(3, 0))
+        evaluate_bert(load_checkpoint(translator_dir), S.synthetic_documents(3, 0))

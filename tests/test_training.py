@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from seqserve.cli import main as cli_main
+from seqserve.models import synthetic as S
 from seqserve.models import train as T
 from seqserve.models.batching import BatchPosition, BatchStream, padded_tokens, token_budget_batches
 from seqserve.models.checkpoint import load_checkpoint
@@ -30,8 +31,8 @@ def one_thread():
 @pytest.fixture(scope="session")
 def reversal_tokenizers():
     """One joint tokenizer for the reversal task, and under "text" a BERT tokenizer for the synthetic documents."""
-    tokenizer = train_tokenizer([s for s, _ in T.reversal_pairs(500, 0)], kind="bpe", vocab_size=40, role="joint")
-    sentences = [s for d in T.synthetic_documents(30, 0) for s in d]
+    tokenizer = train_tokenizer([s for s, _ in S.reversal_pairs(500, 0)], kind="bpe", vocab_size=40, role="joint")
+    sentences = [s for d in S.synthetic_documents(30, 0) for s in d]
     bert = train_tokenizer(sentences, kind="wordpiece", vocab_size=200, role="bert")
     return {"source": tokenizer, "target": tokenizer, "text": bert}
 
@@ -53,21 +54,21 @@ def _exact_match(checkpoint_dir: Path, pairs: list[tuple[str, str]]) -> float:
         ("gru", {}),
         ("birnn-lstm", {"peephole": True, "attention": "additive"}),
         ("birnn-gru", {"attention": "scaled_dot"}),
-        ("transformer", T.TINY_OVERRIDES["transformer"]),
+        ("transformer", S.TINY_OVERRIDES["transformer"]),
     ],
 )
 def test_translator_family_learns_reversal(tmp_path, reversal_tokenizers, arch, overrides):
-    config = dataclasses.replace(T.TINY_TRANSLATOR, arch=arch, **overrides)
-    train, dev = T.reversal_pairs(2000, 1), T.reversal_pairs(100, 2)
+    config = dataclasses.replace(S.TINY_TRANSLATOR, arch=arch, **overrides)
+    train, dev = S.reversal_pairs(2000, 1), S.reversal_pairs(100, 2)
     T.train_translator(config, train, dev, tmp_path, reversal_tokenizers)
-    held_out = T.reversal_pairs(200, 3)
+    held_out = S.reversal_pairs(200, 3)
     assert _exact_match(tmp_path, held_out) >= 0.95
 
 
 def test_bert_beats_chance_on_mlm_and_nsp(tmp_path):
-    T.tiny_bert(tmp_path)
+    S.tiny_bert(tmp_path)
     checkpoint = load_checkpoint(tmp_path)
-    documents = T.synthetic_documents(40, seed=7)
+    documents = S.synthetic_documents(40, seed=7)
     scores = evaluate_bert(checkpoint, documents, seed=3, max_len=32)
     # Chance: NSP is balanced (0.5); for MLM, always guessing the most frequent token of the corpus.
     counts: dict[int, int] = {}
@@ -86,12 +87,12 @@ def test_bert_beats_chance_on_mlm_and_nsp(tmp_path):
 def _short_run(arch: str, output: Path, steps: int, tokenizers, resume: bool = False, stop_at: int | None = None):
     """A few steps with dropout and warmup, so that resuming must restore RNG and schedule state to match."""
     if arch == "bert":
-        config = dataclasses.replace(T.TINY_BERT, steps=steps, validate_every=10, dropout=0.1, warmup=5)
-        return T.train_bert(config, T.synthetic_documents(30, 0), output, dev=T.synthetic_documents(3, 1),
+        config = dataclasses.replace(S.TINY_BERT, steps=steps, validate_every=10, dropout=0.1, warmup=5)
+        return T.train_bert(config, S.synthetic_documents(30, 0), output, dev=S.synthetic_documents(3, 1),
                             tokenizer=tokenizers["text"], resume=resume, stop_at=stop_at)
-    config = dataclasses.replace(T.TINY_TRANSLATOR, arch=arch, steps=steps, validate_every=10, dropout=0.1,
+    config = dataclasses.replace(S.TINY_TRANSLATOR, arch=arch, steps=steps, validate_every=10, dropout=0.1,
                                  warmup=5, schedule="auto", bleu_sample=5)
-    return T.train_translator(config, T.reversal_pairs(300, 0), T.reversal_pairs(20, 1), output, tokenizers,
+    return T.train_translator(config, S.reversal_pairs(300, 0), S.reversal_pairs(20, 1), output, tokenizers,
                               resume=resume, stop_at=stop_at)
 
 
@@ -126,9 +127,9 @@ def test_metrics_and_train_state_saved_beside_checkpoint(tmp_path, reversal_toke
 
 def test_best_checkpoint_is_kept_when_dev_loss_worsens(tmp_path, reversal_tokenizers):
     # Dev pairs that copy instead of reverse: dev loss first falls (lengths, symbols), then rises as reversal is learnt.
-    config = dataclasses.replace(T.TINY_TRANSLATOR, steps=100, validate_every=10, bleu_sample=0)
-    dev = [(s, s) for s, _ in T.reversal_pairs(20, 1)]
-    result = T.train_translator(config, T.reversal_pairs(300, 0), dev, tmp_path, reversal_tokenizers)
+    config = dataclasses.replace(S.TINY_TRANSLATOR, steps=100, validate_every=10, bleu_sample=0)
+    dev = [(s, s) for s, _ in S.reversal_pairs(20, 1)]
+    result = T.train_translator(config, S.reversal_pairs(300, 0), dev, tmp_path, reversal_tokenizers)
     assert result["best_step"] < 100 and result["last_dev"]["dev_loss"] > result["dev_loss"]
     checkpoint = load_checkpoint(tmp_path)
     assert checkpoint.metrics["step"] == result["best_step"]
@@ -139,9 +140,9 @@ def test_best_checkpoint_is_kept_when_dev_loss_worsens(tmp_path, reversal_tokeni
 
 
 def test_time_budget_stops_training(tmp_path, reversal_tokenizers):
-    config = dataclasses.replace(T.TINY_TRANSLATOR, steps=1_000_000, validate_every=1_000_000, time_budget=1.0,
+    config = dataclasses.replace(S.TINY_TRANSLATOR, steps=1_000_000, validate_every=1_000_000, time_budget=1.0,
                                  bleu_sample=0)
-    result = T.train_translator(config, T.reversal_pairs(200, 0), T.reversal_pairs(10, 1), tmp_path,
+    result = T.train_translator(config, S.reversal_pairs(200, 0), S.reversal_pairs(10, 1), tmp_path,
                                 reversal_tokenizers)
     assert result["stopped_by_time_budget"]
     assert 0 < result["steps_trained"] < 1_000_000
@@ -156,7 +157,7 @@ def test_resume_without_train_state_is_refused(tmp_path, reversal_tokenizers):
 
 
 def test_cli_trains_a_translator_from_tsv(tmp_path):
-    for name, pairs in (("train.tsv", T.reversal_pairs(200, 0)), ("dev.tsv", T.reversal_pairs(10, 1))):
+    for name, pairs in (("train.tsv", S.reversal_pairs(200, 0)), ("dev.tsv", S.reversal_pairs(10, 1))):
         (tmp_path / name).write_text("".join(f"{s}\t{t}\n" for s, t in pairs))
     code = cli_main([
         "train", "translator", "--arch", "gru", "--train", str(tmp_path / "train.tsv"), "--dev",
@@ -171,8 +172,8 @@ def test_cli_trains_a_translator_from_tsv(tmp_path):
 
 
 def test_bert_run_with_bpe_vocabulary_repeats_exactly(tmp_path):
-    config = dataclasses.replace(T.TINY_BERT, steps=5, validate_every=5, vocab_kind="bpe", dropout=0.1)
-    runs = [T.train_bert(config, T.synthetic_documents(20, 0), tmp_path / str(i), dev=T.synthetic_documents(3, 1))
+    config = dataclasses.replace(S.TINY_BERT, steps=5, validate_every=5, vocab_kind="bpe", dropout=0.1)
+    runs = [T.train_bert(config, S.synthetic_documents(20, 0), tmp_path / str(i), dev=S.synthetic_documents(3, 1))
             for i in range(2)]
     assert runs[0]["step_losses"] == runs[1]["step_losses"]
 
@@ -180,7 +181,7 @@ def test_bert_run_with_bpe_vocabulary_repeats_exactly(tmp_path):
 def test_cli_trains_a_bert_from_prose(tmp_path):
     prose = tmp_path / "prose.txt"
     # One document a line; sentences end with a full stop and start upper-case, as the sentence splitter expects.
-    prose.write_text("".join(" ".join(f"{s.capitalize()}." for s in d) + "\n" for d in T.synthetic_documents(30, 0)))
+    prose.write_text("".join(" ".join(f"{s.capitalize()}." for s in d) + "\n" for d in S.synthetic_documents(30, 0)))
     code = cli_main([
         "train", "bert", "--corpus", str(prose), "--output", str(tmp_path / "ckpt"), "--hidden-size", "16",
         "--heads", "2", "--ff-size", "32", "--layers", "1", "--vocab-size", "120", "--max-len", "32", "--steps", "4",
