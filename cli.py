@@ -15,7 +15,8 @@ from typing import Sequence
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "data": ("seqserve.models.data", "rebuild the corpora from their registry sources, or validate TSV/prose files"),
+    "data": ("seqserve.models.data_cli",
+             "rebuild the corpora from their registry sources, or validate TSV/prose files"),
     "train": ("seqserve.models.train_cli", "train a translator (lstm, gru, birnn-*, transformer) or a BERT"),
     "evaluate": ("seqserve.models.evaluate", "BLEU/chrF of a translator, MLM/NSP accuracy of a BERT"),
     "import-hf": ("seqserve.models.hf", "turn a local Hugging Face BERT directory into a seqserve checkpoint"),

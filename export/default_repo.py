@@ -64,7 +64,8 @@ def _stage(number: int, total: int, text: str) -> None:
 def build_default_repository(plan: BuildPlan) -> list[str]:
     """Build whatever of the default repository is missing; returns the names built."""
     from seqserve.export import export_checkpoint, export_hf_bert
-    from seqserve.models.data import CORPUS_FILES, CorpusFiles, prepare_corpora, read_pairs
+    from seqserve.models.corpora import CORPUS_FILES, CorpusFiles, prepare_corpora
+    from seqserve.models.data import read_pairs
     from seqserve.models.train import TrainConfig, train_bert, train_translator
 
     todo = missing_models(plan.repository)

@@ -11,22 +11,18 @@ from pathlib import Path
 import pytest
 
 from seqserve.cli import main
-from seqserve.models.data import (
+from seqserve.models.corpora import (
     CORPUS_FILES,
     SHARED_ENV,
     BuildError,
-    DataError,
     align_paragraphs,
     deduplicate,
     extract_help_pairs,
     help_paragraphs,
     prepare_corpora,
-    read_documents,
-    read_pairs,
     split_dev,
-    split_sentences,
-    validate_file,
 )
+from seqserve.models.data import DataError, read_documents, read_pairs, split_sentences, validate_file
 
 
 def _write(path: Path, data: bytes) -> Path:

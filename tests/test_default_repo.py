@@ -11,7 +11,7 @@ import pytest
 
 from seqserve.cli import main
 from seqserve.export.default_repo import DEFAULT_MODELS, missing_models
-from seqserve.models.data import DEV_FILE, PROSE_FILE, TRAIN_FILE
+from seqserve.models.corpora import DEV_FILE, PROSE_FILE, TRAIN_FILE
 
 WORDS_EN = "the file menu opens a new window with the current document and its styles".split()
 WORDS_DE = "das datei menü öffnet ein neues fenster mit dem aktuellen dokument und seinen stilen".split()
