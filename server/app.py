@@ -43,7 +43,8 @@ def session_options(config: ServerConfig) -> SessionOptions:
     if config.device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
         raise DeviceUnavailable(config.device, ort.get_available_providers())
     instances, threads = config.resolved_threads()
-    return SessionOptions(provider=config.device, intra_op_threads=threads, inter_op_threads=1, allow_spinning=False)
+    return SessionOptions(provider=config.device, intra_op_threads=threads, inter_op_threads=1, allow_spinning=False,
+                          cpu_mem_arena=config.cpu_mem_arena)  # fmt: skip
 
 
 class SeqServer:

@@ -28,6 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="concurrent onnxruntime runs across models (0: from the cores)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=d.threads,
                         help="intra-op threads per run (0: cores // instances)")  # fmt: skip
+    parser.add_argument("--no-cpu-mem-arena", dest="cpu_mem_arena", action="store_false",
+                        help="turn off onnxruntime's CPU memory arena: less resident memory, slower large batches")
     parser.add_argument("--models", nargs="*", default=[], metavar="NAME",
                         help="load only these models at start (default: every model, highest version)")  # fmt: skip
     parser.add_argument("--max-batch-tokens", type=int, default=bat.max_batch_tokens,
@@ -59,6 +61,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(
         host=args.host, port=args.port, metrics_port=None if args.metrics_port < 0 else args.metrics_port,
         device=args.device, instances=args.instances, threads=args.threads, models=tuple(args.models),
+        cpu_mem_arena=args.cpu_mem_arena,
         grace_period_s=args.grace_period,
         limits=Limits(
             max_texts=args.max_texts, max_chars_per_text=args.max_chars_per_text,

@@ -267,6 +267,9 @@ class SessionOptions:
     # Spinning threads burn idle CPU between requests and starve other instances: off unless asked for.
     allow_spinning: bool = False
     graph_optimization: str = "all"  # "disable" | "basic" | "extended" | "all"
+    # onnxruntime's CPU memory arena: off saves ~135 MiB peak RSS on a batch 32 x 128 BERT but ran those batches
+    # ~1.5-2x slower here (docs/benchmarks.md, Levers adopted), so it stays on unless memory matters more.
+    cpu_mem_arena: bool = True
     verify_hashes: bool = True
 
     def __post_init__(self) -> None:
@@ -294,6 +297,7 @@ class SessionOptions:
         so.intra_op_num_threads = self.intra_op_threads
         so.inter_op_num_threads = self.inter_op_threads
         so.graph_optimization_level = _OPTIMIZATION_LEVELS[self.graph_optimization]
+        so.enable_cpu_mem_arena = self.cpu_mem_arena
         spin = "1" if self.allow_spinning else "0"
         so.add_session_config_entry("session.intra_op.allow_spinning", spin)
         so.add_session_config_entry("session.inter_op.allow_spinning", spin)

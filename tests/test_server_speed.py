@@ -101,3 +101,29 @@ def test_split_head_runs_fill_mask_rows_of_a_mixed_batch_as_if_alone(split_root:
         assert [[t for t, _ in m] for m in job.result] == [[t for t, _ in m] for m in alone.result]
         for m_job, m_alone in zip(job.result, alone.result):
             assert [p for _, p in m_job] == pytest.approx([p for _, p in m_alone], abs=1e-5)
+
+
+def test_no_cpu_mem_arena_flag_reaches_the_onnxruntime_session_options() -> None:
+    import argparse
+
+    from seqserve.server import cli as server_cli
+    from seqserve.server.app import session_options
+
+    parser = argparse.ArgumentParser()
+    server_cli.add_arguments(parser)
+    default = server_cli.config_from_args(parser.parse_args(["--repository", "r"]))
+    lean = server_cli.config_from_args(parser.parse_args(["--repository", "r", "--no-cpu-mem-arena"]))
+    assert session_options(default).ort_options().enable_cpu_mem_arena is True
+    assert session_options(lean).ort_options().enable_cpu_mem_arena is False
+
+
+def test_model_served_without_the_arena_gives_the_same_fill_mask(split_root: Path) -> None:
+    from seqserve.server.repository import SessionOptions
+
+    with_arena = BertModel(load_model(split_root / "bert-split" / "1"))
+    loaded = load_model(split_root / "bert-split" / "1", SessionOptions(cpu_mem_arena=False))
+    without = BertModel(loaded)
+    a, b = _job(loaded, TEXTS[0], "fill_mask"), _job(loaded, TEXTS[0], "fill_mask")
+    with_arena.run_batch([a])
+    without.run_batch([b])
+    assert a.result == b.result
