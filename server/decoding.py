@@ -111,6 +111,43 @@ class GreedySearch(Search):
         return [(0, token)]
 
 
+def _rank(values: np.ndarray, index: np.ndarray, take: int) -> np.ndarray:
+    """Positions in `values` of its `take` best, best first, ties by `index` (ascending). Every entry equal to the
+    take-th best value is ranked, so which tied entries make the cut never depends on argpartition's internals."""
+    take = min(take, values.size)
+    cut = np.partition(values, values.size - take)[values.size - take]  # the take-th largest value
+    tied = np.flatnonzero(values >= cut)  # (N,) N >= take
+    return tied[np.lexsort((index[tied], -values[tied]))][:take]
+
+
+def best_candidates_full(candidates: np.ndarray, take: int) -> np.ndarray:
+    """Reference ranking: flat indices of the `take` best of (R, V) `candidates`, best first, ties by flat index."""
+    flat = candidates.reshape(-1)  # (R * V,)
+    return _rank(flat, np.arange(flat.size), take)
+
+
+def best_candidates(log_probs: np.ndarray, totals: np.ndarray, take: int) -> np.ndarray:
+    """`best_candidates_full(totals[:, None] + log_probs, take)` with per-row preselection on the float32 (R, V)
+    log-probs: adding a row's float64 total keeps the row's order, so the global best `take` lie among each row's best
+    `take` (ties by column, which orders a row as the flat index does), and only those get the float64 add.
+
+    Every entry equal to a row's cut value is kept (a superset of the row's best `take` whatever the ties). The add
+    can still round two different float32 values of a row to one float64 sum; when that happens at a row's cut (the
+    best value below the cut sums to the cut's sum) the call takes the full path, so the result is always exactly
+    the reference one."""
+    rows, vocab = log_probs.shape
+    if take >= vocab or rows == 1:
+        return best_candidates_full(totals[:, None] + log_probs, take)
+    part = np.argpartition(log_probs, vocab - take, axis=1)[:, vocab - take:]  # (R, take) each row's best, unordered
+    cut = np.take_along_axis(log_probs, part, axis=1).min(axis=1)  # (R,) each row's take-th best value
+    below = np.where(log_probs < cut[:, None], log_probs, -np.inf).max(axis=1)  # (R,) best value under the cut
+    if np.any(totals + below.astype(np.float64) >= totals + cut.astype(np.float64)):
+        return best_candidates_full(totals[:, None] + log_probs, take)
+    kept = np.flatnonzero(log_probs >= cut[:, None])  # (N,) flat indices, N >= R * take (more on ties at the cut)
+    values = totals[kept // vocab] + log_probs.reshape(-1)[kept]  # (N,) float64, as in the full (R, V) sum
+    return kept[_rank(values, kept, take)]
+
+
 @dataclass
 class BeamSearch(Search):
     """Beam search as in fairseq: of the 2k best extensions, EOS among the first k ends a hypothesis; the first k
@@ -123,11 +160,8 @@ class BeamSearch(Search):
         k = self.beam_size
         rows, vocab = log_probs.shape
         totals = np.array([sum(s) for s in self.live_scores], dtype=np.float64)  # (rows,)
-        candidates = (totals[:, None] + log_probs).reshape(-1)  # (rows * V,)
-        take = min(2 * k, candidates.size)
-        best = np.argpartition(-candidates, take - 1)[:take]
-        # Ties broken by index so the order does not depend on argpartition's internals.
-        best = best[np.lexsort((best, -candidates[best]))]
+        # The 2k best extensions of totals[:, None] + log_probs, ties broken by flat index.
+        best = best_candidates(log_probs, totals, 2 * k)  # (2k,) flat indices into (rows, V)
         next_rows: list[tuple[int, int]] = []
         next_tokens, next_scores = [], []
         for rank, flat in enumerate(best):

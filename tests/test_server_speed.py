@@ -127,3 +127,87 @@ def test_model_served_without_the_arena_gives_the_same_fill_mask(split_root: Pat
     with_arena.run_batch([a])
     without.run_batch([b])
     assert a.result == b.result
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Beam search: per-row top-k preselection ranks exactly as the full ranking
+
+
+def _tie_heavy(rng: np.random.Generator, rows: int, vocab: int) -> np.ndarray:
+    """(R, V) log-probs drawn from a handful of values, so the per-row cut nearly always falls inside a tie."""
+    levels = np.log(np.array([0.5, 0.2, 0.1, 0.05], dtype=np.float32))
+    return levels[rng.integers(0, levels.size, size=(rows, vocab))]
+
+
+@pytest.mark.parametrize("take", [2, 4, 8])
+def test_preselected_ranking_equals_full_ranking_on_random_log_probs(take: int) -> None:
+    from seqserve.server.decoding import best_candidates, best_candidates_full
+
+    def sorted_reference(candidates: np.ndarray) -> np.ndarray:  # every candidate sorted: value desc, index asc
+        flat = candidates.reshape(-1)
+        return np.lexsort((np.arange(flat.size), -flat))[:take]
+
+    rng = np.random.default_rng(take)
+    for rows, vocab in [(1, 50), (3, 40), (8, 300), (16, 7)]:
+        log_probs = rng.standard_normal((rows, vocab)).astype(np.float32)
+        totals = rng.standard_normal(rows) * 3
+        candidates = totals[:, None] + log_probs  # (R, V) float64
+        np.testing.assert_array_equal(best_candidates(log_probs, totals, take), sorted_reference(candidates))
+        np.testing.assert_array_equal(best_candidates_full(candidates, take), sorted_reference(candidates))
+
+
+@pytest.mark.parametrize("take", [2, 4, 8])
+def test_preselected_ranking_equals_full_ranking_with_ties_at_the_cut(take: int) -> None:
+    from seqserve.server.decoding import best_candidates, best_candidates_full
+
+    def sorted_reference(candidates: np.ndarray) -> np.ndarray:  # every candidate sorted: value desc, index asc
+        flat = candidates.reshape(-1)
+        return np.lexsort((np.arange(flat.size), -flat))[:take]
+
+    rng = np.random.default_rng(100 + take)
+    for trial in range(20):
+        rows, vocab = int(rng.integers(2, 9)), int(rng.integers(take + 1, 60))
+        log_probs = _tie_heavy(rng, rows, vocab)
+        totals = rng.choice([0.0, -1.5], size=rows)  # rows sharing a total tie across rows too
+        candidates = totals[:, None] + log_probs  # (R, V)
+        want = sorted_reference(candidates)
+        np.testing.assert_array_equal(best_candidates(log_probs, totals, take), want, err_msg=f"trial {trial}")
+        np.testing.assert_array_equal(best_candidates_full(candidates, take), want, err_msg=f"trial {trial}")
+    minus_inf = np.full((3, 10), -np.inf, dtype=np.float32)
+    minus_inf[1, 4] = -1.0
+    zeros = np.zeros(3)
+    np.testing.assert_array_equal(best_candidates(minus_inf, zeros, take), sorted_reference(minus_inf + zeros[:, None]))
+    # Distinct float32 values that one float64 total rounds to one sum, at the cut: 1e-30 vs 2e-30 below -5.
+    rounding = np.full((2, 12), -30.0, dtype=np.float32)
+    rounding[:, 1 : take + 1] = -1e-30
+    rounding[:, 0] = -2e-30  # under each row's cut in float32, tied with it (and first by index) in float64
+    totals = np.array([-5.0, -5.0])
+    want = sorted_reference(totals[:, None] + rounding)
+    np.testing.assert_array_equal(best_candidates(rounding, totals, take), want)
+
+
+def test_beam_search_with_preselection_makes_the_same_hypotheses_as_the_full_ranking(monkeypatch) -> None:
+    from seqserve.server import decoding
+
+    rng = np.random.default_rng(7)
+    steps = [_tie_heavy(rng, 4, 30) if i % 2 else np.log(rng.dirichlet(np.ones(30), 4)).astype(np.float32)
+             for i in range(12)]  # fmt: skip
+
+    def run() -> list:
+        search = decoding.make_search(beam_size=4, max_len=12, eos_id=2, alpha=0.0)
+        first = np.log(rng_first.dirichlet(np.ones(30), 1)).astype(np.float32)  # (1, V): one BOS row
+        rows = search.advance(first)
+        for log_probs in steps:
+            if search.done:
+                break
+            rows = search.advance(log_probs[: len(rows)])
+        return list(search.finished)
+
+    rng_first = np.random.default_rng(1)
+    fast = run()
+    def full(log_probs: np.ndarray, totals: np.ndarray, take: int) -> np.ndarray:
+        return decoding.best_candidates_full(totals[:, None] + log_probs, take)
+
+    monkeypatch.setattr(decoding, "best_candidates", full)
+    rng_first = np.random.default_rng(1)
+    assert run() == fast and len(fast) > 0
