@@ -1,6 +1,6 @@
 """RNN translation benchmark: our own LSTM and GRU translators with attention, seqserve against the PyTorch reference.
 
-Each model is trained here for a few steps (models/train.py's letter-reversal task; the weights only need to be ours
+Each model is trained here for a few steps (models/synthetic.py's letter-reversal task; the weights only need to be ours
 and fixed), exported with `export_checkpoint`, and run on the same sources by:
   seqserve-inproc   the server's Translator (server/translation.py) on the exported version, tokenization included;
   torch-reference   models/decoding.py `greedy_decode` on the checkpoint's torch model (eval, no_grad), same threads,

@@ -2,7 +2,7 @@
 
 `tiny_checkpoints`: arch -> checkpoint folder, for "lstm", "gru", "birnn-lstm", "transformer" (translators trained for a
 few seconds on reversing letter sequences, "a c b" -> "b c a", joint BPE vocabulary) and "bert" (MLM + NSP heads,
-trained on models/train.py's synthetic documents, BPE vocabulary).
+trained on models/synthetic.py's documents, BPE vocabulary).
 
 `tiny_repository`: a model repository (a folder; treat it as read-only, copy it to change it) holding version 1 of
 tiny-lstm, tiny-gru, tiny-birnn, tiny-transformer, tiny-bert, and the int8 variants tiny-lstm-int8 and
