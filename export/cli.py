@@ -29,9 +29,10 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                         help="largest absolute difference allowed between onnxruntime and PyTorch outputs")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                         help="cuda: fp16 graphs checked on the GPU (needs a GPU and onnxruntime-gpu)")
-    parser.add_argument("--split-mlm", action="store_true",
+    parser.add_argument("--split-mlm", action=argparse.BooleanOptionalAction, default=None,
                         help="BERT with heads: put the masked-LM head in its own mlm.onnx (sequence_output -> "
-                             "mlm_logits) so encode and NSP requests do not pay for the B x L x V logits")
+                             "mlm_logits) so encode and NSP requests do not pay for the B x L x V logits "
+                             "(default: on for `seqserve export`, off for `seqserve export-hf`)")
     parser.add_argument("--sample", type=Path, default=None, metavar="FILE",
                         help="BERT int8 gate sample: prose, one document a line; when omitted, a small built-in sample")
     parser.add_argument("--threads", type=int, default=None,
@@ -71,7 +72,7 @@ def run_export(args: argparse.Namespace, export: Callable[..., Path], **kwargs: 
         path = export(
             repository=args.repository, name=args.name, version=args.version, quantize=args.quantize,
             optimize=args.optimize, force=args.force, tolerance=args.tolerance, device=args.device,
-            split_mlm=args.split_mlm, **kwargs,
+            split_mlm=bool(args.split_mlm), **kwargs,
         )  # fmt: skip
     except (ExportError, ParityError, QualityGateError, RepositoryError, DataError) as exc:
         log.error("export failed: %s", exc)
@@ -86,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
     from seqserve.models.data import DataError, read_pairs
 
     kwargs: dict[str, Any] = {"checkpoint_dir": args.checkpoint}
+    if args.split_mlm is None:  # a split head ran encode batches 2.5x faster (docs/benchmarks.md, Levers adopted)
+        args.split_mlm = True
     try:
         if args.dev is not None:
             kwargs["dev"] = read_pairs(args.dev)[: args.dev_limit]

@@ -211,3 +211,21 @@ def test_beam_search_with_preselection_makes_the_same_hypotheses_as_the_full_ran
     monkeypatch.setattr(decoding, "best_candidates", full)
     rng_first = np.random.default_rng(1)
     assert run() == fast and len(fast) > 0
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# `seqserve export` splits the MLM head by default
+
+
+def test_export_command_splits_the_mlm_head_of_a_bert_by_default(tiny_checkpoints, tmp_path) -> None:
+    import argparse
+
+    from seqserve.cli import main as seqserve_main
+    from seqserve.export import cli as export_cli
+
+    args = ["export", str(tiny_checkpoints["bert"]), "-r", str(tmp_path), "-n", "bert", "--log-level", "WARNING"]
+    assert seqserve_main(args) == 0
+    assert set(ModelRepository(tmp_path).manifest("bert").graphs) == {"model", "mlm"}
+    parser = argparse.ArgumentParser()
+    export_cli.add_arguments(parser)
+    assert parser.parse_args(["ckpt", "-r", "r", "-n", "b", "--no-split-mlm"]).split_mlm is False
