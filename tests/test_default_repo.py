@@ -51,6 +51,11 @@ def test_build_default_writes_every_default_model_with_a_manifest(built: Path) -
     assert tasks == {"en-de": "translation", "sotu-bert": "bert", "minilm-l6": "bert"}
 
 
+def test_build_default_exports_the_bert_with_its_mlm_head_apart(built: Path) -> None:
+    manifest = json.loads((built / "repo" / "sotu-bert" / "1" / "manifest.json").read_text())
+    assert set(manifest["graphs"]) == {"model", "mlm"}  # Encode and NSP run without the vocabulary-sized head
+
+
 def test_build_default_if_missing_returns_at_once_when_the_repository_is_complete(built: Path) -> None:
     started = time.monotonic()
     assert main(["build-default", "--repository", str(built / "repo"), "--if-missing"]) == 0
