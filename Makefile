@@ -8,9 +8,16 @@ REPOSITORY ?= model_repository
 PORT ?= 50051
 METRICS_PORT ?= 9090
 
-.PHONY: setup serve build-default test protos check-protos clean
+.PHONY: setup setup-serve serve build-default test protos check-protos clean
 
 # torch==2.13.0 is pinned in the `train` extra: it installs the CPU build kept on these machines' disk.
+# Serving needs the core and, to build the default repository, `train`; the tests need every extra.
+$(BIN)/.installed-serve: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[train]'
+	touch $@
+
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
@@ -19,7 +26,9 @@ $(BIN)/.installed: pyproject.toml
 
 setup: $(BIN)/.installed
 
-build-default: setup
+setup-serve: $(BIN)/.installed-serve
+
+build-default: setup-serve
 	$(BIN)/seqserve build-default --repository $(REPOSITORY) --if-missing
 
 serve: build-default
