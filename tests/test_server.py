@@ -24,9 +24,6 @@ DOCS = ["forest five foru fore fori", "forest six foru foro foru", "forest seven
 LIMITS = Limits(max_texts=16, max_chars_per_text=300, max_message_bytes=64 * 1024, max_beam_size=8, max_top_k=20)
 
 
-def _root(tiny_repository) -> Path:
-    return tiny_repository if isinstance(tiny_repository, Path) else Path(tiny_repository.root)
-
 
 @pytest.fixture(scope="module")
 def running(tiny_repository):
@@ -34,7 +31,7 @@ def running(tiny_repository):
         port=0, metrics_port=None, instances=1, threads=1, limits=LIMITS,
         batching=BatchingConfig(max_queue_delay_ms=20.0),
     )  # fmt: skip
-    with ServerThread(config, ModelRepository(_root(tiny_repository))) as server:
+    with ServerThread(config, ModelRepository(tiny_repository)) as server:
         yield server
 
 
@@ -54,7 +51,7 @@ def _spec(name: str, version: int = 0) -> pb.ModelSpec:
 
 
 def _version_dir(tiny_repository, name: str) -> Path:
-    return _root(tiny_repository) / name / "1"
+    return tiny_repository / name / "1"
 
 
 def _session(tiny_repository, name: str, graph: str) -> ort.InferenceSession:

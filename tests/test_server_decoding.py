@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,13 +14,10 @@ TRANSLATORS = ("tiny-lstm", "tiny-gru", "tiny-birnn", "tiny-transformer")
 SENTENCES = ["the cat sat on the mat", "a dog", "we read a book in the park today", "i like tea"]
 
 
-def _root(tiny_repository) -> Path:
-    return tiny_repository if isinstance(tiny_repository, Path) else Path(tiny_repository.root)
-
 
 @pytest.fixture(scope="module", params=TRANSLATORS)
 def translator(request, tiny_repository):
-    repo = ModelRepository(_root(tiny_repository))
+    repo = ModelRepository(tiny_repository)
     if request.param not in repo.models():
         pytest.fail(f"tiny_repository lacks {request.param}; it has {sorted(repo.models())}")
     loaded = repo.load(request.param, options=SessionOptions(intra_op_threads=1))

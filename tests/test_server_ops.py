@@ -7,7 +7,6 @@ import shutil
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import grpc
 import pytest
@@ -27,14 +26,11 @@ LONG_OPTIONS = pb.DecodingOptions(beam_size=8, n_best=1)
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-def _root(tiny_repository) -> Path:
-    return tiny_repository if isinstance(tiny_repository, Path) else Path(tiny_repository.root)
-
 
 @pytest.fixture(scope="module")
 def running(tiny_repository):
     config = ServerConfig(port=0, metrics_port=0, instances=1, threads=1, batching=BATCHING)
-    with ServerThread(config, ModelRepository(_root(tiny_repository))) as server:
+    with ServerThread(config, ModelRepository(tiny_repository)) as server:
         yield server
 
 
@@ -117,8 +113,8 @@ def test_load_of_an_unknown_model_is_not_found(models):
 def test_a_model_that_fails_to_load_is_failed_and_the_others_serve(tiny_repository, tmp_path):
     root = tmp_path / "repo"
     for name in ("tiny-lstm", "tiny-bert"):
-        shutil.copytree(_root(tiny_repository) / name, root / name)
-    shutil.copytree(_root(tiny_repository) / "tiny-lstm", root / "broken")
+        shutil.copytree(tiny_repository / name, root / name)
+    shutil.copytree(tiny_repository / "tiny-lstm", root / "broken")
     manifest = json.loads((root / "broken" / "1" / "manifest.json").read_text())
     manifest["name"] = "broken"
     (root / "broken" / "1" / "manifest.json").write_text(json.dumps(manifest))
@@ -242,7 +238,7 @@ def test_stream_read_ahead_bounds_the_items_in_flight(tiny_repository):
                           batching=BatchingConfig(max_queue_delay_ms=20.0), models=("tiny-lstm",))  # fmt: skip
     spec = pb.ModelSpec(name="tiny-lstm")
     items = [pb.TranslateStreamRequest(id=str(i), model=spec, text="a b c") for i in range(12)]
-    with ServerThread(config, ModelRepository(_root(tiny_repository))) as running:
+    with ServerThread(config, ModelRepository(tiny_repository)) as running:
         with grpc.insecure_channel(running.address) as ch:
             responses = list(pb_grpc.InferenceStub(ch).TranslateStream(iter(items)))
         registry = running.server.metrics.registry
@@ -254,8 +250,8 @@ def test_stream_read_ahead_bounds_the_items_in_flight(tiny_repository):
 
 def test_version_zero_is_the_highest_ready_version(tiny_repository, tmp_path):
     root = tmp_path / "repo"
-    shutil.copytree(_root(tiny_repository) / "tiny-lstm" / "1", root / "tiny-lstm" / "1")
-    shutil.copytree(_root(tiny_repository) / "tiny-lstm" / "1", root / "tiny-lstm" / "2")
+    shutil.copytree(tiny_repository / "tiny-lstm" / "1", root / "tiny-lstm" / "1")
+    shutil.copytree(tiny_repository / "tiny-lstm" / "1", root / "tiny-lstm" / "2")
     manifest = json.loads((root / "tiny-lstm" / "2" / "manifest.json").read_text())
     (root / "tiny-lstm" / "2" / "manifest.json").write_text(json.dumps({**manifest, "version": 2}))
     config = ServerConfig(port=0, metrics_port=None, instances=1, threads=1)
