@@ -23,7 +23,7 @@ from seqserve.server.config import ServerConfig, available_cores
 from seqserve.server.interceptors import ParseErrorsInterceptor
 from seqserve.server.manager import SERVING, ModelManager
 from seqserve.server.metrics import Metrics
-from seqserve.server.repository import ModelRepository, SessionOptions
+from seqserve.server.repository import ModelRepository, SessionOptions, shared_thread_pool
 from seqserve.server.servicers import InferenceServicer, ModelsServicer, ServingState
 
 log = logging.getLogger(__name__)
@@ -52,9 +52,12 @@ class SeqServer:
         self.config = config
         self.instances, self.threads = config.resolved_threads()
         options = session_options(config)
+        if config.shared_threads:
+            shared_thread_pool(self.threads, 1)  # before any session of the process; every session then uses it
         log.info(
-            "onnxruntime: device %s, %d concurrent runs x %d intra-op threads on %d cores, spinning off",
+            "onnxruntime: device %s, %d concurrent runs x %d intra-op threads on %d cores, %s",
             config.device, self.instances, self.threads, available_cores(),
+            "one shared thread pool" if config.shared_threads else "a non-spinning pool per session",
         )  # fmt: skip
         # The pool's size bounds concurrent onnxruntime runs across all models: instances x threads <= cores.
         self.executor = ThreadPoolExecutor(max_workers=self.instances, thread_name_prefix="ort")

@@ -1,11 +1,12 @@
 """Per-model request queue cut into batches under a token budget and a maximum queue delay.
 
-The first sequence to arrive opens a collection window of `max_queue_delay_ms`; everything queued by then (or until
-the budget is full) is sorted by length and cut into batches whose padded size (sequences x longest x beam) stays
-within `max_batch_tokens`, so similar lengths travel together. Batches run in the shared worker pool (onnxruntime
-releases the GIL); the pool's size is the number of concurrent runs across all models. A sequence whose request was
-cancelled or whose deadline passed is dropped before its batch runs, and inside a translation batch it leaves the
-running decode at the next step (see decoding.py).
+When nothing of the model is running, a request starts at once (`dispatch_when_idle`, the default); otherwise the
+first sequence to arrive opens a collection window of `max_queue_delay_ms`, which also closes when the running batch
+ends. Everything queued by then (or until the budget is full) is sorted by length and cut into batches whose padded
+size (sequences x longest x beam) stays within `max_batch_tokens`, so similar lengths travel together. Batches run in
+the shared worker pool (onnxruntime releases the GIL); the pool's size is the number of concurrent runs across all
+models. A sequence whose request was cancelled or whose deadline passed is dropped before its batch runs, and inside a
+translation batch it leaves the running decode at the next step (see decoding.py).
 """
 
 from __future__ import annotations
@@ -159,9 +160,13 @@ class Batcher:
                     loop.call_later(delay - waited, self._wakeup.set)
                     continue
             else:
-                # Collect: wait for company until the delay passes or the budget is full.
+                # Collect: wait for company until the delay passes or the budget is full. With dispatch_when_idle,
+                # a model with nothing running starts at once (a lone request never waits for company that is not
+                # coming), and requests arriving while a batch runs gather until it ends or the delay passes.
                 opened = self._queue[0].enqueued
                 while self._queued_cost() < self.config.max_batch_tokens:
+                    if self.config.dispatch_when_idle and not self._running:
+                        break
                     remaining = opened + delay - time.monotonic()
                     if remaining <= 0:
                         break

@@ -30,6 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="intra-op threads per run (0: cores // instances)")  # fmt: skip
     parser.add_argument("--no-cpu-mem-arena", dest="cpu_mem_arena", action="store_false",
                         help="turn off onnxruntime's CPU memory arena: less resident memory, slower large batches")
+    parser.add_argument("--per-session-threads", dest="shared_threads", action="store_false",
+                        help="a non-spinning onnxruntime thread pool per session instead of one shared pool")
     parser.add_argument("--models", nargs="*", default=[], metavar="NAME",
                         help="load only these models at start (default: every model, highest version)")  # fmt: skip
     parser.add_argument("--max-batch-tokens", type=int, default=bat.max_batch_tokens,
@@ -37,7 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "overrides")  # fmt: skip
     parser.add_argument("--max-batch-size", type=int, default=bat.max_batch_size, help="sequences per batch")
     parser.add_argument("--max-queue-delay-ms", type=float, default=bat.max_queue_delay_ms,
-                        help="how long a request waits for others to batch with")  # fmt: skip
+                        help="how long a request waits for others to batch with while a batch of its model runs")
+    parser.add_argument("--always-wait", dest="dispatch_when_idle", action="store_false",
+                        help="wait --max-queue-delay-ms for company even when the model is idle")  # fmt: skip
     parser.add_argument("--max-join-ms", type=float, default=bat.max_join_ms,
                         help="how long a running RNN decode takes newcomers before it finishes and frees its worker")
     parser.add_argument("--max-texts", type=int, default=lim.max_texts, help="texts or pairs per request")
@@ -61,7 +65,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(
         host=args.host, port=args.port, metrics_port=None if args.metrics_port < 0 else args.metrics_port,
         device=args.device, instances=args.instances, threads=args.threads, models=tuple(args.models),
-        cpu_mem_arena=args.cpu_mem_arena,
+        cpu_mem_arena=args.cpu_mem_arena, shared_threads=args.shared_threads,
         grace_period_s=args.grace_period,
         limits=Limits(
             max_texts=args.max_texts, max_chars_per_text=args.max_chars_per_text,
@@ -70,6 +74,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         ),
         batching=BatchingConfig(
             max_batch_tokens=args.max_batch_tokens, max_queue_delay_ms=args.max_queue_delay_ms,
+            dispatch_when_idle=args.dispatch_when_idle,
             max_batch_size=args.max_batch_size, max_join_ms=args.max_join_ms,
         ),
     )  # fmt: skip

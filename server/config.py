@@ -38,13 +38,16 @@ class BatchingConfig:
 
     max_batch_tokens: int = 4096  # padded tokens per batch (sequences x longest)
     max_queue_delay_ms: float = 5.0  # how long the first request of a batch waits for company
+    # Start at once when nothing of the model is running (the delay applies only while a batch runs): a lone request
+    # pays no queue delay, and under load batches still form from what arrives during the running batch.
+    dispatch_when_idle: bool = True
     max_batch_size: int = 64  # sequences per batch
     # A running translation decode takes newcomers for this long, then finishes and frees its worker, so one
     # model's steady stream cannot starve the others of the worker pool.
     max_join_ms: float = 500.0
 
     def with_overrides(self, overrides: dict[str, Any]) -> "BatchingConfig":
-        keys = ("max_batch_tokens", "max_queue_delay_ms", "max_batch_size", "max_join_ms")
+        keys = ("max_batch_tokens", "max_queue_delay_ms", "max_batch_size", "max_join_ms", "dispatch_when_idle")
         known = {k: overrides[k] for k in keys if k in overrides}
         return replace(self, **known)
 
@@ -58,6 +61,9 @@ class ServerConfig:
     instances: int = 0  # concurrent onnxruntime runs; 0: chosen from the cores
     threads: int = 0  # intra-op threads per run; 0: cores // instances
     cpu_mem_arena: bool = True  # onnxruntime's CPU memory arena: faster, more resident memory
+    # One onnxruntime thread pool for every session of the process (`seqserve serve` turns it on; it binds the whole
+    # process, so library and test servers leave it off unless asked): see repository.shared_thread_pool.
+    shared_threads: bool = False
     models: tuple[str, ...] = ()  # load only these at start; empty: every model (highest version)
     grace_period_s: float = 10.0
     limits: Limits = field(default_factory=Limits)

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -257,6 +258,33 @@ def verify_files(version_dir: str | os.PathLike, manifest: Manifest) -> None:
 # Sessions
 
 
+_shared_pool_lock = threading.Lock()
+_shared_pool_sizes: tuple[int, int] | None = None  # (intra, inter) of this process's shared pools, once created
+
+
+def shared_thread_pool(intra_op_threads: int, inter_op_threads: int) -> tuple[int, int]:
+    """Create this process's shared onnxruntime thread pools (once); returns their (intra, inter) sizes.
+
+    onnxruntime can give every session of a process one intra-op pool instead of a pool each. Its threads spin a
+    little after each run, so a decoder's next step (or the next request) finds them awake, and, being one pool,
+    they never spin against another session's. It is a decision for the whole process: once the pools exist,
+    onnxruntime refuses sessions with pools of their own, and the sizes cannot change. `seqserve serve` makes it
+    at start (`--per-session-threads` to keep a pool per session); library users opt in by calling this first."""
+    global _shared_pool_sizes
+    wanted = (intra_op_threads, inter_op_threads)
+    with _shared_pool_lock:
+        if _shared_pool_sizes is None:
+            ort.set_global_thread_pool_sizes(*wanted)
+            _shared_pool_sizes = wanted
+            log.info("onnxruntime: one shared pool of %d intra-op threads for every session", intra_op_threads)
+        elif _shared_pool_sizes != wanted:
+            log.warning(
+                "onnxruntime's shared pools have %d intra-op / %d inter-op threads for the life of this process; "
+                "%d / %d asked for are ignored", *_shared_pool_sizes, *wanted,
+            )  # fmt: skip
+        return _shared_pool_sizes
+
+
 @dataclass(frozen=True)
 class SessionOptions:
     """How onnxruntime runs a model: execution provider, threads, spinning, graph optimisation."""
@@ -264,8 +292,11 @@ class SessionOptions:
     provider: str = "cpu"  # "cpu" | "cuda"
     intra_op_threads: int = 1
     inter_op_threads: int = 1
-    # Spinning threads burn idle CPU between requests and starve other instances: off unless asked for.
+    # Per-session pools: spinning threads burn idle CPU between requests and the pools of several sessions spin
+    # against each other, so spinning is off unless asked for.
     allow_spinning: bool = False
+    # Once the process has made its shared pools (shared_thread_pool), every session uses them instead, and the
+    # thread counts and spinning here are ignored.
     graph_optimization: str = "all"  # "disable" | "basic" | "extended" | "all"
     # onnxruntime's CPU memory arena: off saves ~135 MiB peak RSS on a batch 32 x 128 BERT but ran those batches
     # ~1.5-2x slower here (docs/benchmarks.md, Levers adopted), so it stays on unless memory matters more.
@@ -294,10 +325,16 @@ class SessionOptions:
 
     def ort_options(self) -> ort.SessionOptions:
         so = ort.SessionOptions()
-        so.intra_op_num_threads = self.intra_op_threads
-        so.inter_op_num_threads = self.inter_op_threads
         so.graph_optimization_level = _OPTIMIZATION_LEVELS[self.graph_optimization]
         so.enable_cpu_mem_arena = self.cpu_mem_arena
+        if _shared_pool_sizes is not None:
+            if _shared_pool_sizes != (self.intra_op_threads, self.inter_op_threads):
+                log.debug("session asks for %d / %d threads; the process's shared pools have %d / %d",
+                          self.intra_op_threads, self.inter_op_threads, *_shared_pool_sizes)  # fmt: skip
+            so.use_per_session_threads = False  # thread counts and spinning are the shared pools'
+            return so
+        so.intra_op_num_threads = self.intra_op_threads
+        so.inter_op_num_threads = self.inter_op_threads
         spin = "1" if self.allow_spinning else "0"
         so.add_session_config_entry("session.intra_op.allow_spinning", spin)
         so.add_session_config_entry("session.inter_op.allow_spinning", spin)

@@ -188,6 +188,37 @@ def test_session_options_set_threads_spinning_and_optimisation():
     ) == "1"
 
 
+_SHARED_POOL_SCRIPT = """
+import sys
+import numpy as np
+from seqserve.server import repository
+from seqserve.server.repository import SessionOptions, load_model, shared_thread_pool
+
+path = sys.argv[1]
+ids = np.array([[2, 5, 3]], dtype=np.int64)
+feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+options = SessionOptions(intra_op_threads=1)
+assert options.ort_options().use_per_session_threads  # no shared pools yet: a pool of its own
+own = load_model(path, options).sessions["model"].run(None, feeds)[0]
+assert shared_thread_pool(2, 1) == (2, 1)
+# From now on every session of the process uses the shared pools (onnxruntime refuses pools of their own).
+assert not options.ort_options().use_per_session_threads
+shared = load_model(path, options).sessions["model"].run(None, feeds)[0]
+assert shared_thread_pool(1, 1) == (2, 1)  # the sizes are the process's: a second call cannot change them
+np.testing.assert_array_equal(shared, own)
+print("ok")
+"""
+
+
+def test_sessions_share_one_thread_pool_for_the_life_of_the_process(tmp_path):
+    # In a subprocess: the shared pools bind the whole process, and this test process must keep per-session pools.
+    path = _publish(tmp_path)
+    done = subprocess.run([sys.executable, "-c", _SHARED_POOL_SCRIPT, str(path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "ok"
+    assert "ignored" in done.stderr  # the second call's sizes are reported as ignored, not silently dropped
+
+
 def test_cuda_provider_is_used_or_refused_clearly(tmp_path):
     path = _publish(tmp_path)
     if "CUDAExecutionProvider" in ort.get_available_providers():

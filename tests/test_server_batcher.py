@@ -81,7 +81,7 @@ def test_a_sequence_past_its_deadline_never_runs():
 
     async def scenario():
         with ThreadPoolExecutor(1) as pool:
-            batcher = Batcher("m", 1, run, pool, BatchingConfig(max_queue_delay_ms=50.0), 100)
+            batcher = Batcher("m", 1, run, pool, BatchingConfig(max_queue_delay_ms=50.0, dispatch_when_idle=False), 100)
             batcher.start()
             late = asyncio.ensure_future(batcher.submit([("late", 1, 1)], time.monotonic() + 0.001))
             ok = asyncio.ensure_future(batcher.submit([("ok", 1, 1)], None))
@@ -102,7 +102,7 @@ def test_a_cancelled_request_never_runs():
 
     async def scenario():
         with ThreadPoolExecutor(1) as pool:
-            batcher = Batcher("m", 1, run, pool, BatchingConfig(max_queue_delay_ms=50.0), 100)
+            batcher = Batcher("m", 1, run, pool, BatchingConfig(max_queue_delay_ms=50.0, dispatch_when_idle=False), 100)
             batcher.start()
             gone = asyncio.ensure_future(batcher.submit([("gone", 1, 1)], None))
             ok = asyncio.ensure_future(batcher.submit([("ok", 1, 1)], None))
@@ -139,3 +139,35 @@ def test_a_failing_batch_fails_the_sequences_it_pulled_in():
 
     results = _run(scenario())
     assert [str(r) for r in results] == ["graph failed", "graph failed"]
+
+
+def test_an_idle_model_starts_at_once_and_a_busy_one_gathers_what_arrives_meanwhile():
+    started, release = threading.Event(), threading.Event()
+    runs: list[list[str]] = []
+
+    def run(items, context):
+        runs.append([it.job for it in items])
+        if len(runs) == 1:
+            started.set()
+            release.wait(10)
+
+    async def scenario():
+        with ThreadPoolExecutor(1) as pool:
+            # A 10 s queue delay: the lone first request must not wait for it, nor the two queued behind a batch.
+            batcher = Batcher("m", 1, run, pool, BatchingConfig(max_queue_delay_ms=10_000.0), 100)
+            batcher.start()
+            began = time.monotonic()
+            first = asyncio.ensure_future(batcher.submit([("a", 1, 1)], None))
+            await asyncio.get_running_loop().run_in_executor(None, started.wait, 10)
+            waited_first = time.monotonic() - began
+            rest = [asyncio.ensure_future(batcher.submit([(name, 1, 1)], None)) for name in ("b", "c")]
+            await asyncio.sleep(0.05)
+            release.set()
+            await asyncio.gather(first, *rest)
+            elapsed = time.monotonic() - began
+            await batcher.close()
+            return waited_first, elapsed
+
+    waited_first, elapsed = _run(scenario())
+    assert waited_first < 1.0 and elapsed < 2.0  # neither batch waited out the 10 s delay
+    assert runs == [["a"], ["b", "c"]]  # what arrived during the first batch ran as one batch right after it

@@ -117,6 +117,21 @@ def test_no_cpu_mem_arena_flag_reaches_the_onnxruntime_session_options() -> None
     assert session_options(lean).ort_options().enable_cpu_mem_arena is False
 
 
+def test_serve_shares_one_thread_pool_and_starts_an_idle_model_at_once_unless_told_otherwise() -> None:
+    import argparse
+
+    from seqserve.server import cli as server_cli
+
+    parser = argparse.ArgumentParser()
+    server_cli.add_arguments(parser)
+    default = server_cli.config_from_args(parser.parse_args(["--repository", "r"]))
+    other = server_cli.config_from_args(
+        parser.parse_args(["--repository", "r", "--per-session-threads", "--always-wait"])
+    )
+    assert default.shared_threads and default.batching.dispatch_when_idle
+    assert not other.shared_threads and not other.batching.dispatch_when_idle
+
+
 def test_model_served_without_the_arena_gives_the_same_fill_mask(split_root: Path) -> None:
     from seqserve.server.repository import SessionOptions
 
