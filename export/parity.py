@@ -27,6 +27,7 @@ from seqserve.export.graphs import (
     target_vocab_size,
 )
 from seqserve.models.decoding import greedy_decode
+from seqserve.server.repository import DECODER_TOP_K_INPUT
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +155,9 @@ class StepGraphs:
         feeds = {"prev_ids": prev_ids, "src_pad_mask": src_pad_mask}
         feeds.update(zip(self.memory, memory))
         feeds.update(zip(self.state, state))
-        log_probs, *new_state = self.decoder.run(None, feeds)
+        if DECODER_TOP_K_INPUT in {i.name for i in self.decoder.get_inputs()}:
+            feeds[DECODER_TOP_K_INPUT] = np.array([1], dtype=np.int64)  # the graph's TopK output is not checked here
+        log_probs, *new_state = self.decoder.run(["log_probs", *(f"new_{name}" for name in self.state)], feeds)
         return log_probs, new_state
 
 

@@ -34,6 +34,8 @@ class StepModel(Protocol):
     pad_id: int
     joinable: bool  # sentences may join a running batch (no state tensor has a time axis)
     memory_src_axes: list[int]  # the source-length axis of each memory tensor
+    top_k: bool  # step_top_k exists: the graph ranks each row's best K tokens itself
+    vocab_size: int  # V (0: unknown)
 
     def encode(self, src_ids: np.ndarray, src_pad_mask: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """(B, S) ids and pad mask -> (memory tensors, initial state tensors), all batch-first."""
@@ -43,6 +45,14 @@ class StepModel(Protocol):
         self, prev_ids: np.ndarray, src_pad_mask: np.ndarray, memory: list[np.ndarray], state: list[np.ndarray]
     ) -> tuple[np.ndarray, list[np.ndarray]]:
         """(R,) previous tokens -> ((R, V) log-probabilities, new state)."""
+        ...
+
+    def step_top_k(
+        self, prev_ids: np.ndarray, src_pad_mask: np.ndarray, memory: list[np.ndarray], state: list[np.ndarray],
+        k: int,
+    ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:  # fmt: skip
+        """(R,) previous tokens -> ((R, k) best log-probabilities, (R, k) their token ids, new state); each row best
+        first, ties to the lower id. Only called when `top_k` is true."""
         ...
 
 
@@ -77,6 +87,17 @@ class Search:
         """(rows, V) log-probabilities of this sentence's live rows -> [(parent row, token)] that continue."""
         raise NotImplementedError
 
+    def candidates(self) -> int:
+        """How many best tokens per row `advance_top` needs to decide exactly as `advance` would."""
+        return 1
+
+    def advance_top(self, values: np.ndarray, ids: np.ndarray, complete: bool) -> list[tuple[int, int]] | None:
+        """`advance` from each row's best tokens: (rows, K) log-probabilities best first (ties to the lower id) and
+        their ids, K >= candidates() unless `complete` (K is the whole vocabulary). None, with nothing changed, when
+        these candidates cannot settle the step exactly: the caller then passes the full log-probabilities to
+        `advance`."""
+        return None
+
     def _finish(self, tokens: tuple[int, ...], scores: tuple[float, ...], ended: bool) -> Hypothesis:
         length = len(scores)
         return Hypothesis(tokens, float(sum(scores)) / length_penalty(length, self.alpha), scores, ended)
@@ -97,9 +118,15 @@ class GreedySearch(Search):
     """The most likely token at each step."""
 
     def advance(self, log_probs: np.ndarray) -> list[tuple[int, int]]:
+        token = int(np.argmax(log_probs[0]))  # the first of equal maxima: the lower id, as TopK orders ties
+        return self._take(token, float(log_probs[0, token]))
+
+    def advance_top(self, values: np.ndarray, ids: np.ndarray, complete: bool) -> list[tuple[int, int]]:
+        return self._take(int(ids[0, 0]), float(values[0, 0]))
+
+    def _take(self, token: int, log_prob: float) -> list[tuple[int, int]]:
         self.steps += 1
-        token = int(np.argmax(log_probs[0]))
-        tokens, scores = self.live_tokens[0], self.live_scores[0] + (float(log_probs[0, token]),)
+        tokens, scores = self.live_tokens[0], self.live_scores[0] + (log_prob,)
         if token == self.eos_id:
             self.finished.append(self._finish(tokens, scores, ended=True))
             self.live_tokens, self.live_scores, self.done = [], [], True
@@ -155,18 +182,42 @@ class BeamSearch(Search):
 
     beam_size: int = 4
 
+    def candidates(self) -> int:
+        return 2 * self.beam_size + 1  # the 2k best of each row, and one more to prove the 2k-th is not tied
+
     def advance(self, log_probs: np.ndarray) -> list[tuple[int, int]]:
+        vocab = log_probs.shape[1]
+        # The 2k best extensions of totals[:, None] + log_probs, ties broken by flat index.
+        best = best_candidates(log_probs, self._totals(), 2 * self.beam_size)  # (2k,) flat indices into (rows, V)
+        parents, tokens = np.divmod(best, vocab)
+        return self._extend(parents, tokens, log_probs[parents, tokens])
+
+    def advance_top(self, values: np.ndarray, ids: np.ndarray, complete: bool) -> list[tuple[int, int]] | None:
+        take = 2 * self.beam_size
+        rows, fetched = values.shape
+        sums = self._totals()[:, None] + values.astype(np.float64)  # (rows, K), each row descending
+        if not complete and (fetched <= take or not np.all(sums[:, take] < sums[:, take - 1])):
+            # Some row's 2k-th sum is not strictly above everything after it, so an unfetched token (lower id,
+            # or a float32 value rounding to the same float64 sum) could tie into the ranking: let `advance` decide.
+            return None
+        n = min(take, fetched)
+        parents = np.repeat(np.arange(rows), n)  # (rows * n,)
+        tokens, sums, values = ids[:, :n].reshape(-1), sums[:, :n].reshape(-1), values[:, :n].reshape(-1)
+        # Rank by sum descending, then flat index (parent, token) ascending: exactly the full ranking's order.
+        best = np.lexsort((tokens, parents, -sums))[:take]
+        return self._extend(parents[best], tokens[best], values[best])
+
+    def _totals(self) -> np.ndarray:
+        return np.array([sum(s) for s in self.live_scores], dtype=np.float64)  # (rows,)
+
+    def _extend(self, parents: np.ndarray, tokens: np.ndarray, log_probs: np.ndarray) -> list[tuple[int, int]]:
+        """Continue from the ranked (parent row, token, log-probability) candidates, best first."""
         self.steps += 1
         k = self.beam_size
-        rows, vocab = log_probs.shape
-        totals = np.array([sum(s) for s in self.live_scores], dtype=np.float64)  # (rows,)
-        # The 2k best extensions of totals[:, None] + log_probs, ties broken by flat index.
-        best = best_candidates(log_probs, totals, 2 * k)  # (2k,) flat indices into (rows, V)
         next_rows: list[tuple[int, int]] = []
         next_tokens, next_scores = [], []
-        for rank, flat in enumerate(best):
-            parent, token = divmod(int(flat), vocab)
-            scores = self.live_scores[parent] + (float(log_probs[parent, token]),)
+        for rank, (parent, token, log_prob) in enumerate(zip(parents.tolist(), tokens.tolist(), log_probs.tolist())):
+            scores = self.live_scores[parent] + (float(log_prob),)
             if token == self.eos_id:
                 if rank < k:
                     self.finished.append(self._finish(self.live_tokens[parent], scores, ended=True))
@@ -289,8 +340,19 @@ class RunningBatch:
             self.memory = [np.take(m, np.arange(longest), axis=a) for m, a in zip(self.memory, axes)]
 
     def step(self) -> list[int]:
-        """One decoder run for every row, then each search picks its continuations; returns the sentences done."""
-        log_probs, state = self.model.step(self.prev_ids, self.mask, self.memory, self.state)  # (R, V)
+        """One decoder run for every row, then each search picks its continuations; returns the sentences done.
+
+        With a TopK graph (`model.top_k`) the run returns each row's best K tokens, K the most any live search
+        needs, instead of the (R, V) log-probabilities; a search those cannot settle exactly (a tie at its cut,
+        rare) gets the full log-probabilities of this same step, from a second run on the same inputs."""
+        log_probs = values = ids = None
+        vocab = self.model.vocab_size
+        if self.model.top_k:
+            k = max(self.searches[i].candidates() for i in self.rows_of)
+            k = min(k, vocab) if vocab else k
+            values, ids, state = self.model.step_top_k(self.prev_ids, self.mask, self.memory, self.state, k)
+        else:
+            log_probs, state = self.model.step(self.prev_ids, self.mask, self.memory, self.state)  # (R, V)
         parents: list[int] = []
         tokens: list[int] = []
         new_rows: dict[int, list[int]] = {}
@@ -298,7 +360,13 @@ class RunningBatch:
         finished = []
         for i in sorted(self.rows_of):
             rows = self.rows_of[i]
-            chosen = self.searches[i].advance(log_probs[rows])
+            chosen = None
+            if log_probs is None:
+                chosen = self.searches[i].advance_top(values[rows], ids[rows], complete=values.shape[1] == vocab)
+                if chosen is None:
+                    log_probs, _ = self.model.step(self.prev_ids, self.mask, self.memory, self.state)  # (R, V)
+            if chosen is None:
+                chosen = self.searches[i].advance(log_probs[rows])
             if not chosen:
                 finished.append(i)
                 continue

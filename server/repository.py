@@ -27,6 +27,10 @@ from tokenizers import Tokenizer
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+# A decoder step graph may end in TopK over its log_probs (export/graphs.add_top_k): K from the int64 [1] input, the
+# best K log-probabilities and their token ids per row, best first, ties to the lower id. Older graphs lack it.
+DECODER_TOP_K_INPUT = "topk"
+DECODER_TOP_K_OUTPUTS = ("topk_log_probs", "topk_ids")
 MANIFEST_FILE = "manifest.json"
 SERVING_CONFIG_FILE = "config.json"
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]*\Z")

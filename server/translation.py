@@ -13,7 +13,7 @@ import numpy as np
 
 from seqserve.server.decoding import Hypothesis, Search, decode_batch, make_search, source_max_len
 from seqserve.server.errors import OptionOutOfRange
-from seqserve.server.repository import LoadedModel
+from seqserve.server.repository import DECODER_TOP_K_INPUT, DECODER_TOP_K_OUTPUTS, LoadedModel
 from seqserve.server.text import TextCodec
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,12 @@ class OnnxStepModel:
         self.eos_id = int(special.get("eos", 2))
         self._new_state = [f"new_{n}" for n in self.state_names]
         inputs = {spec.name: spec.shape for spec in manifest.graphs["decoder"].inputs}
+        outputs = {spec.name: spec.shape for spec in manifest.graphs["decoder"].outputs}
+        # Graphs exported with TopK (export/graphs.add_top_k) rank each row's best tokens themselves.
+        self._feeds_k = DECODER_TOP_K_INPUT in inputs
+        self.top_k = self._feeds_k and all(name in outputs for name in DECODER_TOP_K_OUTPUTS)
+        vocab = outputs.get("log_probs", ())[-1:]
+        self.vocab_size = vocab[0] if vocab and isinstance(vocab[0], int) else 0
         # Decoder graphs may omit src_pad_mask (a model that does not attend over the source, say): feed what exists.
         self._feeds_mask = "src_pad_mask" in inputs
         # Where each memory tensor keeps the source positions, so a joining sentence's memory can be padded.
@@ -57,16 +63,32 @@ class OnnxStepModel:
         n = len(self.memory_names)
         return list(outputs[:n]), list(outputs[n : n + len(self.state_names)])
 
-    def step(
-        self, prev_ids: np.ndarray, src_pad_mask: np.ndarray, memory: list[np.ndarray], state: list[np.ndarray]
-    ) -> tuple[np.ndarray, list[np.ndarray]]:
+    def _feeds(
+        self, prev_ids: np.ndarray, src_pad_mask: np.ndarray, memory: list[np.ndarray], state: list[np.ndarray],
+        k: int = 1,
+    ) -> dict[str, np.ndarray]:  # fmt: skip
         feeds = {"prev_ids": prev_ids}
         if self._feeds_mask:
             feeds["src_pad_mask"] = src_pad_mask
         feeds.update(zip(self.memory_names, memory))
         feeds.update(zip(self.state_names, state))
-        outputs = self.decoder.run(["log_probs", *self._new_state], feeds)
+        if self._feeds_k:
+            feeds[DECODER_TOP_K_INPUT] = np.array([k], dtype=np.int64)
+        return feeds
+
+    def step(
+        self, prev_ids: np.ndarray, src_pad_mask: np.ndarray, memory: list[np.ndarray], state: list[np.ndarray]
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        outputs = self.decoder.run(["log_probs", *self._new_state], self._feeds(prev_ids, src_pad_mask, memory, state))
         return outputs[0], list(outputs[1:])  # (R, V), state
+
+    def step_top_k(
+        self, prev_ids: np.ndarray, src_pad_mask: np.ndarray, memory: list[np.ndarray], state: list[np.ndarray],
+        k: int,
+    ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:  # fmt: skip
+        feeds = self._feeds(prev_ids, src_pad_mask, memory, state, k)
+        values, ids, *new_state = self.decoder.run([*DECODER_TOP_K_OUTPUTS, *self._new_state], feeds)
+        return values, ids, new_state  # (R, k), (R, k), state
 
 
 def _axis(shape: Sequence, name: str) -> int:

@@ -112,7 +112,12 @@ def test_translator_manifest_names_what_the_server_needs(tiny_repository, tiny_c
     assert manifest.decoder == {"memory": list(model.memory_names()), "state": list(model.state_names())}
     assert manifest.graphs["encoder"].input_names == ["src_ids", "src_pad_mask"]
     assert manifest.graphs["encoder"].output_names == [*model.memory_names(), *model.state_names()]
-    assert manifest.graphs["decoder"].output_names == ["log_probs", *(f"new_{n}" for n in model.state_names())]
+    assert manifest.graphs["decoder"].input_names == [
+        "prev_ids", "src_pad_mask", *model.memory_names(), *model.state_names(), "topk"
+    ]  # fmt: skip
+    assert manifest.graphs["decoder"].output_names == [
+        "log_probs", *(f"new_{n}" for n in model.state_names()), "topk_log_probs", "topk_ids"
+    ]  # fmt: skip
     assert manifest.special_tokens == {"pad": 0, "bos": 1, "eos": 2, "unk": 3, "decoder_start": 1}
     assert manifest.limits == {"max_source_tokens": model.config.max_src_len,
                                "max_target_tokens": model.config.max_tgt_len}  # fmt: skip

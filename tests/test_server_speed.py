@@ -229,6 +229,66 @@ def test_beam_search_with_preselection_makes_the_same_hypotheses_as_the_full_ran
 
 
 # ------------------------------------------------------------------------------------------------------------------
+# Decoder graphs with TopK: searches fed each row's best K tokens decide exactly as with the full log-probs
+
+
+def _top_k_rows(log_probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """What ONNX TopK returns: each row's best k, best first, ties to the lower id."""
+    ids = np.argsort(-log_probs, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(log_probs, ids, axis=1), ids
+
+
+@pytest.mark.parametrize("beam", [1, 2, 4])
+def test_searches_fed_top_k_candidates_make_the_same_hypotheses_as_fed_full_log_probs(beam: int) -> None:
+    from seqserve.server.decoding import make_search
+
+    rng = np.random.default_rng(beam)
+    vocab = 40
+    for trial in range(30):
+        tie_heavy = trial % 2 == 1
+        steps = [_tie_heavy(rng, 2 * beam, vocab) if tie_heavy else
+                 np.log(rng.dirichlet(np.ones(vocab) * 0.3, 2 * beam)).astype(np.float32) for _ in range(10)]
+        full = make_search(beam, max_len=10, eos_id=2, alpha=0.6)
+        top = make_search(beam, max_len=10, eos_id=2, alpha=0.6)
+        rows_full, rows_top, undecided = 1, 1, 0
+        for log_probs in steps:
+            if full.done:
+                break
+            chosen_full = full.advance(log_probs[:rows_full])
+            values, ids = _top_k_rows(log_probs[:rows_top], top.candidates())
+            chosen_top = top.advance_top(values, ids, complete=False)
+            if chosen_top is None:  # a tie the candidates cannot settle: the caller hands over the full row
+                undecided += 1
+                chosen_top = top.advance(log_probs[:rows_top])
+            assert chosen_top == chosen_full, f"trial {trial}"
+            rows_full, rows_top = max(len(chosen_full), 1), max(len(chosen_top), 1)
+        assert top.finished == full.finished and top.done == full.done
+        if beam > 1 and tie_heavy:
+            assert undecided > 0  # the tie-heavy steps exercised the hand-over
+
+
+def test_decoding_through_the_top_k_graph_equals_decoding_from_log_probs(tiny_repository: Path) -> None:
+    from seqserve.server.decoding import decode_batch, make_search
+    from seqserve.server.translation import OnnxStepModel
+
+    for name in ("tiny-transformer", "tiny-gru"):
+        loaded = load_model(ModelRepository(tiny_repository).version_dir(name))
+        with_top_k = OnnxStepModel(loaded)
+        assert with_top_k.top_k and with_top_k.vocab_size > 0
+        without = OnnxStepModel(loaded)
+        without.top_k = False  # the path of graphs exported before TopK: (R, V) log-probs and numpy ranking
+        tokenizer = loaded.tokenizers["source"]
+        sources = [tokenizer.encode(t).ids for t in ("a b c d", "h g", "c c a b e f", "e")]
+        for beam in (1, 3, 5):
+            results = []
+            for model in (with_top_k, without):
+                searches = [make_search(beam, 12, model.eos_id, 0.6) for _ in sources]
+                decode_batch(model, sources, searches)
+                results.append([s.results(beam) for s in searches])
+            assert results[0] == results[1], (name, beam)
+
+
+# ------------------------------------------------------------------------------------------------------------------
 # `seqserve export` splits the MLM head by default
 
 
