@@ -147,8 +147,10 @@ def machine() -> dict[str, Any]:
 
 
 def session_options(threads: int) -> Any:
-    from seqserve.server.repository import SessionOptions
+    """The sessions `seqserve serve --threads N` makes: the process's shared onnxruntime pool of N threads."""
+    from seqserve.server.repository import SessionOptions, shared_thread_pool
 
+    shared_thread_pool(threads, 1)
     return SessionOptions(intra_op_threads=threads, inter_op_threads=1, allow_spinning=False)
 
 

@@ -3,7 +3,8 @@
 Contenders, per workload (batch 1 x ~10 tokens, batch 32 x ~32 tokens, batch 32 x 128 tokens):
   seqserve-grpc      `seqserve serve` in a subprocess, the blocking client (clients/) in this process;
   seqserve-inproc    the server's own BertModel (server/bert.py) on the exported version, tokenization included;
-  onnxruntime        raw onnxruntime on the same model.onnx: tokenizer, session.run, mean pooling, normalisation;
+  onnxruntime        raw onnxruntime on the same model.onnx with the server's session settings (its shared thread
+                     pool): tokenizer, session.run, mean pooling, normalisation (the floor of seqserve's overhead);
   sentence-transformers   SentenceTransformer.encode in PyTorch eager (fp32; it has no int8).
 The int8 rows compare the int8 export with sentence-transformers fp32 (its only precision) and raw onnxruntime on the
 same int8 graph; the int8 embeddings' cosine to fp32 is measured here as well as by the export's gate.
@@ -20,7 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import Results, Row, ServerProcess, base_arguments, load_in_process, median_seconds, setup
+from benchmarks.common import (
+    Results, Row, ServerProcess, base_arguments, load_in_process, median_seconds, session_options, setup,
+)  # fmt: skip
 
 log = logging.getLogger("benchmarks.encode")
 
@@ -62,9 +65,8 @@ class RawOnnx:
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # The server's session settings (the shared pool of `threads`), so the gap to seqserve is seqserve's own.
+        options = session_options(threads).ort_options()
         model = str(version_dir / "model.onnx")
         self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
         self.tokenizer = Tokenizer.from_file(str(version_dir / "tokenizer.json"))

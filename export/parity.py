@@ -27,7 +27,7 @@ from seqserve.export.graphs import (
     target_vocab_size,
 )
 from seqserve.models.decoding import greedy_decode
-from seqserve.server.repository import DECODER_TOP_K_INPUT
+from seqserve.server.repository import DECODER_TOP_K_INPUT, SessionOptions
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +93,8 @@ def check_onnx(path: Path) -> None:
 
 
 def open_session(path: Path, providers: Sequence[str] = ("CPUExecutionProvider",)) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.inter_op_num_threads = 1
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # One thread, no spinning; or the process's shared pools when it has them (onnxruntime then refuses others).
+    so = SessionOptions(intra_op_threads=1, inter_op_threads=1, graph_optimization="all").ort_options()
     so.log_severity_level = 3  # keep "shape mismatch" warnings out of the log; parity catches real mismatches
     return ort.InferenceSession(str(path), sess_options=so, providers=list(providers))
 

@@ -116,11 +116,49 @@ class PositionalEncoding(nn.Module):
 # --- attention and feed-forward -----------------------------------------------------------------------------------
 
 
+def _attend(q: Tensor, key: Tensor, value: Tensor, bias: Tensor | None, n_heads: int, dropout: nn.Module) -> Tensor:
+    """q (B, T, H) projected queries; key, value (B, nh, K, hs); bias broadcastable to (B, nh, T, K) or None
+    -> the heads' softmax(q k^T / sqrt(hs) + bias) v, merged back to (B, T, H)."""
+    B, T, H = q.shape
+    head_size = H // n_heads
+    q = q.view(B, T, n_heads, head_size).transpose(1, 2)  # (B, nh, T, hs)
+    scores = torch.matmul(q, key.transpose(-1, -2)) / math.sqrt(head_size)  # (B, nh, T, K)
+    if bias is not None:
+        scores = scores + bias  # (B, nh, T, K)
+    probs = dropout(torch.softmax(scores, dim=-1))  # (B, nh, T, K)
+    context = torch.matmul(probs, value)  # (B, nh, T, hs)
+    return context.transpose(1, 2).reshape(B, T, H)  # (B, T, H)
+
+
+class _OnnxAttention(torch.autograd.Function):
+    """Export-only: `_attend` for one query position as one com.microsoft MultiHeadAttention node (onnxruntime's
+    fused kernel) in place of ~10 reshape/transpose/matmul/softmax nodes. Keys and values go in per head
+    (B, nh, K, hs), the layout of our caches, and the bias as its attention_bias (B, 1, 1, K). The decoder step graph
+    runs 2 x L of them a token (docs/benchmarks.md)."""
+
+    @staticmethod
+    def forward(ctx: Any, n_heads: int, head_size: int, q: Tensor, key: Tensor, value: Tensor, *bias: Tensor) -> Tensor:
+        return _attend(q, key, value, bias[0] if bias else None, n_heads, nn.Identity())
+
+    @staticmethod
+    def symbolic(g: Any, n_heads: int, head_size: int, q: Any, key: Any, value: Any, *bias: Any) -> Any:
+        absent = g.op("prim::Constant")  # an omitted optional input: the exporter writes it as ""
+        absent.setType(torch._C.OptionalType.ofTensor())
+        # Inputs: query, key, value, then (projection bias, key_padding_mask: absent) attention_bias.
+        inputs = [q, key, value, *((absent, absent, bias[0]) if bias else ())]
+        out = g.op("com.microsoft::MultiHeadAttention", *inputs, num_heads_i=n_heads,
+                   scale_f=1.0 / math.sqrt(head_size))  # fmt: skip
+        out.setType(q.type())  # (B, T, H) like the query
+        return out
+
+
 class MultiHeadAttention(nn.Module):
     """softmax(Q K^T / sqrt(hs) + bias) V over nh heads, then an output projection.
 
     Keys and values are projected by `project_kv`, separately from the attention itself, so that the decoder projects
     the encoder output once (cross-attention memory) and its own input one position a step (the self-attention cache).
+    Exported with one query position (the decoder step), the attention itself becomes onnxruntime's fused
+    MultiHeadAttention node (`_OnnxAttention`).
     """
 
     def __init__(self, d_model: int, n_heads: int, dropout: float) -> None:
@@ -143,14 +181,11 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, x: Tensor, key: Tensor, value: Tensor, bias: Tensor | None) -> Tensor:
         """x (B, T, H) queries; key, value (B, nh, K, hs); bias broadcastable to (B, nh, T, K) or None."""
-        B, T, H = x.shape
-        q = self._split_heads(self.query(x))  # (B, nh, T, hs)
-        scores = torch.matmul(q, key.transpose(-1, -2)) / math.sqrt(self.head_size)  # (B, nh, T, K)
-        if bias is not None:
-            scores = scores + bias  # (B, nh, T, K)
-        probs = self.dropout(torch.softmax(scores, dim=-1))  # (B, nh, T, K)
-        context = torch.matmul(probs, value)  # (B, nh, T, hs)
-        context = context.transpose(1, 2).reshape(B, T, H)  # (B, T, H)
+        q = self.query(x)  # (B, T, H)
+        if x.shape[1] == 1 and torch.onnx.is_in_onnx_export() and torch.jit.is_tracing():
+            context = _OnnxAttention.apply(self.n_heads, self.head_size, q, key, value, *(() if bias is None else (bias,)))
+        else:
+            context = _attend(q, key, value, bias, self.n_heads, self.dropout)  # (B, T, H)
         return self.out(context)  # (B, T, H)
 
 

@@ -4,26 +4,30 @@ workload. Behaviour only: the timings of a loaded test machine are not checked."
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for benchmarks/
+ROOT = Path(__file__).resolve().parents[1]  # the repository root, where benchmarks/ lives
 
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One work folder for the module, so the load benchmark reuses the models the others exported."""
-    import torch
-
-    torch.set_num_threads(1)
     return tmp_path_factory.mktemp("bench_work")
 
 
-def _run(module, work: Path, tmp_path: Path, *extra: str) -> dict:
+def _run(module: str, work: Path, tmp_path: Path, *extra: str) -> dict:
+    """`python -m benchmarks.MODULE --quick` in its own process, as it is run: a benchmark process makes onnxruntime's
+    shared thread pool (as `seqserve serve` does), which binds every later session of that process."""
     out = tmp_path / "result.json"
-    assert module.main(["--quick", "--threads", "1", "--work", str(work), "--json", str(out), *extra]) == 0
+    command = [sys.executable, "-m", f"benchmarks.{module}", "--quick", "--threads", "1", "--work", str(work),
+               "--json", str(out), *extra]  # fmt: skip
+    done = subprocess.run(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(out.read_text())
 
 
@@ -36,9 +40,7 @@ def _contenders(result: dict) -> dict[str, set[str]]:
 
 
 def test_encode_benchmark_reports_every_contender_with_int8_close_to_fp32(work, tmp_path):
-    from benchmarks import encode
-
-    result = _run(encode, work, tmp_path)
+    result = _run("encode", work, tmp_path)
     by = _contenders(result)
     assert set(by) == {f"{p} {w}" for p in ("fp32", "int8") for w in ("batch 1 x 10 tokens", "batch 4 x 16 tokens")}
     for contenders in by.values():
@@ -49,9 +51,7 @@ def test_encode_benchmark_reports_every_contender_with_int8_close_to_fp32(work, 
 
 
 def test_transformer_translation_benchmark_matches_ctranslate2_greedy_in_fp32(work, tmp_path):
-    from benchmarks import translate_transformer
-
-    result = _run(translate_transformer, work, tmp_path)
+    result = _run("translate_transformer", work, tmp_path)
     by = _contenders(result)
     assert set(by) == {f"{p} batch {b} {s}" for p in ("fp32", "int8") for b in (1, 4) for s in ("greedy", "beam 2")}
     assert by["fp32 batch 4 greedy"] == {"seqserve-inproc", "seqserve-grpc", "ctranslate2 float32",
@@ -64,9 +64,7 @@ def test_transformer_translation_benchmark_matches_ctranslate2_greedy_in_fp32(wo
 
 
 def test_rnn_translation_benchmark_equals_the_torch_reference(work, tmp_path):
-    from benchmarks import translate_rnn
-
-    result = _run(translate_rnn, work, tmp_path)
+    result = _run("translate_rnn", work, tmp_path)
     by = _contenders(result)
     assert set(by) == {f"{a} batch {b} greedy" for a in ("lstm", "gru") for b in (1, 4)}
     assert all(c == {"seqserve-inproc", "torch-reference"} for c in by.values())
@@ -76,9 +74,7 @@ def test_rnn_translation_benchmark_equals_the_torch_reference(work, tmp_path):
 
 
 def test_load_benchmark_reports_every_setting_without_errors(work, tmp_path):
-    from benchmarks import load
-
-    result = _run(load, work, tmp_path)
+    result = _run("load", work, tmp_path)
     settings = {(r["task"], r["setting"], r["clients"]) for r in result["rows"]}
     expected_settings = {("encode", "batching on"), ("encode", "batching off"),
                          ("translate", "batching on, joining on"), ("translate", "batching on, joining off"),
