@@ -105,6 +105,10 @@ class LSTMCell(nn.Module):
 
     def forward(self, x: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         h, c = state
+        if torch.onnx.is_in_onnx_export() and torch.jit.is_tracing():
+            peephole = None if self.peephole is None else self.peephole[[0, 2, 1]].reshape(1, -1)  # i, o, f
+            h, c = _OnnxCellStep.apply(x, h, c, *_onnx_weights(self, [0, 3, 1, 2]), peephole, "lstm")
+            return h, c
         return lstm_cell_step(x, h, c, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, self.peephole)
 
 
@@ -121,7 +125,57 @@ class GRUCell(nn.Module):
         _init_uniform(self, hidden_size)
 
     def forward(self, x: Tensor, h: Tensor) -> Tensor:
+        if torch.onnx.is_in_onnx_export() and torch.jit.is_tracing():
+            return _OnnxCellStep.apply(x, h, h, *_onnx_weights(self, [1, 0, 2]), None, "gru")[0]
         return gru_cell_step(x, h, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+
+
+def _onnx_weights(cell: nn.Module, order: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+    """A cell's torch weights as an ONNX LSTM/GRU node wants them: gates reordered (torch ifgo -> ONNX iofc, rzn ->
+    zrh), one direction: W (1, nH, I), R (1, nH, H), B (1, 2nH)."""
+    n = len(order)
+
+    def reorder(t: Tensor) -> Tensor:
+        chunks = t.chunk(n, dim=0)
+        return torch.cat([chunks[k] for k in order], dim=0)
+
+    bias = torch.cat([reorder(cell.bias_ih), reorder(cell.bias_hh)])
+    return reorder(cell.weight_ih)[None], reorder(cell.weight_hh)[None], bias[None]
+
+
+class _OnnxCellStep(torch.autograd.Function):
+    """Export-only: one decoder cell step as one ONNX LSTM/GRU node over a sequence of length 1, in place of the
+    ~20 nodes of the written-out gate equations (the decoder step graph runs it L times a token). Only reached
+    while the TorchScript exporter traces; the eager forward returns zeros of the node's output shapes."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, h: Tensor, c: Tensor, w: Tensor, r: Tensor, b: Tensor, p: Tensor | None,
+                cell: str) -> tuple[Tensor, Tensor]:  # fmt: skip
+        return torch.zeros_like(h), torch.zeros_like(c)
+
+    @staticmethod
+    def symbolic(g: Any, x: Any, h: Any, c: Any, w: Any, r: Any, b: Any, p: Any, cell: str) -> Any:
+        hidden = w.type().sizes()[1] // (4 if cell == "lstm" else 3) if w.type().sizes() else None
+        if hidden is None:
+            raise RuntimeError("the exporter lost the decoder cell's weight shape")
+        step = g.op("Unsqueeze", x, g.op("Constant", value_t=torch.tensor([0])))  # (1, B, I): one time step
+        h0 = g.op("Unsqueeze", h, g.op("Constant", value_t=torch.tensor([0])))  # (1, B, H)
+        no_lengths = g.op("prim::Constant")  # every sequence is one step long: sequence_lens omitted
+        no_lengths.setType(torch._C.OptionalType.ofTensor())
+        squeeze_axis = g.op("Constant", value_t=torch.tensor([0]))
+        if cell == "gru":
+            _, h_n = g.op("GRU", step, w, r, b, no_lengths, h0, hidden_size_i=hidden, linear_before_reset_i=1,
+                          outputs=2)  # fmt: skip
+            h_new = g.op("Squeeze", h_n, squeeze_axis)
+            return h_new, h_new
+        c0 = g.op("Unsqueeze", c, g.op("Constant", value_t=torch.tensor([0])))
+        inputs = [step, w, r, b, no_lengths, h0, c0] + ([p] if not _is_none(p) else [])
+        _, h_n, c_n = g.op("LSTM", *inputs, hidden_size_i=hidden, outputs=3)
+        return g.op("Squeeze", h_n, squeeze_axis), g.op("Squeeze", c_n, squeeze_axis)
+
+
+def _is_none(value: Any) -> bool:
+    return value is None or (hasattr(value, "node") and value.node().mustBeNone())
 
 
 # ---------------------------------------------------------------------------------------------------------------
