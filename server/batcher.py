@@ -131,11 +131,15 @@ class Batcher:
             raise QueueFull(self.name, len(self._queue) + len(jobs), self.max_queue)
         loop = asyncio.get_running_loop()
         items = [WorkItem(job, length, cost, deadline, loop.create_future()) for job, length, cost in jobs]
-        with self._lock:
-            self._queue.extend(items)
-        self._wakeup.set()
+        if self.config.dispatch_when_idle and not self._running and not self._queue:
+            # An idle model: the batches start now, without a turn through the batching loop.
+            self._start(loop, items)
+        else:
+            with self._lock:
+                self._queue.extend(items)
+            self._wakeup.set()
         try:
-            await asyncio.gather(*(it.future for it in items))
+            await (items[0].future if len(items) == 1 else asyncio.gather(*(it.future for it in items)))
         except BaseException:
             for it in items:
                 it.cancelled = True
@@ -178,11 +182,13 @@ class Batcher:
             with self._lock:
                 items = list(self._queue)
                 self._queue.clear()
-            live = [it for it in items if not self._refuse(it)]
-            for batch in cut_batches(live, self.config.max_batch_tokens, self.config.max_batch_size):
-                task = loop.create_task(self._run(batch))
-                self._running.add(task)
-                task.add_done_callback(self._run_done)
+            self._start(loop, [it for it in items if not self._refuse(it)])
+
+    def _start(self, loop: asyncio.AbstractEventLoop, items: list[WorkItem]) -> None:
+        for batch in cut_batches(items, self.config.max_batch_tokens, self.config.max_batch_size):
+            task = loop.create_task(self._run(batch))
+            self._running.add(task)
+            task.add_done_callback(self._run_done)
 
     def _run_done(self, task: asyncio.Task) -> None:
         self._running.discard(task)

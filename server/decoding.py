@@ -375,9 +375,11 @@ class RunningBatch:
                 parents.append(rows[parent])
                 tokens.append(token)
                 new_sentence_of_row.append(i)
-        # Reorder state by parent row: beam reordering and expansion are the same gather along axis 0.
+        # Reorder state by parent row: beam reordering and expansion are the same gather along axis 0. Greedy rows
+        # that all continue keep their places: no copy.
         index = np.asarray(parents, dtype=np.int64)
-        self.state = [x[index] for x in state]
+        unmoved = len(parents) == self.rows and parents == list(range(self.rows))
+        self.state = list(state) if unmoved else [x[index] for x in state]
         if new_sentence_of_row != self.sentence_of_row:
             # Rows of one sentence share their memory, so memory moves only when the row layout changes.
             self.memory = [m[index] for m in self.memory]
