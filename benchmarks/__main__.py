@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks import encode, load, translate_rnn, translate_transformer
 from benchmarks.common import DEFAULT_WORK
 
 log = logging.getLogger("benchmarks")
@@ -27,17 +27,23 @@ def main(argv: list[str] | None = None) -> int:
                              "build-default's); default: every model the benchmarks exported")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the scripts, measures nothing")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.quick:
         args.sizes = ["tiny"]
     common = ["--threads", str(args.threads), "--work", str(args.work)] + (["--quick"] if args.quick else [])
-    status = encode.main([*common, "--json", str(args.out / "encode.json")])
+    runs = [("encode", [*common, "--json", str(args.out / "encode.json")])]
     for size in args.sizes:
-        out = str(args.out / f"translate_{size}.json")
         timing = ["--repeats", "3", "--warmup", "1"]
-        status |= translate_transformer.main([*common, "--size", size, *timing, "--json", out])
-    status |= translate_rnn.main([*common, "--json", str(args.out / "translate_rnn.json")])
+        runs.append(("translate_transformer", [*common, "--size", size, *timing, "--json",
+                                               str(args.out / f"translate_{size}.json")]))  # fmt: skip
+    runs.append(("translate_rnn", [*common, "--json", str(args.out / "translate_rnn.json")]))
     extra = ["--repository", str(args.repository)] if args.repository else []
-    status |= load.main([*common, *extra, "--json", str(args.out / "load.json")])
+    runs.append(("load", [*common, *extra, "--json", str(args.out / "load.json")]))
+    status = 0
+    for module, arguments in runs:
+        # Each in its own process, as a server runs: onnxruntime's shared thread pool is made once per process.
+        log.info("python -m benchmarks.%s %s", module, " ".join(arguments))
+        status |= subprocess.run([sys.executable, "-m", f"benchmarks.{module}", *arguments]).returncode
     return status
 
 

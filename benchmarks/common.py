@@ -43,6 +43,7 @@ def setup(args: argparse.Namespace) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.quick:
         args.repeats, args.warmup = 1, 1
+        TIMING.update(settle_s=0.0, warmup_s=0.0, timed_s=0.0)
     args.work.mkdir(parents=True, exist_ok=True)
 
 
@@ -51,13 +52,27 @@ def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int) -> float:
     return timed(fn, repeats, warmup)[0]
 
 
+# Each measurement starts after a pause, so that the previous contender's threads have stopped spinning (onnxruntime
+# pools spin for a while after a run, OpenMP's too), then warms up and times for at least these many seconds (short
+# workloads get many runs: their medians were at the mercy of a few noisy ones). setup() zeroes them for --quick.
+TIMING = {"settle_s": 0.3, "warmup_s": 0.3, "timed_s": 1.5, "max_runs": 300}
+
+
 def timed(fn: Callable[[], Any], repeats: int, warmup: int) -> tuple[float, Any]:
-    """(median wall time of `fn` over `repeats` runs after `warmup` untimed ones, what the last run returned)."""
+    """(median wall time of `fn` over at least `repeats` runs and TIMING["timed_s"], after at least `warmup` untimed
+    runs and TIMING["warmup_s"], what the last run returned)."""
+    time.sleep(TIMING["settle_s"])
     result = None
-    for _ in range(warmup):
+    started = time.perf_counter()
+    done = 0
+    while done < warmup or time.perf_counter() - started < TIMING["warmup_s"]:
         fn()
-    times = []
-    for _ in range(repeats):
+        done += 1
+    times: list[float] = []
+    started = time.perf_counter()
+    while len(times) < repeats or (
+        time.perf_counter() - started < TIMING["timed_s"] and len(times) < TIMING["max_runs"]
+    ):
         start = time.perf_counter()
         result = fn()
         times.append(time.perf_counter() - start)

@@ -1,8 +1,9 @@
 """Per-model request queue cut into batches under a token budget and a maximum queue delay.
 
-When nothing of the model is running, a request starts at once (`dispatch_when_idle`, the default); otherwise the
-first sequence to arrive opens a collection window of `max_queue_delay_ms`, which also closes when the running batch
-ends. Everything queued by then (or until the budget is full) is sorted by length and cut into batches whose padded
+While the model has a free worker, a request starts at once (`dispatch_when_idle`, the default); while its batches
+occupy every worker, requests gather until one ends or a full batch waits (continuous batching at batch boundaries).
+Without dispatch_when_idle, the first sequence to arrive opens a collection window of `max_queue_delay_ms`.
+Everything queued by then (or until the budget is full) is sorted by length and cut into batches whose padded
 size (sequences x longest x beam) stays within `max_batch_tokens`, so similar lengths travel together. Batches run in
 the shared worker pool (onnxruntime releases the GIL); the pool's size is the number of concurrent runs across all
 models. A sequence whose request was cancelled or whose deadline passed is dropped before its batch runs, and inside a
@@ -97,6 +98,7 @@ class Batcher:
         max_queue: int,
         observe: Callable[[list[WorkItem], float], None] = lambda batch, started: None,
         joinable: bool = False,
+        workers: int = 1,
     ):
         self.name = name
         self.version = version
@@ -106,6 +108,7 @@ class Batcher:
         self.max_queue = max_queue
         self.observe = observe
         self.joinable = joinable
+        self.workers = max(workers, 1)  # batches of this model that can run at once (the server's instances)
         self._queue: deque[WorkItem] = deque()
         self._lock = threading.Lock()  # the queue is shared with worker threads pulling joiners
         self._wakeup = asyncio.Event()
@@ -131,7 +134,7 @@ class Batcher:
             raise QueueFull(self.name, len(self._queue) + len(jobs), self.max_queue)
         loop = asyncio.get_running_loop()
         items = [WorkItem(job, length, cost, deadline, loop.create_future()) for job, length, cost in jobs]
-        if self.config.dispatch_when_idle and not self._running and not self._queue:
+        if self.config.dispatch_when_idle and len(self._running) < self.workers and not self._queue:
             # An idle model: the batches start now, without a turn through the batching loop.
             self._start(loop, items)
         else:
@@ -163,14 +166,17 @@ class Batcher:
                 if waited < delay:
                     loop.call_later(delay - waited, self._wakeup.set)
                     continue
+            elif self.config.dispatch_when_idle:
+                # Start at once while this model has a free worker (a lone request never waits for company that is
+                # not coming); while its batches fill the workers, requests gather until one ends or a full batch
+                # waits: a batch started earlier would only wait for a worker, and the next one grows meanwhile.
+                while len(self._running) >= self.workers and self._queued_cost() < self.config.max_batch_tokens:
+                    await self._wakeup.wait()
+                    self._wakeup.clear()
             else:
-                # Collect: wait for company until the delay passes or the budget is full. With dispatch_when_idle,
-                # a model with nothing running starts at once (a lone request never waits for company that is not
-                # coming), and requests arriving while a batch runs gather until it ends or the delay passes.
+                # Collect: wait for company until the delay passes or the budget is full.
                 opened = self._queue[0].enqueued
                 while self._queued_cost() < self.config.max_batch_tokens:
-                    if self.config.dispatch_when_idle and not self._running:
-                        break
                     remaining = opened + delay - time.monotonic()
                     if remaining <= 0:
                         break

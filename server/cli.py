@@ -39,9 +39,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "overrides")  # fmt: skip
     parser.add_argument("--max-batch-size", type=int, default=bat.max_batch_size, help="sequences per batch")
     parser.add_argument("--max-queue-delay-ms", type=float, default=bat.max_queue_delay_ms,
-                        help="how long a request waits for others to batch with while a batch of its model runs")
+                        help="with --always-wait, how long a request waits for others to batch with; otherwise how "
+                             "long a sentence a running RNN decode leaves waiting gets before a batch of its own")
     parser.add_argument("--always-wait", dest="dispatch_when_idle", action="store_false",
-                        help="wait --max-queue-delay-ms for company even when the model is idle")  # fmt: skip
+                        help="wait --max-queue-delay-ms for company even when a worker is free (by default a "
+                             "request starts at once then, and gathers with others only while the workers are "
+                             "busy)")  # fmt: skip
     parser.add_argument("--max-join-ms", type=float, default=bat.max_join_ms,
                         help="how long a running RNN decode takes newcomers before it finishes and frees its worker")
     parser.add_argument("--max-texts", type=int, default=lim.max_texts, help="texts or pairs per request")

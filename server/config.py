@@ -37,9 +37,11 @@ class BatchingConfig:
     """How a model's queue is cut into batches (REPO/NAME/config.json may override per model)."""
 
     max_batch_tokens: int = 4096  # padded tokens per batch (sequences x longest)
-    max_queue_delay_ms: float = 5.0  # how long the first request of a batch waits for company
-    # Start at once when nothing of the model is running (the delay applies only while a batch runs): a lone request
-    # pays no queue delay, and under load batches still form from what arrives during the running batch.
+    # With dispatch_when_idle: how long a sentence an RNN decode does not take in waits before a batch of its own
+    # starts. Without: how long the first request of every batch waits for company.
+    max_queue_delay_ms: float = 5.0
+    # Start at once while the model has a free worker, and while its batches fill the workers gather until one ends
+    # (or a full batch waits): a lone request pays no queue delay, and batches grow with the load.
     dispatch_when_idle: bool = True
     max_batch_size: int = 64  # sequences per batch
     # A running translation decode takes newcomers for this long, then finishes and frees its worker, so one

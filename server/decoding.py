@@ -193,19 +193,12 @@ class BeamSearch(Search):
         return self._extend(parents, tokens, log_probs[parents, tokens])
 
     def advance_top(self, values: np.ndarray, ids: np.ndarray, complete: bool) -> list[tuple[int, int]] | None:
-        take = 2 * self.beam_size
-        rows, fetched = values.shape
-        sums = self._totals()[:, None] + values.astype(np.float64)  # (rows, K), each row descending
-        if not complete and (fetched <= take or not np.all(sums[:, take] < sums[:, take - 1])):
-            # Some row's 2k-th sum is not strictly above everything after it, so an unfetched token (lower id,
-            # or a float32 value rounding to the same float64 sum) could tie into the ranking: let `advance` decide.
-            return None
-        n = min(take, fetched)
-        parents = np.repeat(np.arange(rows), n)  # (rows * n,)
-        tokens, sums, values = ids[:, :n].reshape(-1), sums[:, :n].reshape(-1), values[:, :n].reshape(-1)
-        # Rank by sum descending, then flat index (parent, token) ascending: exactly the full ranking's order.
-        best = np.lexsort((tokens, parents, -sums))[:take]
-        return self._extend(parents[best], tokens[best], values[best])
+        [ranked] = rank_beams([self], [np.arange(len(values))], values, ids, complete)
+        return None if ranked is None else self.advance_ranked(*ranked)
+
+    def advance_ranked(self, parents: np.ndarray, tokens: np.ndarray, log_probs: np.ndarray) -> list[tuple[int, int]]:
+        """`advance` from the 2k best extensions already ranked (rank_beams)."""
+        return self._extend(parents, tokens, log_probs)
 
     def _totals(self) -> np.ndarray:
         return np.array([sum(s) for s in self.live_scores], dtype=np.float64)  # (rows,)
@@ -234,6 +227,57 @@ class BeamSearch(Search):
             self._close_at_max_len()
             return []
         return next_rows
+
+
+Ranked = tuple[np.ndarray, np.ndarray, np.ndarray]  # (parent rows, tokens, log-probabilities), best first
+
+
+def rank_beams(
+    searches: Sequence[BeamSearch], rows: Sequence[np.ndarray], values: np.ndarray, ids: np.ndarray, complete: bool
+) -> list[Ranked | None]:
+    """The 2k best extensions of each of several beam searches of one beam size k, ranked at once from each row's
+    best tokens: values, ids (R, K) best first per row (ties to the lower id), `rows[j]` search j's rows in them.
+
+    Exactly the full ranking (`best_candidates_full` on totals + log-probs): by score descending, then by flat index
+    (parent row, token) ascending. None for a search whose candidates cannot settle it: a row whose 2k-th sum is not
+    strictly above the next fetched one could be tied by an unfetched token (a lower id, or a float32 value the
+    float64 total rounds to the same sum); unless `complete` (K is the whole vocabulary), its caller then ranks the
+    full log-probabilities."""
+    k = searches[0].beam_size
+    take, fetched = 2 * k, values.shape[1]
+    n = min(take, fetched)
+    width = max(len(r) for r in rows)  # rows per search, padded to the widest
+    index = np.full((len(searches), width), -1, dtype=np.int64)  # (B, w) rows in values, -1 where padded
+    totals = np.zeros((len(searches), width), dtype=np.float64)  # (B, w)
+    for j, (search, r) in enumerate(zip(searches, rows)):
+        index[j, : len(r)] = r
+        totals[j, : len(r)] = [sum(scores) for scores in search.live_scores]
+    real = index >= 0
+    safe = np.where(real, index, 0)
+    sums = totals[..., None] + values[safe].astype(np.float64)  # (B, w, K), each row descending
+    settled = np.ones(len(searches), dtype=bool)
+    if not complete:
+        if fetched <= take:
+            return [None] * len(searches)
+        settled = np.all((sums[..., take] < sums[..., take - 1]) | ~real, axis=1)  # (B,)
+    tokens = ids[safe][..., :n]  # (B, w, n)
+    # Lay each search's candidates out in flat-index order (parent row, then token), padded rows last with -inf: a
+    # stable sort by score descending then breaks ties by flat index, as the full ranking does.
+    by_token = np.argsort(tokens, axis=2, kind="stable")  # (B, w, n)
+    tokens = np.take_along_axis(tokens, by_token, axis=2)
+    scores = np.where(real[..., None], np.take_along_axis(sums[..., :n], by_token, axis=2), -np.inf)
+    log_probs = np.take_along_axis(values[safe][..., :n], by_token, axis=2)
+    B = len(searches)
+    flat_scores = scores.reshape(B, -1)  # (B, w * n)
+    best = np.argsort(-flat_scores, axis=1, kind="stable")[:, :take]  # (B, 2k)
+    parents = best // n  # (B, 2k) the search's own row numbers
+    picked_tokens = np.take_along_axis(tokens.reshape(B, -1), best, axis=1)
+    picked_log_probs = np.take_along_axis(log_probs.reshape(B, -1), best, axis=1)
+    ranked: list[Ranked | None] = []
+    for j in range(B):
+        keep = best[j] < len(rows[j]) * n  # never a padded row (only when a search has fewer than 2k candidates)
+        ranked.append((parents[j][keep], picked_tokens[j][keep], picked_log_probs[j][keep]) if settled[j] else None)
+    return ranked
 
 
 def make_search(beam_size: int, max_len: int, eos_id: int, alpha: float) -> Search:
@@ -358,10 +402,13 @@ class RunningBatch:
         new_rows: dict[int, list[int]] = {}
         new_sentence_of_row: list[int] = []
         finished = []
+        ranked = self._rank_beams(values, ids, vocab) if values is not None else {}
         for i in sorted(self.rows_of):
             rows = self.rows_of[i]
             chosen = None
-            if log_probs is None:
+            if i in ranked:
+                chosen = self.searches[i].advance_ranked(*ranked[i])
+            elif log_probs is None:
                 chosen = self.searches[i].advance_top(values[rows], ids[rows], complete=values.shape[1] == vocab)
                 if chosen is None:
                     log_probs, _ = self.model.step(self.prev_ids, self.mask, self.memory, self.state)  # (R, V)
@@ -391,6 +438,20 @@ class RunningBatch:
         self.rows_of = new_rows
         self.prev_ids = np.asarray(tokens, dtype=np.int64)
         return finished
+
+
+    def _rank_beams(self, values: np.ndarray, ids: np.ndarray, vocab: int) -> dict[int, Ranked]:
+        """Rank the beam searches of each beam size together (rank_beams); those it cannot settle are left out."""
+        groups: dict[int, list[int]] = {}
+        for i in self.rows_of:
+            if isinstance(self.searches[i], BeamSearch):
+                groups.setdefault(self.searches[i].beam_size, []).append(i)
+        ranked: dict[int, Ranked] = {}
+        for sentences in groups.values():
+            rows = [np.asarray(self.rows_of[i]) for i in sentences]
+            found = rank_beams([self.searches[i] for i in sentences], rows, values, ids, values.shape[1] == vocab)
+            ranked.update((i, r) for i, r in zip(sentences, found) if r is not None)
+        return ranked
 
 
 # refill(rows, src_len) -> new (source ids, search) pairs to join the running batch

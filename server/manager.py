@@ -164,7 +164,8 @@ class ModelManager:
         loaded = load_model(version_dir, self.session_options)
         overrides = self.repository.serving_config(loaded.manifest.name)
         batching = self.config.batching.with_overrides(overrides)
-        return ServedModel(loaded, self.executor, batching, self.config.limits, self.metrics)
+        workers = self.config.resolved_threads()[0]  # concurrent runs: the executor's size
+        return ServedModel(loaded, self.executor, batching, self.config.limits, self.metrics, workers)
 
     async def unload(self, name: str, version: int = 0) -> VersionStatus:
         """Stop taking requests for a version, finish its queued and running work, drop its sessions."""

@@ -62,6 +62,7 @@ class ServedModel:
         batching: BatchingConfig,
         limits: Limits,
         metrics: Metrics,
+        workers: int = 1,
     ):
         manifest = loaded.manifest
         self.loaded = loaded
@@ -93,7 +94,8 @@ class ServedModel:
             run = self._run_bert
         joinable = self.translator is not None and self.translator.step_model.joinable
         self.batcher = Batcher(
-            self.name, self.version, run, executor, batching, limits.max_queue, self._observe, joinable=joinable
+            self.name, self.version, run, executor, batching, limits.max_queue, self._observe, joinable=joinable,
+            workers=workers,
         )
 
     # ---------------------------------------------------------------------------------------------------------

@@ -267,6 +267,36 @@ def test_searches_fed_top_k_candidates_make_the_same_hypotheses_as_fed_full_log_
             assert undecided > 0  # the tie-heavy steps exercised the hand-over
 
 
+def test_beams_ranked_together_rank_as_each_alone_on_its_full_log_probs() -> None:
+    from seqserve.server.decoding import BeamSearch, best_candidates_full, rank_beams
+
+    rng = np.random.default_rng(11)
+    vocab, beam = 30, 3
+    for trial in range(40):
+        searches, rows, blocks = [], [], []
+        start = 0
+        for _ in range(int(rng.integers(1, 6))):
+            n_rows = int(rng.integers(1, beam + 1))  # a first step has one row, later ones up to k
+            search = BeamSearch(max_len=10, eos_id=2, beam_size=beam)
+            search.live_tokens = [(1,)] * n_rows
+            search.live_scores = [tuple(rng.choice([-0.5, -1.0, -1.5], size=2)) for _ in range(n_rows)]
+            searches.append(search)
+            rows.append(np.arange(start, start + n_rows))
+            blocks.append(_tie_heavy(rng, n_rows, vocab) if trial % 2 else
+                          np.log(rng.dirichlet(np.ones(vocab), n_rows)).astype(np.float32))  # fmt: skip
+            start += n_rows
+        log_probs = np.concatenate(blocks)  # (R, V)
+        values, ids = _top_k_rows(log_probs, 2 * beam + 1)
+        for search, r, ranked in zip(searches, rows, rank_beams(searches, rows, values, ids, complete=False)):
+            totals = np.array([sum(s) for s in search.live_scores])
+            want = best_candidates_full(totals[:, None] + log_probs[r], 2 * beam)  # flat indices, best first
+            if ranked is None:  # a tie at some row's cut: the caller ranks the full log-probs instead
+                continue
+            parents, tokens, picked = ranked
+            np.testing.assert_array_equal(parents * vocab + tokens, want, err_msg=f"trial {trial}")
+            np.testing.assert_array_equal(picked, log_probs[r][parents, tokens])
+
+
 def test_decoding_through_the_top_k_graph_equals_decoding_from_log_probs(tiny_repository: Path) -> None:
     from seqserve.server.decoding import decode_batch, make_search
     from seqserve.server.translation import OnnxStepModel
