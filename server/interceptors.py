@@ -19,6 +19,10 @@ class _Unparsable:
 
 
 class ParseErrorsInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self) -> None:
+        # The wrapped handler of each unary method, built once (the servicers' handlers never change while serving).
+        self._wrapped: dict[tuple[str, Any], grpc.RpcMethodHandler] = {}
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -27,8 +31,15 @@ class ParseErrorsInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or handler.request_streaming or handler.response_streaming or not handler.unary_unary:
             return handler
+        key = (handler_call_details.method, handler.unary_unary)
+        wrapped = self._wrapped.get(key)
+        if wrapped is None:
+            wrapped = self._wrapped[key] = self._wrap(handler, handler_call_details.method)
+        return wrapped
+
+    @staticmethod
+    def _wrap(handler: grpc.RpcMethodHandler, what: str) -> grpc.RpcMethodHandler:
         parse, behaviour = handler.request_deserializer, handler.unary_unary
-        what = handler_call_details.method
 
         def safe_parse(data: bytes) -> Any:
             try:
