@@ -246,6 +246,10 @@ def rank_beams(
     k = searches[0].beam_size
     take, fetched = 2 * k, values.shape[1]
     n = min(take, fetched)
+    if not complete and fetched <= take:
+        return [None] * len(searches)
+    if len(searches) == 1:
+        return [_rank_one(searches[0], values[rows[0]], ids[rows[0]], take, n, complete)]
     width = max(len(r) for r in rows)  # rows per search, padded to the widest
     index = np.full((len(searches), width), -1, dtype=np.int64)  # (B, w) rows in values, -1 where padded
     totals = np.zeros((len(searches), width), dtype=np.float64)  # (B, w)
@@ -257,8 +261,6 @@ def rank_beams(
     sums = totals[..., None] + values[safe].astype(np.float64)  # (B, w, K), each row descending
     settled = np.ones(len(searches), dtype=bool)
     if not complete:
-        if fetched <= take:
-            return [None] * len(searches)
         settled = np.all((sums[..., take] < sums[..., take - 1]) | ~real, axis=1)  # (B,)
     tokens = ids[safe][..., :n]  # (B, w, n)
     # Lay each search's candidates out in flat-index order (parent row, then token), padded rows last with -inf: a
@@ -278,6 +280,21 @@ def rank_beams(
         keep = best[j] < len(rows[j]) * n  # never a padded row (only when a search has fewer than 2k candidates)
         ranked.append((parents[j][keep], picked_tokens[j][keep], picked_log_probs[j][keep]) if settled[j] else None)
     return ranked
+
+
+def _rank_one(
+    search: BeamSearch, values: np.ndarray, ids: np.ndarray, take: int, n: int, complete: bool
+) -> Ranked | None:
+    """rank_beams for a single search (the usual online request): the same order with fewer numpy calls."""
+    totals = np.array([sum(scores) for scores in search.live_scores], dtype=np.float64)  # (rows,)
+    sums = totals[:, None] + values.astype(np.float64)  # (rows, K)
+    if not complete and not np.all(sums[:, take] < sums[:, take - 1]):
+        return None
+    rows = len(totals)
+    parents = np.repeat(np.arange(rows), n)  # (rows * n,)
+    tokens, sums, log_probs = ids[:, :n].reshape(-1), sums[:, :n].reshape(-1), values[:, :n].reshape(-1)
+    best = np.lexsort((tokens, parents, -sums))[:take]  # score descending, then flat index (parent, token)
+    return parents[best], tokens[best], log_probs[best]
 
 
 def make_search(beam_size: int, max_len: int, eos_id: int, alpha: float) -> Search:
