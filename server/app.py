@@ -47,13 +47,21 @@ def session_options(config: ServerConfig) -> SessionOptions:
                           cpu_mem_arena=config.cpu_mem_arena)  # fmt: skip
 
 
+def shared_pool_size(instances: int, threads: int) -> int:
+    """Intra-op size of the shared pool for `instances` concurrent runs of `threads` threads each: a pool of size n has
+    n - 1 threads of its own and borrows the calling one, so instances x threads threads in all need
+    instances x threads - instances + 1 (one run alone may then use them all)."""
+    return max(1, instances * threads - instances + 1)
+
+
 class SeqServer:
     def __init__(self, config: ServerConfig, repository: ModelRepository):
         self.config = config
         self.instances, self.threads = config.resolved_threads()
         options = session_options(config)
         if config.shared_threads:
-            shared_thread_pool(self.threads, 1)  # before any session of the process; every session then uses it
+            # Before any session of the process; every session then uses it.
+            shared_thread_pool(shared_pool_size(self.instances, self.threads), 1)
         log.info(
             "onnxruntime: device %s, %d concurrent runs x %d intra-op threads on %d cores, %s",
             config.device, self.instances, self.threads, available_cores(),

@@ -132,6 +132,15 @@ def test_serve_shares_one_thread_pool_and_starts_an_idle_model_at_once_unless_to
     assert not other.shared_threads and not other.batching.dispatch_when_idle
 
 
+def test_the_shared_pool_gives_concurrent_runs_their_threads_and_no_more() -> None:
+    from seqserve.server.app import shared_pool_size
+
+    # A pool of size n runs n - 1 threads of its own plus each caller: instances callers + pool threads = cores.
+    for instances, threads in ((1, 2), (2, 2), (2, 1), (4, 3)):
+        assert instances + shared_pool_size(instances, threads) - 1 == instances * threads
+    assert shared_pool_size(1, 2) == 2 and shared_pool_size(2, 1) == 1
+
+
 def test_model_served_without_the_arena_gives_the_same_fill_mask(split_root: Path) -> None:
     from seqserve.server.repository import SessionOptions
 
