@@ -165,7 +165,7 @@ def _tie_heavy(rng: np.random.Generator, rows: int, vocab: int) -> np.ndarray:
 
 @pytest.mark.parametrize("take", [2, 4, 8])
 def test_preselected_ranking_equals_full_ranking_on_random_log_probs(take: int) -> None:
-    from seqserve.server.decoding import best_candidates, best_candidates_full
+    from seqserve.server.ranking import best_candidates, best_candidates_full
 
     def sorted_reference(candidates: np.ndarray) -> np.ndarray:  # every candidate sorted: value desc, index asc
         flat = candidates.reshape(-1)
@@ -182,7 +182,7 @@ def test_preselected_ranking_equals_full_ranking_on_random_log_probs(take: int) 
 
 @pytest.mark.parametrize("take", [2, 4, 8])
 def test_preselected_ranking_equals_full_ranking_with_ties_at_the_cut(take: int) -> None:
-    from seqserve.server.decoding import best_candidates, best_candidates_full
+    from seqserve.server.ranking import best_candidates, best_candidates_full
 
     def sorted_reference(candidates: np.ndarray) -> np.ndarray:  # every candidate sorted: value desc, index asc
         flat = candidates.reshape(-1)
@@ -212,6 +212,7 @@ def test_preselected_ranking_equals_full_ranking_with_ties_at_the_cut(take: int)
 
 def test_beam_search_with_preselection_makes_the_same_hypotheses_as_the_full_ranking(monkeypatch) -> None:
     from seqserve.server import decoding
+    from seqserve.server.ranking import best_candidates_full
 
     rng = np.random.default_rng(7)
     steps = [_tie_heavy(rng, 4, 30) if i % 2 else np.log(rng.dirichlet(np.ones(30), 4)).astype(np.float32)
@@ -229,8 +230,9 @@ def test_beam_search_with_preselection_makes_the_same_hypotheses_as_the_full_ran
 
     rng_first = np.random.default_rng(1)
     fast = run()
+
     def full(log_probs: np.ndarray, totals: np.ndarray, take: int) -> np.ndarray:
-        return decoding.best_candidates_full(totals[:, None] + log_probs, take)
+        return best_candidates_full(totals[:, None] + log_probs, take)
 
     monkeypatch.setattr(decoding, "best_candidates", full)
     rng_first = np.random.default_rng(1)
@@ -277,7 +279,8 @@ def test_searches_fed_top_k_candidates_make_the_same_hypotheses_as_fed_full_log_
 
 
 def test_beams_ranked_together_rank_as_each_alone_on_its_full_log_probs() -> None:
-    from seqserve.server.decoding import BeamSearch, best_candidates_full, rank_beams
+    from seqserve.server.decoding import BeamSearch
+    from seqserve.server.ranking import best_candidates_full, rank_beams
 
     rng = np.random.default_rng(11)
     vocab, beam = 30, 3
