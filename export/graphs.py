@@ -290,9 +290,6 @@ def export_translator(model: nn.Module, folder: Path) -> tuple[ExportedGraph, Ex
     return enc, add_top_k(dec)
 
 
-_ONNX_DTYPES = {"float32": 1, "float16": 10, "int64": 7}  # onnx.TensorProto element types
-
-
 def add_top_k(decoder: ExportedGraph) -> ExportedGraph:
     """Append TopK over log_probs to a decoder step graph: input `topk` (int64 [1], K), outputs topk_log_probs and
     topk_ids (batch, K), each row best first with ties to the lower token id (ONNX TopK's order).
@@ -300,22 +297,26 @@ def add_top_k(decoder: ExportedGraph) -> ExportedGraph:
     A search then fetches K candidates a row instead of the (rows, V) log-probs: onnxruntime's TopK took 0.8 ms
     where numpy's argpartition took 8 ms over 128 x 8000 log-probs (docs/benchmarks.md). log_probs stays an output
     for the parity gate and for the rare step whose ranking the K candidates cannot settle (server/decoding.py)."""
+    import numpy as np
     import onnx
     from onnx import helper
+
+    def element_type(dtype: str) -> int:
+        return helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
 
     log_probs = next(spec for spec in decoder.spec.outputs if spec.name == "log_probs")
     batch = log_probs.shape[0]
     model = onnx.load(str(decoder.path))
     graph = model.graph
-    graph.input.append(helper.make_tensor_value_info(DECODER_TOP_K_INPUT, _ONNX_DTYPES["int64"], [1]))
+    graph.input.append(helper.make_tensor_value_info(DECODER_TOP_K_INPUT, element_type("int64"), [1]))
     values, ids = DECODER_TOP_K_OUTPUTS
     graph.node.append(
         helper.make_node("TopK", ["log_probs", DECODER_TOP_K_INPUT], [values, ids], name="top_k", axis=-1,
                          largest=1, sorted=1)
     )  # fmt: skip
     graph.output.extend([
-        helper.make_tensor_value_info(values, _ONNX_DTYPES[log_probs.dtype], [batch, "topk"]),
-        helper.make_tensor_value_info(ids, _ONNX_DTYPES["int64"], [batch, "topk"]),
+        helper.make_tensor_value_info(values, element_type(log_probs.dtype), [batch, "topk"]),
+        helper.make_tensor_value_info(ids, element_type("int64"), [batch, "topk"]),
     ])  # fmt: skip
     onnx.save(model, str(decoder.path))
     spec = GraphSpec(

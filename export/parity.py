@@ -9,6 +9,7 @@ must give the same tokens as ``models/decoding.greedy_decode``.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,6 +144,11 @@ class StepGraphs:
     memory: tuple[str, ...]
     state: tuple[str, ...]
 
+    @functools.cached_property
+    def _feeds_top_k(self) -> bool:
+        """The decoder ends in TopK (export/graphs.add_top_k), whose K input must be fed."""
+        return DECODER_TOP_K_INPUT in {i.name for i in self.decoder.get_inputs()}
+
     def encode(self, src_ids: np.ndarray, src_pad_mask: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
         out = self.encoder.run(None, {"src_ids": src_ids, "src_pad_mask": src_pad_mask})
         return out[: len(self.memory)], out[len(self.memory) :]
@@ -153,7 +159,7 @@ class StepGraphs:
         feeds = {"prev_ids": prev_ids, "src_pad_mask": src_pad_mask}
         feeds.update(zip(self.memory, memory))
         feeds.update(zip(self.state, state))
-        if DECODER_TOP_K_INPUT in {i.name for i in self.decoder.get_inputs()}:
+        if self._feeds_top_k:
             feeds[DECODER_TOP_K_INPUT] = np.array([1], dtype=np.int64)  # the graph's TopK output is not checked here
         log_probs, *new_state = self.decoder.run(["log_probs", *(f"new_{name}" for name in self.state)], feeds)
         return log_probs, new_state

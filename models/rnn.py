@@ -107,7 +107,7 @@ class LSTMCell(nn.Module):
         h, c = state
         if torch.onnx.is_in_onnx_export() and torch.jit.is_tracing():
             peephole = None if self.peephole is None else self.peephole[[0, 2, 1]].reshape(1, -1)  # i, o, f
-            h, c = _OnnxCellStep.apply(x, h, c, *_onnx_weights(self, [0, 3, 1, 2]), peephole, "lstm")
+            h, c = _OnnxCellStep.apply(x, h, c, *_onnx_weights(self, "lstm"), peephole, "lstm")
             return h, c
         return lstm_cell_step(x, h, c, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, self.peephole)
 
@@ -126,21 +126,26 @@ class GRUCell(nn.Module):
 
     def forward(self, x: Tensor, h: Tensor) -> Tensor:
         if torch.onnx.is_in_onnx_export() and torch.jit.is_tracing():
-            return _OnnxCellStep.apply(x, h, h, *_onnx_weights(self, [1, 0, 2]), None, "gru")[0]
+            return _OnnxCellStep.apply(x, h, h, *_onnx_weights(self, "gru"), None, "gru")[0]
         return gru_cell_step(x, h, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
 
 
-def _onnx_weights(cell: nn.Module, order: list[int]) -> tuple[Tensor, Tensor, Tensor]:
-    """A cell's torch weights as an ONNX LSTM/GRU node wants them: gates reordered (torch ifgo -> ONNX iofc, rzn ->
-    zrh), one direction: W (1, nH, I), R (1, nH, H), B (1, 2nH)."""
-    n = len(order)
+# torch's gate order (LSTM i f g o, GRU r z n) -> ONNX's (LSTM i o f c, GRU z r h), as chunk indices
+ONNX_GATE_ORDER = {"lstm": [0, 3, 1, 2], "gru": [1, 0, 2]}
 
-    def reorder(t: Tensor) -> Tensor:
-        chunks = t.chunk(n, dim=0)
-        return torch.cat([chunks[k] for k in order], dim=0)
 
-    bias = torch.cat([reorder(cell.bias_ih), reorder(cell.bias_hh)])
-    return reorder(cell.weight_ih)[None], reorder(cell.weight_hh)[None], bias[None]
+def _reorder_gates(t: Tensor, order: list[int]) -> Tensor:
+    """Stacked gate weights or biases (nH, ...) in torch's gate order -> ONNX's."""
+    chunks = t.chunk(len(order), dim=0)
+    return torch.cat([chunks[k] for k in order], dim=0)
+
+
+def _onnx_weights(cell: nn.Module, kind: str) -> tuple[Tensor, Tensor, Tensor]:
+    """A cell's torch weights as a one-direction ONNX LSTM/GRU node wants them: W (1, nH, I), R (1, nH, H),
+    B (1, 2nH)."""
+    order = ONNX_GATE_ORDER[kind]
+    bias = torch.cat([_reorder_gates(cell.bias_ih, order), _reorder_gates(cell.bias_hh, order)])
+    return _reorder_gates(cell.weight_ih, order)[None], _reorder_gates(cell.weight_hh, order)[None], bias[None]
 
 
 class _OnnxCellStep(torch.autograd.Function):
@@ -158,20 +163,20 @@ class _OnnxCellStep(torch.autograd.Function):
         hidden = w.type().sizes()[1] // (4 if cell == "lstm" else 3) if w.type().sizes() else None
         if hidden is None:
             raise RuntimeError("the exporter lost the decoder cell's weight shape")
-        step = g.op("Unsqueeze", x, g.op("Constant", value_t=torch.tensor([0])))  # (1, B, I): one time step
-        h0 = g.op("Unsqueeze", h, g.op("Constant", value_t=torch.tensor([0])))  # (1, B, H)
+        axis0 = g.op("Constant", value_t=torch.tensor([0]))  # the time (and direction) axis of the node's tensors
+        step = g.op("Unsqueeze", x, axis0)  # (1, B, I): one time step
+        h0 = g.op("Unsqueeze", h, axis0)  # (1, B, H)
         no_lengths = g.op("prim::Constant")  # every sequence is one step long: sequence_lens omitted
         no_lengths.setType(torch._C.OptionalType.ofTensor())
-        squeeze_axis = g.op("Constant", value_t=torch.tensor([0]))
         if cell == "gru":
             _, h_n = g.op("GRU", step, w, r, b, no_lengths, h0, hidden_size_i=hidden, linear_before_reset_i=1,
                           outputs=2)  # fmt: skip
-            h_new = g.op("Squeeze", h_n, squeeze_axis)
+            h_new = g.op("Squeeze", h_n, axis0)  # (B, H)
             return h_new, h_new
-        c0 = g.op("Unsqueeze", c, g.op("Constant", value_t=torch.tensor([0])))
+        c0 = g.op("Unsqueeze", c, axis0)  # (1, B, H)
         inputs = [step, w, r, b, no_lengths, h0, c0] + ([p] if not _is_none(p) else [])
         _, h_n, c_n = g.op("LSTM", *inputs, hidden_size_i=hidden, outputs=3)
-        return g.op("Squeeze", h_n, squeeze_axis), g.op("Squeeze", c_n, squeeze_axis)
+        return g.op("Squeeze", h_n, axis0), g.op("Squeeze", c_n, axis0)  # (B, H) each
 
 
 def _is_none(value: Any) -> bool:
@@ -277,19 +282,13 @@ class RecurrentLayer(nn.Module):
     def forward_onnx(self, x: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """The export path: ONNX weights (gate order LSTM iofc, GRU zrh) feeding one LSTM/GRU node."""
         B, H, D = x.shape[0], self.hidden_size, self.num_directions
-        order = [0, 3, 1, 2] if self.cell == "lstm" else [1, 0, 2]  # torch (ifgo | rzn) -> onnx (iofc | zrh)
-        n = len(order)
-
-        def reorder(t: Tensor) -> Tensor:
-            chunks = t.chunk(n, dim=0)
-            return torch.cat([chunks[k] for k in order], dim=0)
-
+        order = ONNX_GATE_ORDER[self.cell]
         ws, rs, bs = [], [], []
         for d in range(D):
             w_ih, w_hh, b_ih, b_hh = self._weights(d)
-            ws.append(reorder(w_ih))
-            rs.append(reorder(w_hh))
-            bs.append(torch.cat([reorder(b_ih), reorder(b_hh)]))
+            ws.append(_reorder_gates(w_ih, order))
+            rs.append(_reorder_gates(w_hh, order))
+            bs.append(torch.cat([_reorder_gates(b_ih, order), _reorder_gates(b_hh, order)]))
         w, r, b = torch.stack(ws), torch.stack(rs), torch.stack(bs)  # (D, nH, I), (D, nH, H), (D, 2nH)
         # peephole (D, 3, H) rows i, f, o -> ONNX P (D, 3H) in order i, o, f; an unused placeholder without peepholes
         p = h0 = x.new_zeros(D, B, H)

@@ -183,7 +183,8 @@ class MultiHeadAttention(nn.Module):
         """x (B, T, H) queries; key, value (B, nh, K, hs); bias broadcastable to (B, nh, T, K) or None."""
         q = self.query(x)  # (B, T, H)
         if x.shape[1] == 1 and torch.onnx.is_in_onnx_export() and torch.jit.is_tracing():
-            context = _OnnxAttention.apply(self.n_heads, self.head_size, q, key, value, *(() if bias is None else (bias,)))
+            extra = () if bias is None else (bias,)
+            context = _OnnxAttention.apply(self.n_heads, self.head_size, q, key, value, *extra)  # (B, T, H)
         else:
             context = _attend(q, key, value, bias, self.n_heads, self.dropout)  # (B, T, H)
         return self.out(context)  # (B, T, H)

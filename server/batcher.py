@@ -188,10 +188,12 @@ class Batcher:
             with self._lock:
                 items = list(self._queue)
                 self._queue.clear()
-            self._start(loop, [it for it in items if not self._refuse(it)])
+            self._start(loop, items)
 
     def _start(self, loop: asyncio.AbstractEventLoop, items: list[WorkItem]) -> None:
-        for batch in cut_batches(items, self.config.max_batch_tokens, self.config.max_batch_size):
+        """Start the items that may still run (not cancelled, not past their deadline), cut into batches."""
+        live = [it for it in items if not self._refuse(it)]
+        for batch in cut_batches(live, self.config.max_batch_tokens, self.config.max_batch_size):
             task = loop.create_task(self._run(batch))
             self._running.add(task)
             task.add_done_callback(self._run_done)

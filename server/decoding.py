@@ -155,21 +155,17 @@ class BeamSearch(Search):
         # The 2k best extensions of totals[:, None] + log_probs, ties broken by flat index.
         best = best_candidates(log_probs, self._totals(), 2 * self.beam_size)  # (2k,) flat indices into (rows, V)
         parents, tokens = np.divmod(best, vocab)
-        return self._extend(parents, tokens, log_probs[parents, tokens])
+        return self.advance_ranked(parents, tokens, log_probs[parents, tokens])
 
     def advance_top(self, values: np.ndarray, ids: np.ndarray, complete: bool) -> list[tuple[int, int]] | None:
         [ranked] = rank_beams([self], [np.arange(len(values))], values, ids, complete)
         return None if ranked is None else self.advance_ranked(*ranked)
 
-    def advance_ranked(self, parents: np.ndarray, tokens: np.ndarray, log_probs: np.ndarray) -> list[tuple[int, int]]:
-        """`advance` from the 2k best extensions already ranked (rank_beams)."""
-        return self._extend(parents, tokens, log_probs)
-
     def _totals(self) -> np.ndarray:
         return np.array([sum(s) for s in self.live_scores], dtype=np.float64)  # (rows,)
 
-    def _extend(self, parents: np.ndarray, tokens: np.ndarray, log_probs: np.ndarray) -> list[tuple[int, int]]:
-        """Continue from the ranked (parent row, token, log-probability) candidates, best first."""
+    def advance_ranked(self, parents: np.ndarray, tokens: np.ndarray, log_probs: np.ndarray) -> list[tuple[int, int]]:
+        """`advance` from the 2k best (parent row, token, log-probability) extensions, already ranked best first."""
         self.steps += 1
         k = self.beam_size
         next_rows: list[tuple[int, int]] = []
@@ -326,13 +322,13 @@ class RunningBatch:
         for i in sorted(self.rows_of):
             rows = self.rows_of[i]
             chosen = None
-            if i in ranked:
-                chosen = self.searches[i].advance_ranked(*ranked[i])
+            if i in ranked:  # a beam search: ranked with the others of its beam size, None when not settled
+                chosen = None if ranked[i] is None else self.searches[i].advance_ranked(*ranked[i])
             elif log_probs is None:
                 chosen = self.searches[i].advance_top(values[rows], ids[rows], complete=values.shape[1] == vocab)
-                if chosen is None:
-                    log_probs, _ = self.model.step(self.prev_ids, self.mask, self.memory, self.state)  # (R, V)
             if chosen is None:
+                if log_probs is None:
+                    log_probs, _ = self.model.step(self.prev_ids, self.mask, self.memory, self.state)  # (R, V)
                 chosen = self.searches[i].advance(log_probs[rows])
             if not chosen:
                 finished.append(i)
@@ -360,17 +356,18 @@ class RunningBatch:
         return finished
 
 
-    def _rank_beams(self, values: np.ndarray, ids: np.ndarray, vocab: int) -> dict[int, Ranked]:
-        """Rank the beam searches of each beam size together (rank_beams); those it cannot settle are left out."""
+    def _rank_beams(self, values: np.ndarray, ids: np.ndarray, vocab: int) -> dict[int, Ranked | None]:
+        """Rank the beam searches of each beam size together (rank_beams): sentence -> its ranking, or None when the
+        fetched candidates cannot settle it."""
         groups: dict[int, list[int]] = {}
         for i in self.rows_of:
             if isinstance(self.searches[i], BeamSearch):
                 groups.setdefault(self.searches[i].beam_size, []).append(i)
-        ranked: dict[int, Ranked] = {}
+        ranked: dict[int, Ranked | None] = {}
         for sentences in groups.values():
             rows = [np.asarray(self.rows_of[i]) for i in sentences]
             found = rank_beams([self.searches[i] for i in sentences], rows, values, ids, values.shape[1] == vocab)
-            ranked.update((i, r) for i, r in zip(sentences, found) if r is not None)
+            ranked.update(zip(sentences, found))
         return ranked
 
 
