@@ -197,8 +197,8 @@ def make_search(beam_size: int, max_len: int, eos_id: int, alpha: float) -> Sear
 
 
 def _rows(x: np.ndarray, index: np.ndarray) -> np.ndarray:
-    """`x[index]` along axis 0; np.take copies the rows ~30 % faster than fancy indexing (a beam step moves every
-    key/value cache this way)."""
+    """`x[index]` along axis 0, by np.take (a little faster than fancy indexing: benchmarks/levers.py `gather`); a
+    beam step moves every key/value cache this way."""
     return np.take(x, index, axis=0)
 
 

@@ -85,3 +85,16 @@ def test_load_benchmark_reports_every_setting_without_errors(work, tmp_path):
         assert row["p99_ms"] >= row["p50_ms"] > 0
         assert row["server_peak_rss_mib"] > 0 and row["ready_s"] > 0 and row["server_cpu_cores"] > 0
     assert result["repository"]["ready_s"] > 0 and result["repository"]["rss_mib"] > 0
+
+
+def test_levers_benchmark_measures_every_lever(tmp_path):
+    out = tmp_path / "levers.json"
+    command = [sys.executable, "-m", "benchmarks.levers", "--quick", "--threads", "1", "--json", str(out)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    pools = result["pool (ms a batch-1 run)"]
+    assert set(pools) == {"session", "shared"}
+    assert all(set(p) == {"gap 0 ms", "gap 1 ms", "gap 5 ms"} and min(p.values()) > 0 for p in pools.values())
+    for lever in ("topk", "gather", "rank"):
+        assert result[lever] and min(result[lever].values()) > 0

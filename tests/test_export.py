@@ -175,3 +175,20 @@ def test_export_command_quantizes_with_a_dev_file(tiny_checkpoints, tmp_path):
 def test_export_command_reports_a_missing_checkpoint(tmp_path, caplog):
     assert seqserve_main(["export", str(tmp_path / "nothing"), "-r", str(tmp_path), "-n", "x"]) == 1
     assert "config.json is missing" in caplog.text
+
+
+@pytest.mark.parametrize("arch", TRANSLATOR_ARCHS)
+def test_decoder_step_graph_has_the_fused_nodes_and_ends_in_top_k(tiny_repository, tiny_checkpoints, arch):
+    import onnx
+
+    version_dir = ModelRepository(tiny_repository).version_dir(REPOSITORY_NAMES[arch])
+    ops = [node.op_type for node in onnx.load(str(version_dir / "decoder.onnx")).graph.node]
+    config = load_checkpoint(tiny_checkpoints[arch]).model.config
+    if arch == "transformer":
+        # Self- and cross-attention of every layer, each one onnxruntime MultiHeadAttention node, no Softmax left.
+        assert ops.count("MultiHeadAttention") == 2 * config.n_decoder_layers and "Softmax" not in ops
+    else:
+        cell = "GRU" if arch == "gru" else "LSTM"
+        assert ops.count(cell) == config.num_layers  # one ONNX node a decoder cell, not its written-out gates
+        assert "Sigmoid" not in ops
+    assert ops[-1] == "TopK" and ops.count("TopK") == 1

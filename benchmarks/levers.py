@@ -1,0 +1,203 @@
+"""Micro-benchmarks of the levers docs/benchmarks.md cites (each A/B in one run, medians of many repetitions):
+
+  pool     one model at batch 1 back to back and with 1 ms / 5 ms between runs, in two fresh processes: a per-session
+           non-spinning onnxruntime pool (the server before) and the process's shared spinning pool (`seqserve serve`)
+  topk     each row's best 9 of (128, 8000) log-probs: onnxruntime TopK (what add_top_k puts in decoder graphs) vs
+           numpy argpartition
+  gather   reordering a (128, 4, 20, 64) key/value cache by beam parents: fancy indexing vs np.take vs onnxruntime
+           Gather
+  rank     the exact ranking of one beam-4 search's candidates: the single-search path vs the batched one
+
+    python -m benchmarks.levers --threads 2 [--model WORK/encode_repository/minilm/1/model.onnx] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from benchmarks.common import DEFAULT_WORK
+
+
+def median_us(fn: Callable[[], Any], runs: int, gap_s: float = 0.0) -> float:
+    for _ in range(max(3, runs // 10)):
+        fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+        if gap_s:
+            time.sleep(gap_s)
+    return statistics.median(times) * 1e6
+
+
+def _graph(nodes: list, inputs: list, outputs: list) -> bytes:
+    from onnx import helper
+
+    model = helper.make_model(helper.make_graph(nodes, "lever", inputs, outputs),
+                              opset_imports=[helper.make_opsetid("", 17)])  # fmt: skip
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def _mlp() -> bytes:
+    """Stand-in model when no exported one is given: six 384 -> 1536 -> 384 blocks (MiniLM's matmul sizes)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    nodes, inits, x = [], [], "x"
+    for i in range(6):
+        for j, shape in enumerate(((384, 1536), (1536, 384))):
+            w = f"w{i}_{j}"
+            inits.append(numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32) * 0.02, w))
+            nodes.append(helper.make_node("MatMul", [x, w], [f"{w}_out"]))
+            x = f"{w}_out"
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "L", 384])],
+                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, None)], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def _feeds(session: Any) -> dict[str, np.ndarray]:
+    """Batch 1, 11 positions: token-like ids for int64 inputs, random floats otherwise."""
+    feeds = {}
+    for spec in session.get_inputs():
+        shape = [1, 11] + [d if isinstance(d, int) else 1 for d in spec.shape[2:]]
+        if spec.type == "tensor(int64)":
+            value = 1 if "mask" in spec.name else 0 if "type" in spec.name else 7  # mask, token types, token ids
+            feeds[spec.name] = np.full(shape, value, dtype=np.int64)
+        else:
+            feeds[spec.name] = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    return feeds
+
+
+def pool_child(kind: str, model: str, threads: int, runs: int) -> dict[str, float]:
+    """In a fresh process: one model at batch 1 with the pool `kind` ("session" or "shared")."""
+    import onnxruntime as ort
+
+    from seqserve.server.repository import SessionOptions, shared_thread_pool
+
+    if kind == "shared":
+        shared_thread_pool(threads, 1)
+    options = SessionOptions(intra_op_threads=threads, inter_op_threads=1).ort_options()
+    source = _mlp() if model == "mlp" else model
+    session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    feeds = _feeds(session)
+    return {f"gap {gap * 1e3:.0f} ms": median_us(lambda: session.run(None, feeds), runs, gap) / 1e3
+            for gap in (0.0, 0.001, 0.005)}  # fmt: skip
+
+
+def pool(model: str, threads: int, runs: int) -> dict[str, dict[str, float]]:
+    out = {}
+    for kind in ("session", "shared"):
+        command = [sys.executable, "-m", "benchmarks.levers", "--pool-child", kind, "--model", model,
+                   "--threads", str(threads), "--runs", str(runs)]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"the {kind} pool measurement failed: {done.stderr[-2000:]}")
+        out[kind] = json.loads(done.stdout)
+    return out
+
+
+def topk(threads: int, runs: int, rows: int = 128, vocab: int = 8000, k: int = 9) -> dict[str, float]:
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    graph = _graph([helper.make_node("TopK", ["x", "k"], ["v", "i"], axis=-1, largest=1, sorted=1)],
+                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["r", "v"]),
+                    helper.make_tensor_value_info("k", TensorProto.INT64, [1])],
+                   [helper.make_tensor_value_info("v", TensorProto.FLOAT, None),
+                    helper.make_tensor_value_info("i", TensorProto.INT64, None)])  # fmt: skip
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal((rows, vocab)).astype(np.float32)
+    feeds = {"x": x, "k": np.array([k], dtype=np.int64)}
+    return {
+        "onnxruntime TopK us": median_us(lambda: session.run(None, feeds), runs),
+        "numpy argpartition us": median_us(lambda: np.argpartition(x, vocab - k, axis=1), runs),
+    }
+
+
+def gather(threads: int, runs: int, shape: tuple[int, ...] = (128, 4, 20, 64)) -> dict[str, float]:
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    graph = _graph([helper.make_node("Gather", ["x", "i"], ["y"], axis=0)],
+                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["r", *shape[1:]]),
+                    helper.make_tensor_value_info("i", TensorProto.INT64, ["n"])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])  # fmt: skip
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).random(shape).astype(np.float32)
+    index = np.random.default_rng(1).integers(0, shape[0], shape[0])
+    return {
+        "fancy indexing us": median_us(lambda: x[index], runs),
+        "np.take us": median_us(lambda: np.take(x, index, axis=0), runs),
+        "onnxruntime Gather us": median_us(lambda: session.run(None, {"x": x, "i": index}), runs),
+    }
+
+
+def rank(runs: int, beam: int = 4, vocab: int = 8000) -> dict[str, float]:
+    from seqserve.server.decoding import BeamSearch
+    from seqserve.server.ranking import rank_beams
+
+    search = BeamSearch(max_len=10, eos_id=2, beam_size=beam)
+    search.live_tokens, search.live_scores = [(1,)] * beam, [(-0.5, -1.0)] * beam
+    log_probs = np.log(np.random.default_rng(0).dirichlet(np.ones(vocab), beam)).astype(np.float32)
+    ids = np.argsort(-log_probs, axis=1, kind="stable")[:, : 2 * beam + 1]
+    values = np.take_along_axis(log_probs, ids, axis=1)
+    rows = np.arange(beam)
+    two = [np.arange(beam), np.arange(beam, 2 * beam)]
+    both_values, both_ids = np.concatenate([values, values]), np.concatenate([ids, ids])
+    return {
+        "one search us": median_us(lambda: rank_beams([search], [rows], values, ids, False), runs),
+        "two searches batched us": median_us(lambda: rank_beams([search, search], two, both_values, both_ids, False),
+                                             runs),  # fmt: skip
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2, help="intra-op threads")
+    parser.add_argument("--runs", type=int, default=300, help="timed repetitions a measurement (median reported)")
+    parser.add_argument("--model", default=None, help="ONNX model for the pool lever; default: the exported MiniLM "
+                        "of benchmarks.encode when present, else a stand-in MLP of MiniLM's matmul sizes")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--quick", action="store_true", help="few repetitions: checks the script, measures nothing")
+    parser.add_argument("--pool-child", choices=("session", "shared"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.runs = 5
+    if args.model is None:
+        minilm = DEFAULT_WORK / "encode_repository" / "minilm" / "1" / "model.onnx"
+        args.model = str(minilm) if minilm.is_file() and not args.quick else "mlp"
+    if args.pool_child:
+        sys.stdout.write(json.dumps(pool_child(args.pool_child, args.model, args.threads, args.runs)))
+        return 0
+    results = {
+        "pool (ms a batch-1 run)": pool(args.model, args.threads, args.runs),
+        "topk": topk(args.threads, args.runs),
+        "gather": gather(args.threads, args.runs),
+        "rank": rank(args.runs),
+    }
+    for name, values in results.items():
+        sys.stdout.write(f"{name}: {json.dumps(values)}\n")
+    if args.json:
+        args.json.write_text(json.dumps({"model": args.model, "threads": args.threads, **results}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
