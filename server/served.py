@@ -253,6 +253,3 @@ class ServedModel:
                 raise InvalidRequest(f"text {i} has no {self.bert.mask_token} token to fill")
         jobs = await self._bert([BertJob("fill_mask", e, top_k=top_k) for e in encoded], deadline)
         return [[[(self.codec.token(t), t, p) for t, p in mask] for mask in j.result] for j in jobs]
-
-    def deadline_from(self, seconds: float | None) -> float | None:
-        return None if seconds is None else time.monotonic() + seconds
