@@ -11,8 +11,8 @@ and attention gives padding exactly zero weight. The model keeps no decoding sta
 `decode_step` takes and returns it, all tensors batch-first (axis 0 is the batch).
 
 ONNX: under `torch.onnx.export(..., dynamo=False)` each encoder layer becomes one ONNX `LSTM`/`GRU` node with
-`sequence_lens` (and peephole input `P`), so the graph keeps dynamic batch and source length; `decode_step` is plain
-tensor ops.
+`sequence_lens` (and peephole input `P`), so the graph keeps dynamic batch and source length; in `decode_step` each
+decoder layer becomes one such node over a one-step sequence (`_OnnxCellStack`), the rest is plain tensor ops.
 """
 
 from __future__ import annotations
@@ -105,10 +105,6 @@ class LSTMCell(nn.Module):
 
     def forward(self, x: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         h, c = state
-        if torch.onnx.is_in_onnx_export() and torch.jit.is_tracing():
-            peephole = None if self.peephole is None else self.peephole[[0, 2, 1]].reshape(1, -1)  # i, o, f
-            h, c = _OnnxCellStep.apply(x, h, c, *_onnx_weights(self, "lstm"), peephole, "lstm")
-            return h, c
         return lstm_cell_step(x, h, c, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, self.peephole)
 
 
@@ -125,8 +121,6 @@ class GRUCell(nn.Module):
         _init_uniform(self, hidden_size)
 
     def forward(self, x: Tensor, h: Tensor) -> Tensor:
-        if torch.onnx.is_in_onnx_export() and torch.jit.is_tracing():
-            return _OnnxCellStep.apply(x, h, h, *_onnx_weights(self, "gru"), None, "gru")[0]
         return gru_cell_step(x, h, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
 
 
@@ -148,35 +142,64 @@ def _onnx_weights(cell: nn.Module, kind: str) -> tuple[Tensor, Tensor, Tensor]:
     return _reorder_gates(cell.weight_ih, order)[None], _reorder_gates(cell.weight_hh, order)[None], bias[None]
 
 
-class _OnnxCellStep(torch.autograd.Function):
-    """Export-only: one decoder cell step as one ONNX LSTM/GRU node over a sequence of length 1, in place of the
-    ~20 nodes of the written-out gate equations (the decoder step graph runs it L times a token). Only reached
-    while the TorchScript exporter traces; the eager forward returns zeros of the node's output shapes."""
+def _onnx_cell_inputs(cell: nn.Module, kind: str) -> tuple[Tensor | None, ...]:
+    """W, R, B and the peephole P (i, o, f order; None without) of one decoder cell's ONNX node."""
+    peephole = getattr(cell, "peephole", None)
+    return (*_onnx_weights(cell, kind), None if peephole is None else peephole[[0, 2, 1]].reshape(1, -1))
+
+
+class _OnnxCellStack(torch.autograd.Function):
+    """Export-only: one decoder step of the whole cell stack as one ONNX LSTM/GRU node a layer (over a sequence of
+    length 1), in place of the ~20 nodes a layer of the written-out gate equations. The state travels batch-first
+    (B, L, H); inside, it is cut once into the (1, B, H) slices the nodes take, and each layer's output Y_h (1, B, H)
+    is the next layer's input as it is, so a step has a handful of shape nodes instead of ~12 a layer (each costs
+    about a microsecond, and the step runs once a token). Only reached while the TorchScript exporter traces; the eager
+    forward returns zeros of the outputs' shapes: (new h, new c, the top layer's h (B, H)); for a GRU c is h."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, h: Tensor, c: Tensor, w: Tensor, r: Tensor, b: Tensor, p: Tensor | None,
-                cell: str) -> tuple[Tensor, Tensor]:  # fmt: skip
-        return torch.zeros_like(h), torch.zeros_like(c)
+    def forward(ctx: Any, x: Tensor, h: Tensor, c: Tensor, cell: str, *weights: Tensor | None) -> tuple[Tensor, ...]:
+        return torch.zeros_like(h), torch.zeros_like(c), h.new_zeros(h.shape[0], h.shape[2])
 
     @staticmethod
-    def symbolic(g: Any, x: Any, h: Any, c: Any, w: Any, r: Any, b: Any, p: Any, cell: str) -> Any:
-        hidden = w.type().sizes()[1] // (4 if cell == "lstm" else 3) if w.type().sizes() else None
-        if hidden is None:
-            raise RuntimeError("the exporter lost the decoder cell's weight shape")
-        axis0 = g.op("Constant", value_t=torch.tensor([0]))  # the time (and direction) axis of the node's tensors
-        step = g.op("Unsqueeze", x, axis0)  # (1, B, I): one time step
-        h0 = g.op("Unsqueeze", h, axis0)  # (1, B, H)
+    def symbolic(g: Any, x: Any, h: Any, c: Any, cell: str, *weights: Any) -> Any:
+        layers = len(weights) // 4
+        sizes = [w.type().sizes() for w in weights[::4]]
+        if not all(sizes):
+            raise RuntimeError("the exporter lost the decoder cells' weight shapes")
+        gates = 4 if cell == "lstm" else 3
+        axis0 = g.op("Constant", value_t=torch.tensor([0]))  # the time (and direction) axis of the nodes' tensors
         no_lengths = g.op("prim::Constant")  # every sequence is one step long: sequence_lens omitted
         no_lengths.setType(torch._C.OptionalType.ofTensor())
-        if cell == "gru":
-            _, h_n = g.op("GRU", step, w, r, b, no_lengths, h0, hidden_size_i=hidden, linear_before_reset_i=1,
-                          outputs=2)  # fmt: skip
-            h_new = g.op("Squeeze", h_n, axis0)  # (B, H)
-            return h_new, h_new
-        c0 = g.op("Unsqueeze", c, axis0)  # (1, B, H)
-        inputs = [step, w, r, b, no_lengths, h0, c0] + ([p] if not _is_none(p) else [])
-        _, h_n, c_n = g.op("LSTM", *inputs, hidden_size_i=hidden, outputs=3)
-        return g.op("Squeeze", h_n, axis0), g.op("Squeeze", c_n, axis0)  # (B, H) each
+
+        def per_layer(state: Any) -> list[Any]:  # (B, L, H) -> L x (1, B, H)
+            by_layer = g.op("Transpose", state, perm_i=[1, 0, 2])
+            if layers == 1:
+                return [by_layer]
+            ones = g.op("Constant", value_t=torch.ones(layers, dtype=torch.int64))
+            return list(g.op("Split", by_layer, ones, axis_i=0, outputs=layers))
+
+        def stacked(states: list[Any]) -> Any:  # L x (1, B, H) -> (B, L, H)
+            by_layer = states[0] if layers == 1 else g.op("Concat", *states, axis_i=0)
+            return g.op("Transpose", by_layer, perm_i=[1, 0, 2])
+
+        hs = per_layer(h)
+        cs = per_layer(c) if cell == "lstm" else [None] * layers
+        step = g.op("Unsqueeze", x, axis0)  # (1, B, I): one time step
+        new_h, new_c = [], []
+        for i in range(layers):
+            w, r, b, p = weights[4 * i : 4 * i + 4]
+            hidden = sizes[i][1] // gates
+            if cell == "gru":
+                _, h_n = g.op("GRU", step, w, r, b, no_lengths, hs[i], hidden_size_i=hidden, linear_before_reset_i=1,
+                              outputs=2)  # fmt: skip
+            else:
+                inputs = [step, w, r, b, no_lengths, hs[i], cs[i]] + ([p] if not _is_none(p) else [])
+                _, h_n, c_n = g.op("LSTM", *inputs, hidden_size_i=hidden, outputs=3)
+                new_c.append(c_n)
+            new_h.append(h_n)
+            step = h_n  # (1, B, H): the next layer's one-step input
+        h_out = stacked(new_h)
+        return h_out, stacked(new_c) if cell == "lstm" else h_out, g.op("Squeeze", step, axis0)
 
 
 def _is_none(value: Any) -> bool:
@@ -525,22 +548,27 @@ class RNNTranslator(nn.Module):
         x = self.dropout(self.tgt_embedding(prev_ids))  # (B, E)
         if cfg.input_feeding:
             x = torch.cat([x, state[-1]], dim=-1)  # (B, E+H)
-        hs, cs = [], []
-        for i, cell in enumerate(self.decoder_cells):
-            if i > 0:
-                x = self.dropout(x)
-            if c is not None:
-                h_i, c_i = cell(x, (h[:, i], c[:, i]))
-                cs.append(c_i)
-            else:
-                h_i = cell(x, h[:, i])
-            hs.append(h_i)
-            x = h_i  # (B, H)
+        if torch.onnx.is_in_onnx_export() and torch.jit.is_tracing():  # dropout is off in an exported model
+            weights = [t for cell in self.decoder_cells for t in _onnx_cell_inputs(cell, cfg.cell)]
+            h_new, c_new, x = _OnnxCellStack.apply(x, h, h if c is None else c, cfg.cell, *weights)
+        else:
+            hs, cs = [], []
+            for i, cell in enumerate(self.decoder_cells):
+                if i > 0:
+                    x = self.dropout(x)
+                if c is not None:
+                    h_i, c_i = cell(x, (h[:, i], c[:, i]))
+                    cs.append(c_i)
+                else:
+                    h_i = cell(x, h[:, i])
+                hs.append(h_i)
+                x = h_i  # (B, H)
+            h_new, c_new = torch.stack(hs, dim=1), torch.stack(cs, dim=1) if c is not None else None  # (B, L, H)
         context, _ = self.attention(x, keys, memory_bank, src_pad_mask)  # (B, Hm)
         attn_h = torch.tanh(self.attn_out(torch.cat([context, x], dim=-1)))  # (B, Hm+H) -> (B, H)
-        new_state: tuple[Tensor, ...] = (torch.stack(hs, dim=1),)  # (B, L, H)
+        new_state: tuple[Tensor, ...] = (h_new,)
         if c is not None:
-            new_state += (torch.stack(cs, dim=1),)
+            new_state += (c_new,)
         if cfg.input_feeding:
             new_state += (attn_h,)
         return attn_h, new_state

@@ -298,12 +298,16 @@ class _DecodeStep(nn.Module):
         return (log_probs, *new_state)
 
 
-@pytest.mark.parametrize("arch,score,peephole", [("birnn-lstm", "additive", True), ("gru", "dot", False)])
+@pytest.mark.parametrize(
+    "arch,score,peephole,layers",
+    [("birnn-lstm", "additive", True, 2), ("gru", "dot", False, 2), ("lstm", "general", False, 1),
+     ("gru", "scaled_dot", False, 3)],
+)  # fmt: skip
 def test_encode_and_decode_step_export_with_dynamic_batch_and_length(
-    tmp_path, arch: str, score: str, peephole: bool
+    tmp_path, arch: str, score: str, peephole: bool, layers: int
 ) -> None:
     """torch.onnx.export(dynamo=False) of both, then onnxruntime at another batch size and length than traced."""
-    model = make_model(arch, score, peephole)
+    model = make_model(arch, score, peephole, num_layers=layers)
     memory_names, state_names = list(model.memory_names()), list(model.state_names())
     src, pad_mask, tgt_in = make_batch([4, 2])
     with torch.no_grad():
@@ -340,3 +344,7 @@ def test_encode_and_decode_step_export_with_dynamic_batch_and_length(
     feeds |= dict(zip(memory_names + state_names, encoded))
     for ours, theirs in zip(decoder.run(None, feeds), (log_probs, *new_state)):
         np.testing.assert_allclose(ours, theirs.numpy(), atol=1e-5, rtol=0)
+    # Each decoder layer is one recurrent node too (models/rnn._OnnxCellStack), with few shape nodes around them.
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "decoder.onnx")).graph.node]
+    assert [op for op in ops if op in ("LSTM", "GRU")] == [ARCHS[arch][0].upper()] * layers
+    assert "Sigmoid" not in ops
