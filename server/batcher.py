@@ -8,6 +8,11 @@ size (sequences x longest x beam) stays within `max_batch_tokens`, so similar le
 the shared worker pool (onnxruntime releases the GIL); the pool's size is the number of concurrent runs across all
 models. A sequence whose request was cancelled or whose deadline passed is dropped before its batch runs, and inside a
 translation batch it leaves the running decode at the next step (see decoding.py).
+
+A batcher made `inline` (BERT models) runs a small batch that found its model idle on the event loop itself, skipping
+the two thread hand-offs of the worker pool, as long as its small batches have been taking at most
+`inline_max_ms` (the loop is blocked meanwhile, so the bound is learnt from the model's own runs, and only a model with
+nothing else running qualifies).
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from seqserve.server.config import BatchingConfig
 from seqserve.server.errors import Cancelled, DeadlineExceeded, ModelUnavailable, QueueFull
 
 log = logging.getLogger(__name__)
+
+INLINE_TOKENS = 64  # padded tokens of a batch that may run inline; the run times of such batches decide whether they do
 
 
 @dataclass(eq=False)
@@ -80,6 +87,10 @@ def cut_batches(items: list[WorkItem], budget: int, max_size: int) -> list[list[
     return batches
 
 
+def _padded(batch: list[WorkItem]) -> int:
+    return len(batch) * max(it.length * it.cost for it in batch)
+
+
 class Batcher:
     """The queue and batching loop of one model version.
 
@@ -99,6 +110,7 @@ class Batcher:
         observe: Callable[[list[WorkItem], float], None] = lambda batch, started: None,
         joinable: bool = False,
         workers: int = 1,
+        inline: bool = False,
     ):
         self.name = name
         self.version = version
@@ -109,6 +121,8 @@ class Batcher:
         self.observe = observe
         self.joinable = joinable
         self.workers = max(workers, 1)  # batches of this model that can run at once (the server's instances)
+        self.inline = inline and not joinable and config.inline_max_ms > 0
+        self._small_batch_s: float | None = None  # recent run time of batches of <= INLINE_TOKENS, rising at once
         self._queue: deque[WorkItem] = deque()
         self._lock = threading.Lock()  # the queue is shared with worker threads pulling joiners
         self._wakeup = asyncio.Event()
@@ -136,7 +150,7 @@ class Batcher:
         items = [WorkItem(job, length, cost, deadline, loop.create_future()) for job, length, cost in jobs]
         if self.config.dispatch_when_idle and len(self._running) < self.workers and not self._queue:
             # An idle model: the batches start now, without a turn through the batching loop.
-            self._start(loop, items)
+            self._start(loop, items, idle=True)
         else:
             with self._lock:
                 self._queue.extend(items)
@@ -190,11 +204,12 @@ class Batcher:
                 self._queue.clear()
             self._start(loop, items)
 
-    def _start(self, loop: asyncio.AbstractEventLoop, items: list[WorkItem]) -> None:
-        """Start the items that may still run (not cancelled, not past their deadline), cut into batches."""
+    def _start(self, loop: asyncio.AbstractEventLoop, items: list[WorkItem], idle: bool = False) -> None:
+        """Start the items that may still run (not cancelled, not past their deadline), cut into batches; `idle`: the
+        model had nothing running or queued."""
         live = [it for it in items if not self._refuse(it)]
         for batch in cut_batches(live, self.config.max_batch_tokens, self.config.max_batch_size):
-            task = loop.create_task(self._run(batch))
+            task = loop.create_task(self._run(batch, idle))
             self._running.add(task)
             task.add_done_callback(self._run_done)
 
@@ -222,12 +237,25 @@ class Batcher:
         if not self._refuse(it):
             it.future.set_result(it.job)
 
-    async def _run(self, batch: list[WorkItem]) -> None:
+    def _may_inline(self, batch: list[WorkItem]) -> bool:
+        """A small batch, alone in its model, whose like have been running within inline_max_ms."""
+        return (
+            self.inline
+            and len(self._running) == 1
+            and self._small_batch_s is not None
+            and self._small_batch_s * 1000.0 <= self.config.inline_max_ms
+            and _padded(batch) <= INLINE_TOKENS
+        )
+
+    async def _run(self, batch: list[WorkItem], idle: bool = False) -> None:
         loop = asyncio.get_running_loop()
         started = time.monotonic()
         self.observe(batch, started)
         try:
-            await loop.run_in_executor(self.executor, self._execute, batch)
+            if idle and self._may_inline(batch):
+                self._execute(batch)
+            else:
+                await loop.run_in_executor(self.executor, self._execute, batch)
         except BaseException as exc:  # a failed batch fails its requests, never the loop
             if not isinstance(exc, asyncio.CancelledError):
                 log.exception("batch of %d for %s failed", len(batch), self.name)
@@ -245,7 +273,11 @@ class Batcher:
         """Run a batch; if it fails, the sequences it pulled in fail with it (the batch's own fail in `_run`)."""
         self._local.pulled = []
         try:
+            started = time.perf_counter()
             self.run_batch(batch, self)
+            if self.inline and _padded(batch) <= INLINE_TOKENS:
+                seconds, recent = time.perf_counter() - started, self._small_batch_s
+                self._small_batch_s = seconds if recent is None or seconds > recent else 0.9 * recent + 0.1 * seconds
         except Exception as exc:
             for it in self._local.pulled:
                 self._call(self._fail, it, exc)

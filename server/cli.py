@@ -45,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="wait --max-queue-delay-ms for company even when a worker is free (by default a "
                              "request starts at once then, and gathers with others only while the workers are "
                              "busy)")  # fmt: skip
+    parser.add_argument("--inline-max-ms", type=float, default=bat.inline_max_ms,
+                        help="a BERT request reaching an idle model runs on the event loop itself (no thread "
+                             "hand-off) when the model's small batches take at most this long; 0: never")
     parser.add_argument("--max-join-ms", type=float, default=bat.max_join_ms,
                         help="how long a running RNN decode takes newcomers before it finishes and frees its worker")
     parser.add_argument("--max-texts", type=int, default=lim.max_texts, help="texts or pairs per request")
@@ -78,7 +81,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         batching=BatchingConfig(
             max_batch_tokens=args.max_batch_tokens, max_queue_delay_ms=args.max_queue_delay_ms,
             dispatch_when_idle=args.dispatch_when_idle,
-            max_batch_size=args.max_batch_size, max_join_ms=args.max_join_ms,
+            max_batch_size=args.max_batch_size, max_join_ms=args.max_join_ms, inline_max_ms=args.inline_max_ms,
         ),
     )  # fmt: skip
 

@@ -95,7 +95,7 @@ class ServedModel:
         joinable = self.translator is not None and self.translator.step_model.joinable
         self.batcher = Batcher(
             self.name, self.version, run, executor, batching, limits.max_queue, self._observe, joinable=joinable,
-            workers=workers,
+            workers=workers, inline=self.bert is not None,
         )
 
     # ---------------------------------------------------------------------------------------------------------

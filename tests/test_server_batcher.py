@@ -171,3 +171,43 @@ def test_an_idle_model_starts_at_once_and_a_busy_one_gathers_what_arrives_meanwh
     waited_first, elapsed = _run(scenario())
     assert waited_first < 1.0 and elapsed < 2.0  # neither batch waited out the 10 s delay
     assert runs == [["a"], ["b", "c"]]  # what arrived during the first batch ran as one batch right after it
+
+
+def _threads_of_runs(config: BatchingConfig, requests: list[int], seconds: float = 0.0, overlap: bool = False):
+    """Submit single-sequence requests of these lengths to an idle `inline` batcher one after another (or, with
+    `overlap`, the last two together); returns, per run, whether it ran on the event loop's own thread."""
+    on_loop: list[bool] = []
+    loop_thread: list[threading.Thread] = []
+
+    def run(items, context):
+        on_loop.append(threading.current_thread() is loop_thread[0])
+        time.sleep(seconds)
+
+    async def scenario():
+        loop_thread.append(threading.current_thread())
+        with ThreadPoolExecutor(1) as pool:
+            batcher = Batcher("m", 1, run, pool, config, 100, inline=True, workers=2)
+            batcher.start()
+            for length in requests[:-2] if overlap else requests:
+                await batcher.submit([(None, length, 1)], None)
+            if overlap:
+                await asyncio.gather(*(batcher.submit([(None, n, 1)], None) for n in requests[-2:]))
+            await batcher.close()
+
+    _run(scenario())
+    return on_loop
+
+
+def test_small_batches_on_an_idle_model_run_on_the_event_loop_once_known_to_be_quick():
+    # The first run teaches the batcher how long small batches take; it goes to the pool.
+    assert _threads_of_runs(BatchingConfig(inline_max_ms=50.0), [8, 8, 12]) == [False, True, True]
+
+
+def test_batches_stay_in_the_pool_when_slow_large_off_or_not_alone():
+    assert _threads_of_runs(BatchingConfig(inline_max_ms=5.0), [8, 8], seconds=0.02) == [False, False]  # too slow
+    assert _threads_of_runs(BatchingConfig(inline_max_ms=50.0), [8, 200]) == [False, False]  # more than INLINE_TOKENS
+    assert _threads_of_runs(BatchingConfig(inline_max_ms=0.0), [8, 8]) == [False, False]  # turned off
+    # Two requests at once: the second starts while the first runs (two workers), so neither blocks the loop.
+    assert _threads_of_runs(BatchingConfig(inline_max_ms=50.0), [8, 8, 8], seconds=0.01, overlap=True)[1:] == [
+        False, False,
+    ]  # fmt: skip
