@@ -43,40 +43,48 @@ def setup(args: argparse.Namespace) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.quick:
         args.repeats, args.warmup = 1, 1
-        TIMING.update(settle_s=0.0, warmup_s=0.0, timed_s=0.0)
+        TIMING.update(settle_s=0.0, warmup_s=0.0, timed_s=0.0, rounds=1)
     args.work.mkdir(parents=True, exist_ok=True)
-
-
-def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int) -> float:
-    """Median wall time of `fn` over `repeats` runs after `warmup` untimed ones."""
-    return timed(fn, repeats, warmup)[0]
 
 
 # Each measurement starts after a pause, so that the previous contender's threads have stopped spinning (onnxruntime
 # pools spin for a while after a run, OpenMP's too), then warms up and times for at least these many seconds (short
-# workloads get many runs: their medians were at the mercy of a few noisy ones). setup() zeroes them for --quick.
-TIMING = {"settle_s": 0.3, "warmup_s": 0.3, "timed_s": 1.5, "max_runs": 300}
+# workloads get many runs: their medians were at the mercy of a few noisy ones), in `rounds` rounds across the
+# contenders of a workload. setup() zeroes them for --quick.
+TIMING = {"settle_s": 0.3, "warmup_s": 0.3, "timed_s": 1.5, "max_runs": 300, "rounds": 3}
 
 
-def timed(fn: Callable[[], Any], repeats: int, warmup: int) -> tuple[float, Any]:
-    """(median wall time of `fn` over at least `repeats` runs and TIMING["timed_s"], after at least `warmup` untimed
-    runs and TIMING["warmup_s"], what the last run returned)."""
-    time.sleep(TIMING["settle_s"])
-    result = None
-    started = time.perf_counter()
-    done = 0
-    while done < warmup or time.perf_counter() - started < TIMING["warmup_s"]:
-        fn()
-        done += 1
-    times: list[float] = []
-    started = time.perf_counter()
-    while len(times) < repeats or (
-        time.perf_counter() - started < TIMING["timed_s"] and len(times) < TIMING["max_runs"]
-    ):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
+def timed_interleaved(
+    contenders: dict[str, Callable[[], Any]], repeats: int, warmup: int, rounds: int | None = None
+) -> dict[str, tuple[float, Any]]:
+    """The median wall time of every contender of one workload over at least `repeats` runs and TIMING["timed_s"],
+    after at least `warmup` untimed runs and TIMING["warmup_s"], taken in `rounds` rounds (A B C, A B C, ...) rather
+    than one contender after another, so that the machine drifting during the workload (a shared VM: the same
+    workload ran 10 and 16 ms minutes apart) weighs on every contender alike: contender -> (median over all its timed
+    runs, what its last run returned).
+    Each round settles, warms up (the first round fully, later ones with one run) and times its share of the runs."""
+    rounds = rounds or TIMING["rounds"]
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    last: dict[str, Any] = {}
+    for r in range(rounds):
+        for name, fn in contenders.items():
+            time.sleep(TIMING["settle_s"])
+            started = time.perf_counter()
+            done = 0
+            while done < (warmup if r == 0 else 1) or (r == 0 and time.perf_counter() - started < TIMING["warmup_s"]):
+                fn()
+                done += 1
+            share = -(-repeats // rounds)  # runs each round at least, rounded up
+            started = time.perf_counter()
+            taken: list[float] = []
+            while len(taken) < share or (
+                time.perf_counter() - started < TIMING["timed_s"] / rounds and len(taken) < TIMING["max_runs"] // rounds
+            ):
+                start = time.perf_counter()
+                last[name] = fn()
+                taken.append(time.perf_counter() - start)
+            times[name].extend(taken)
+    return {name: (statistics.median(times[name]), last[name]) for name in contenders}
 
 
 @dataclass

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import (
-    Results, Row, ServerProcess, base_arguments, load_in_process, median_seconds, session_options, setup,
+    Results, Row, ServerProcess, base_arguments, load_in_process, timed_interleaved, session_options, setup,
 )  # fmt: skip
 
 log = logging.getLogger("benchmarks.encode")
@@ -140,8 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                     "onnxruntime": lambda: raw.encode(texts),
                     "sentence-transformers fp32": lambda: st.encode(texts, batch_size=32, normalize_embeddings=True),
                 }
-                for contender, fn in contenders.items():
-                    seconds = median_seconds(fn, args.repeats, args.warmup)
+                for contender, (seconds, _) in timed_interleaved(contenders, args.repeats, args.warmup).items():
                     results.add(Row(workload, contender, batch, "sentences", seconds))
                 reference = st.encode(texts, batch_size=32, normalize_embeddings=True)
                 cosine = (client.encode(name, texts, normalize=True) * reference).sum(1)  # (B,)

@@ -17,7 +17,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from benchmarks.common import Results, Row, base_arguments, load_in_process, setup, timed
+from benchmarks.common import Results, Row, base_arguments, load_in_process, setup, timed_interleaved
 from benchmarks.translate_transformer import InProcess
 
 log = logging.getLogger("benchmarks.translate_rnn")
@@ -84,10 +84,12 @@ def main(argv: list[str] | None = None) -> int:
             texts = [s for s, _ in reversal_pairs(batch, seed=batch, min_len=args.source_tokens - 2,
                                                   max_len=args.source_tokens + 2)]  # fmt: skip
             workload = f"{arch} batch {batch} greedy"
-            seconds, ours = timed(lambda: inproc.translate(texts, 1, max_new), args.repeats, args.warmup)
+            contenders = {"seqserve-inproc": lambda: inproc.translate(texts, 1, max_new),
+                          "torch-reference": lambda: reference(texts)}  # fmt: skip
+            timings = timed_interleaved(contenders, args.repeats, args.warmup)
+            (seconds, ours), (their_seconds, theirs) = timings["seqserve-inproc"], timings["torch-reference"]
             results.add(Row(workload, "seqserve-inproc", sum(len(r.tokens) for r in ours), "tokens", seconds))
-            seconds, theirs = timed(lambda: reference(texts), args.repeats, args.warmup)
-            results.add(Row(workload, "torch-reference", sum(map(len, theirs)), "tokens", seconds))
+            results.add(Row(workload, "torch-reference", sum(map(len, theirs)), "tokens", their_seconds))
             same = sum(r.tokens == t for r, t in zip(ours, theirs))
             notes.append(f"{workload}: seqserve and the torch reference give identical tokens for {same} of "
                          f"{len(texts)} sentences")  # fmt: skip

@@ -21,7 +21,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from benchmarks.common import Results, Row, ServerProcess, base_arguments, load_in_process, setup, timed
+from benchmarks.common import Results, Row, ServerProcess, base_arguments, load_in_process, setup, timed_interleaved
 from benchmarks.marian_model import SIZES, build_marian_dir, synthetic_sentences
 
 log = logging.getLogger("benchmarks.translate_transformer")
@@ -187,8 +187,8 @@ def main(argv: list[str] | None = None) -> int:
                     }  # fmt: skip
                     if precision == "fp32":
                         contenders["transformers eager fp32"] = lambda: hf_generate(texts, beam)
-                    for contender, fn in contenders.items():
-                        seconds, tokens = timed(fn, args.repeats, args.warmup)
+                    timings = timed_interleaved(contenders, args.repeats, args.warmup)
+                    for contender, (seconds, tokens) in timings.items():
                         results.add(Row(workload, contender, tokens, "tokens", seconds))
                     if beam == 1:
                         ours = [r.tokens for r in inproc.translate(texts, 1, args.max_new)]

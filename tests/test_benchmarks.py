@@ -98,3 +98,19 @@ def test_levers_benchmark_measures_every_lever(tmp_path):
     assert all(set(p) == {"gap 0 ms", "gap 1 ms", "gap 5 ms"} and min(p.values()) > 0 for p in pools.values())
     for lever in ("topk", "gather", "rank"):
         assert result[lever] and min(result[lever].values()) > 0
+
+
+def test_contenders_are_timed_in_interleaved_rounds(monkeypatch):
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import common
+
+    monkeypatch.setitem(common.TIMING, "settle_s", 0.0)
+    monkeypatch.setitem(common.TIMING, "warmup_s", 0.0)
+    monkeypatch.setitem(common.TIMING, "timed_s", 0.0)
+    calls: list[str] = []
+    contenders = {name: (lambda name=name: calls.append(name) or name) for name in ("a", "b")}
+    timings = common.timed_interleaved(contenders, repeats=6, warmup=1, rounds=3)
+    # Round 1: one warm-up and two timed runs each; rounds 2 and 3: one warm-up and two timed runs each.
+    assert calls == ["a"] * 3 + ["b"] * 3 + ["a"] * 3 + ["b"] * 3 + ["a"] * 3 + ["b"] * 3
+    assert {name: result for name, (_, result) in timings.items()} == {"a": "a", "b": "b"}
+    assert all(seconds >= 0 for seconds, _ in timings.values())
