@@ -20,7 +20,9 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from seqserve.server.repository import DECODER_TOP_K_INPUT, DECODER_TOP_K_OUTPUTS, GraphSpec, TensorSpec
+from seqserve.server.repository import (
+    DECODER_CACHE_PAD_MASK, DECODER_TOP_K_INPUT, DECODER_TOP_K_OUTPUTS, GraphSpec, TensorSpec,
+)
 
 log = logging.getLogger(__name__)
 
@@ -72,17 +74,21 @@ class EncoderGraph(nn.Module):
 
 
 class DecoderStepGraph(nn.Module):
-    """decode_step(prev_ids, memory, src_pad_mask, state) -> (log_probs, *new state), memory and state flattened."""
+    """decode_step(prev_ids, memory, src_pad_mask, state) -> (log_probs, *new state), memory and state flattened; for
+    a model whose caches can be masked (`masks_cache`, the Transformer), cache_pad_mask follows src_pad_mask."""
 
     def __init__(self, model: nn.Module, n_memory: int):
         super().__init__()
         self.model = model
         self.n_memory = n_memory
+        self.masks_cache = bool(getattr(model, "masks_cache", False))
 
-    def forward(self, prev_ids: Tensor, src_pad_mask: Tensor, *memory_and_state: Tensor) -> tuple[Tensor, ...]:
+    def forward(self, prev_ids: Tensor, src_pad_mask: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:
+        extra = {"cache_pad_mask": tensors[0]} if self.masks_cache else {}
+        memory_and_state = tensors[1:] if self.masks_cache else tensors
         memory = tuple(memory_and_state[: self.n_memory])
         state = tuple(memory_and_state[self.n_memory :])
-        log_probs, new_state = self.model.decode_step(prev_ids, memory, src_pad_mask, state)
+        log_probs, new_state = self.model.decode_step(prev_ids, memory, src_pad_mask, state, **extra)
         return (log_probs, *new_state)
 
 
@@ -269,14 +275,19 @@ def export_translator(model: nn.Module, folder: Path) -> tuple[ExportedGraph, Ex
     decoder = DecoderStepGraph(model, n_mem)
 
     def step_example(src: tuple[Tensor, Tensor], steps: int, seed: int) -> tuple[Tensor, ...]:
-        """The inputs of the decoder step after `steps` random tokens: (prev_ids, src_pad_mask, *memory, *state)."""
+        """The inputs of the decoder step after `steps` random tokens: (prev_ids, src_pad_mask, [cache_pad_mask,]
+        *memory, *state); the cache mask hides the first cached position of the last row (as if it joined later)."""
         memory, state = model.encode(*src)
         g = torch.Generator().manual_seed(seed)
         for _ in range(steps):
             prev = torch.randint(4, tgt_vocab, (src[0].shape[0],), generator=g)  # (B,)
             _, state = model.decode_step(prev, memory, src[1], state)
         prev = torch.randint(4, tgt_vocab, (src[0].shape[0],), generator=g)  # (B,)
-        return (prev, src[1], *memory, *state)
+        if not decoder.masks_cache:
+            return (prev, src[1], *memory, *state)
+        cache_pad_mask = torch.zeros(src[0].shape[0], steps, dtype=torch.bool)  # (B, P)
+        cache_pad_mask[-1, 0] = True
+        return (prev, src[1], cache_pad_mask, *memory, *state)
 
     da, db, dc, dd = step_example(a, 2, 0), step_example(b, 2, 1), step_example(c, 2, 2), step_example(a, 3, 3)
     in_axes = _merge(_moved_axes(da, db, "batch"), _moved_axes(da, dc, "src_len"), _moved_axes(da, dd, "cache_len"))
@@ -284,7 +295,8 @@ def export_translator(model: nn.Module, folder: Path) -> tuple[ExportedGraph, Ex
     out_axes = _merge(
         _moved_axes(oa, ob, "batch"), _moved_axes(oa, oc, "src_len"), _moved_axes(oa, od, "new_cache_len")
     )
-    in_names = ["prev_ids", "src_pad_mask", *mem_names, *st_names]
+    cache_mask = [DECODER_CACHE_PAD_MASK] if decoder.masks_cache else []
+    in_names = ["prev_ids", "src_pad_mask", *cache_mask, *mem_names, *st_names]
     out_names = ["log_probs", *(f"new_{n}" for n in st_names)]
     dec = _export(decoder, da, folder / "decoder.onnx", _specs(in_names, da, in_axes), _specs(out_names, oa, out_axes))
     return enc, add_top_k(dec)

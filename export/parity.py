@@ -28,7 +28,7 @@ from seqserve.export.graphs import (
     target_vocab_size,
 )
 from seqserve.models.decoding import greedy_decode
-from seqserve.server.repository import DECODER_TOP_K_INPUT, SessionOptions
+from seqserve.server.repository import DECODER_CACHE_PAD_MASK, DECODER_TOP_K_INPUT, SessionOptions
 
 log = logging.getLogger(__name__)
 
@@ -149,14 +149,26 @@ class StepGraphs:
         """The decoder ends in TopK (export/graphs.add_top_k), whose K input must be fed."""
         return DECODER_TOP_K_INPUT in {i.name for i in self.decoder.get_inputs()}
 
+    @functools.cached_property
+    def masks_cache(self) -> bool:
+        """The decoder takes a cache_pad_mask (Transformers: sentences can join a running batch)."""
+        return DECODER_CACHE_PAD_MASK in {i.name for i in self.decoder.get_inputs()}
+
     def encode(self, src_ids: np.ndarray, src_pad_mask: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
         out = self.encoder.run(None, {"src_ids": src_ids, "src_pad_mask": src_pad_mask})
         return out[: len(self.memory)], out[len(self.memory) :]
 
     def step(
-        self, prev_ids: np.ndarray, memory: list[np.ndarray], src_pad_mask: np.ndarray, state: list[np.ndarray]
-    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        self, prev_ids: np.ndarray, memory: list[np.ndarray], src_pad_mask: np.ndarray, state: list[np.ndarray],
+        cache_pad_mask: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, list[np.ndarray]]:  # fmt: skip
+        """One decoder step; a cache-masking decoder gets `cache_pad_mask`, all False (every cached position the
+        row's own) unless given."""
         feeds = {"prev_ids": prev_ids, "src_pad_mask": src_pad_mask}
+        if self.masks_cache:
+            if cache_pad_mask is None:
+                cache_pad_mask = np.zeros((prev_ids.shape[0], state[0].shape[2]), dtype=bool)  # (B, P)
+            feeds[DECODER_CACHE_PAD_MASK] = cache_pad_mask
         feeds.update(zip(self.memory, memory))
         feeds.update(zip(self.state, state))
         if self._feeds_top_k:
@@ -216,10 +228,17 @@ def translator_parity(
             report.record(f"encoder.{name}", ours, _np(ref))
         # 2. Decoder steps on the same (random) tokens, each side carrying its own state.
         g = torch.Generator().manual_seed(300 + i)
-        for _ in range(CHAIN_STEPS):
+        for step in range(CHAIN_STEPS):
             prev = torch.randint(4, tgt_vocab, (batch,), generator=g)  # (B,)
-            log_probs, state = model.decode_step(prev, memory, pad_mask, state)
-            o_log_probs, o_state = graphs.step(_np(prev), o_memory, mask_np, o_state)
+            if graphs.masks_cache:
+                # The last row sees its cache from the second position on, as a sentence that joined a step later.
+                cache_mask = torch.zeros(batch, step, dtype=torch.bool)  # (B, P)
+                cache_mask[-1, :1] = True
+                log_probs, state = model.decode_step(prev, memory, pad_mask, state, cache_pad_mask=cache_mask)
+                o_log_probs, o_state = graphs.step(_np(prev), o_memory, mask_np, o_state, _np(cache_mask))
+            else:
+                log_probs, state = model.decode_step(prev, memory, pad_mask, state)
+                o_log_probs, o_state = graphs.step(_np(prev), o_memory, mask_np, o_state)
             report.record("decoder.log_probs", o_log_probs, _np(log_probs))
             for name, ours, ref in zip(graphs.state, o_state, state):
                 report.record(f"decoder.new_{name}", ours, _np(ref))

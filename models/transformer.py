@@ -7,7 +7,10 @@ exported graph keeps the MatMul/Softmax pattern onnxruntime's transformer optimi
 The surface (docs/design.md):
     encode(src_ids, src_pad_mask) -> (memory, state)      memory: cross_key_i, cross_value_i per decoder layer,
                                                           state: self_key_i, self_value_i with 0 cached positions
-    decode_step(prev_ids, memory, src_pad_mask, state) -> (log_probs, new_state)   one position appended to each cache
+    decode_step(prev_ids, memory, src_pad_mask, state, cache_pad_mask=None) -> (log_probs, new_state)
+                                                          one position appended to each cache; with cache_pad_mask
+                                                          (B, P) True at cached positions a row must not see (it
+                                                          joined the batch later), rows decode at their own positions
     forward(src_ids, src_pad_mask, tgt_in_ids) -> logits  teacher forcing: the same decoder over T positions at once
 
 Letters: B batch, S source length, T target positions computed in this call, P cached (past) positions,
@@ -367,6 +370,9 @@ class TransformerConfig:
 class TransformerTranslator(nn.Module):
     """Encoder-decoder Transformer. Holds weights only: decoding state is passed in and returned."""
 
+    # decode_step takes a cache_pad_mask, so sentences can join a running batch (export/graphs.py feeds it).
+    masks_cache = True
+
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
         self.config = config
@@ -436,11 +442,26 @@ class TransformerTranslator(nn.Module):
         return tuple(memory), state
 
     def decode_step(
-        self, prev_ids: Tensor, memory: tuple[Tensor, ...], src_pad_mask: Tensor, state: tuple[Tensor, ...]
+        self,
+        prev_ids: Tensor,
+        memory: tuple[Tensor, ...],
+        src_pad_mask: Tensor,
+        state: tuple[Tensor, ...],
+        cache_pad_mask: Tensor | None = None,
     ) -> tuple[Tensor, tuple[Tensor, ...]]:
-        """prev_ids (B,) the tokens chosen last step -> (log_probs (B, V), state with one more cached position)."""
-        # The new token attends to every cached position and itself: no causal mask is needed for one position.
-        x, new_state = self._decode(prev_ids[:, None], memory, src_pad_mask, state, self_bias=None)  # (B, 1, H)
+        """prev_ids (B,) the tokens chosen last step -> (log_probs (B, V), state with one more cached position).
+
+        cache_pad_mask (B, P), True at cached positions that are not the row's own: a sentence that joined a running
+        batch has its cache padded in front to the batch's length. Each row then attends to its own positions only
+        and is at position (its own cached positions), so it decodes as it would alone."""
+        # The new token attends to every (own) cached position and itself: no causal mask is needed for one position.
+        if cache_pad_mask is None:
+            x, new_state = self._decode(prev_ids[:, None], memory, src_pad_mask, state, self_bias=None)  # (B, 1, H)
+        else:
+            allowed = torch.cat([~cache_pad_mask, cache_pad_mask.new_ones((cache_pad_mask.shape[0], 1))], dim=1)  # (B, P+1)
+            self_bias = _attention_bias(allowed[:, None, None, :], self.src_embed.weight.dtype)  # (B, 1, 1, P+1)
+            positions = (~cache_pad_mask).sum(dim=1)  # (B,) each row's own cached positions
+            x, new_state = self._decode(prev_ids[:, None], memory, src_pad_mask, state, self_bias, positions)
         logits = self._logits(x[:, 0])  # (B, V)
         return torch.log_softmax(logits, dim=-1), new_state
 
@@ -462,13 +483,21 @@ class TransformerTranslator(nn.Module):
         src_pad_mask: Tensor,
         state: tuple[Tensor, ...],
         self_bias: Tensor | None,
+        positions: Tensor | None = None,
     ) -> tuple[Tensor, tuple[Tensor, ...]]:
-        """tgt_ids (B, T) at positions P .. P+T-1, where P is the cache length -> (B, T, H) and the extended caches."""
+        """tgt_ids (B, T) at positions P .. P+T-1, where P is the cache length, or (T = 1) at each row's own
+        `positions` (B,) -> (B, T, H) and the extended caches."""
         T = tgt_ids.shape[1]
         past = state[0].shape[2]  # P, read from the tensor so it stays a dynamic dimension in ONNX
-        if not _exporting() and past + T > self.config.max_positions:
-            raise InputTooLong(tokens=int(past + T), limit=self.config.max_positions, side="target")
-        x = self.tgt_embed(tgt_ids) * self.embed_scale + self.tgt_positions(past, T)  # (B, T, H)
+        if not _exporting():
+            last = past + T if positions is None else (int(positions.max()) + 1 if positions.numel() else 0)
+            if last > self.config.max_positions:
+                raise InputTooLong(tokens=last, limit=self.config.max_positions, side="target")
+        if positions is None:
+            position_vectors = self.tgt_positions(past, T)  # (T, H)
+        else:
+            position_vectors = self.tgt_positions.table[positions][:, None, :]  # (B, 1, H)
+        x = self.tgt_embed(tgt_ids) * self.embed_scale + position_vectors  # (B, T, H)
         x = self.dropout(x)
         cross_bias = _attention_bias((~src_pad_mask)[:, None, None, :], x.dtype)  # (B, 1, 1, S)
         new_state: list[Tensor] = []

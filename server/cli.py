@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch-size", type=int, default=bat.max_batch_size, help="sequences per batch")
     parser.add_argument("--max-queue-delay-ms", type=float, default=bat.max_queue_delay_ms,
                         help="with --always-wait, how long a request waits for others to batch with; otherwise how "
-                             "long a sentence a running RNN decode leaves waiting gets before a batch of its own")
+                             "long a sentence a running decode leaves waiting gets before a batch of its own")
     parser.add_argument("--always-wait", dest="dispatch_when_idle", action="store_false",
                         help="wait --max-queue-delay-ms for company even when a worker is free (by default a "
                              "request starts at once then, and gathers with others only while the workers are "
@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a BERT request reaching an idle model runs on the event loop itself (no thread "
                              "hand-off) when the model's small batches take at most this long; 0: never")
     parser.add_argument("--max-join-ms", type=float, default=bat.max_join_ms,
-                        help="how long a running RNN decode takes newcomers before it finishes and frees its worker")
+                        help="how long a running translation decode takes newcomers before it finishes and frees its worker")
     parser.add_argument("--max-texts", type=int, default=lim.max_texts, help="texts or pairs per request")
     parser.add_argument("--max-chars-per-text", type=int, default=lim.max_chars_per_text, help="characters per text")
     parser.add_argument("--max-tokens-per-text", type=int, default=lim.max_tokens_per_text,

@@ -37,7 +37,7 @@ class BatchingConfig:
     """How a model's queue is cut into batches (REPO/NAME/config.json may override per model)."""
 
     max_batch_tokens: int = 4096  # padded tokens per batch (sequences x longest)
-    # With dispatch_when_idle: how long a sentence an RNN decode does not take in waits before a batch of its own
+    # With dispatch_when_idle: how long a sentence a running decode does not take in waits before a batch of its own
     # starts. Without: how long the first request of every batch waits for company.
     max_queue_delay_ms: float = 5.0
     # Start at once while the model has a free worker, and while its batches fill the workers gather until one ends

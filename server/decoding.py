@@ -34,8 +34,10 @@ class StepModel(Protocol):
     bos_id: int
     eos_id: int
     pad_id: int
-    joinable: bool  # sentences may join a running batch (no state tensor has a time axis)
+    joinable: bool  # sentences may join a running batch (no state tensor has a time axis, or it is masked)
     memory_src_axes: list[int]  # the source-length axis of each memory tensor
+    # With masks_cache (Transformers), step and step_top_k also take cache_mask (R, P), True at cached positions a
+    # row must not see, and state_cache_axes gives each state tensor's cache axis (P).
     top_k: bool  # step_top_k exists: the graph ranks each row's best K tokens itself
     vocab_size: int  # V (0: unknown)
 
@@ -44,14 +46,15 @@ class StepModel(Protocol):
         ...
 
     def step(
-        self, prev_ids: np.ndarray, src_pad_mask: np.ndarray, memory: list[np.ndarray], state: list[np.ndarray]
-    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        self, prev_ids: np.ndarray, src_pad_mask: np.ndarray, memory: list[np.ndarray], state: list[np.ndarray],
+        **cache_mask: np.ndarray,
+    ) -> tuple[np.ndarray, list[np.ndarray]]:  # fmt: skip
         """(R,) previous tokens -> ((R, V) log-probabilities, new state)."""
         ...
 
     def step_top_k(
         self, prev_ids: np.ndarray, src_pad_mask: np.ndarray, memory: list[np.ndarray], state: list[np.ndarray],
-        k: int,
+        k: int, **cache_mask: np.ndarray,
     ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:  # fmt: skip
         """(R,) previous tokens -> ((R, k) best log-probabilities, (R, k) their token ids, new state); each row best
         first, ties to the lower id. Only called when `top_k` is true."""
@@ -216,7 +219,9 @@ class RunningBatch:
 
     Sentences are numbered in the order they joined. Memory is kept per row (gathered only when the row layout
     changes), so a sentence can join a running batch when the model allows it (`StepModel.joinable`: no state tensor
-    has a time axis, true of RNN decoders; a Transformer's key/value caches share one length per batch).
+    has a time axis, as in RNN decoders, or the caches are masked). A Transformer's key/value caches share one length
+    P per batch: a sentence joining at P gets P masked positions in front of its own (`cache_mask` (R, P), True
+    there), and positions every row masks leave the caches once the sentences that had them are gone.
     """
 
     def __init__(self, model: StepModel):
@@ -228,6 +233,8 @@ class RunningBatch:
         self.memory: list[np.ndarray] = []  # per row
         self.mask = np.zeros((0, 0), dtype=bool)  # (R, S) True at padding
         self.prev_ids = np.zeros((0,), dtype=np.int64)  # (R,)
+        self.masks_cache = bool(getattr(model, "masks_cache", False))
+        self.cache_mask = np.zeros((0, 0), dtype=bool)  # (R, P) True at cached positions not the row's own
 
     @property
     def rows(self) -> int:
@@ -250,6 +257,7 @@ class RunningBatch:
             self.memory, self.state, self.mask = list(memory), list(state), src_pad_mask
             self.prev_ids = np.full((len(sources),), self.model.bos_id, dtype=np.int64)
             self.sentence_of_row = list(numbers)
+            self.cache_mask = np.zeros((len(sources), self._cache_len()), dtype=bool)
         else:
             length = max(self.src_len, src_pad_mask.shape[1])
             axes = self.model.memory_src_axes
@@ -259,6 +267,10 @@ class RunningBatch:
             self.mask = np.concatenate(
                 [_pad_axis(self.mask, 1, length, True), _pad_axis(src_pad_mask, 1, length, True)]
             )  # (R + B, S)
+            if self.masks_cache:  # the newcomers' (empty) caches, padded in front to the batch's length and masked
+                cached = self._cache_len()
+                state = [_pad_axis(x, a, cached) for x, a in zip(state, self.model.state_cache_axes)]
+                self.cache_mask = np.concatenate([self.cache_mask, np.ones((len(sources), cached), dtype=bool)])
             self.state = [np.concatenate([a, b]) for a, b in zip(self.state, state)]
             bos = np.full((len(sources),), self.model.bos_id, dtype=np.int64)
             self.prev_ids = np.concatenate([self.prev_ids, bos])
@@ -280,6 +292,8 @@ class RunningBatch:
         self.state = [_rows(x, index) for x in self.state]
         self.memory = [_rows(m, index) for m in self.memory]
         self.mask = self.mask[index]
+        if self.masks_cache:
+            self.cache_mask = self.cache_mask[index]
         self.prev_ids = self.prev_ids[index]
         self.sentence_of_row = [self.sentence_of_row[r] for r in rows]
         start = 0
@@ -290,7 +304,8 @@ class RunningBatch:
         self._trim()
 
     def _trim(self) -> None:
-        """Drop source positions that are padding in every row (a long sentence left)."""
+        """Drop source positions that are padding in every row (a long sentence left), and cached positions every
+        row masks (the sentences that joined first left)."""
         if not self.rows or not self.model.joinable:
             return
         longest = int((~self.mask).sum(axis=1).max())
@@ -298,6 +313,22 @@ class RunningBatch:
             self.mask = self.mask[:, :longest]
             axes = self.model.memory_src_axes
             self.memory = [np.take(m, np.arange(longest), axis=a) for m, a in zip(self.memory, axes)]
+        if self.masks_cache and self.cache_mask.shape[1]:
+            own = ~self.cache_mask.all(axis=0)  # (P,) positions some row still sees
+            first = int(own.argmax()) if own.any() else self.cache_mask.shape[1]
+            if first:
+                kept = np.arange(first, self.cache_mask.shape[1])
+                self.cache_mask = self.cache_mask[:, first:]
+                self.state = [np.take(x, kept, axis=a) for x, a in zip(self.state, self.model.state_cache_axes)]
+
+    def _cache_len(self) -> int:
+        """P, the cached positions of the batch (0 for models without masked caches)."""
+        if not self.masks_cache or not self.state:
+            return 0
+        return self.state[0].shape[self.model.state_cache_axes[0]]
+
+    def _cache_kwargs(self) -> dict[str, np.ndarray]:
+        return {"cache_mask": self.cache_mask} if self.masks_cache else {}
 
     def step(self) -> list[int]:
         """One decoder run for every row, then each search picks its continuations; returns the sentences done.
@@ -310,9 +341,13 @@ class RunningBatch:
         if self.model.top_k:
             k = max(self.searches[i].candidates() for i in self.rows_of)
             k = min(k, vocab) if vocab else k
-            values, ids, state = self.model.step_top_k(self.prev_ids, self.mask, self.memory, self.state, k)
+            values, ids, state = self.model.step_top_k(
+                self.prev_ids, self.mask, self.memory, self.state, k, **self._cache_kwargs()
+            )  # fmt: skip
         else:
-            log_probs, state = self.model.step(self.prev_ids, self.mask, self.memory, self.state)  # (R, V)
+            log_probs, state = self.model.step(
+                self.prev_ids, self.mask, self.memory, self.state, **self._cache_kwargs()
+            )  # (R, V)
         parents: list[int] = []
         tokens: list[int] = []
         new_rows: dict[int, list[int]] = {}
@@ -328,7 +363,9 @@ class RunningBatch:
                 chosen = self.searches[i].advance_top(values[rows], ids[rows], complete=values.shape[1] == vocab)
             if chosen is None:
                 if log_probs is None:
-                    log_probs, _ = self.model.step(self.prev_ids, self.mask, self.memory, self.state)  # (R, V)
+                    log_probs, _ = self.model.step(
+                        self.prev_ids, self.mask, self.memory, self.state, **self._cache_kwargs()
+                    )  # (R, V)
                 chosen = self.searches[i].advance(log_probs[rows])
             if not chosen:
                 finished.append(i)
@@ -343,6 +380,9 @@ class RunningBatch:
         index = np.asarray(parents, dtype=np.int64)
         unmoved = len(parents) == self.rows and parents == list(range(self.rows))
         self.state = list(state) if unmoved else [_rows(x, index) for x in state]
+        if self.masks_cache:  # the position just cached is every row's own
+            grown = np.concatenate([self.cache_mask, np.zeros((self.rows, 1), dtype=bool)], axis=1)  # (R, P+1)
+            self.cache_mask = grown if unmoved else grown[index]
         if new_sentence_of_row != self.sentence_of_row:
             # Rows of one sentence share their memory, so memory moves only when the row layout changes.
             self.memory = [_rows(m, index) for m in self.memory]

@@ -31,6 +31,9 @@ FORMAT_VERSION = 1
 # best K log-probabilities and their token ids per row, best first, ties to the lower id. Older graphs lack it.
 DECODER_TOP_K_INPUT = "topk"
 DECODER_TOP_K_OUTPUTS = ("topk_log_probs", "topk_ids")
+# A decoder step input (Transformers): (batch, cache_len) True at cached positions a row must not see, so that a
+# sentence can join a running batch with its cache padded in front (models/transformer.py decode_step).
+DECODER_CACHE_PAD_MASK = "cache_pad_mask"
 MANIFEST_FILE = "manifest.json"
 SERVING_CONFIG_FILE = "config.json"
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]*\Z")

@@ -13,7 +13,9 @@ import numpy as np
 
 from seqserve.server.decoding import Hypothesis, Search, decode_batch, make_search, source_max_len
 from seqserve.server.errors import OptionOutOfRange
-from seqserve.server.repository import DECODER_TOP_K_INPUT, DECODER_TOP_K_OUTPUTS, LoadedModel
+from seqserve.server.repository import (
+    DECODER_CACHE_PAD_MASK, DECODER_TOP_K_INPUT, DECODER_TOP_K_OUTPUTS, LoadedModel,
+)
 from seqserve.server.text import TextCodec
 
 log = logging.getLogger(__name__)
@@ -46,13 +48,17 @@ class OnnxStepModel:
         self._feeds_mask = "src_pad_mask" in inputs
         # Where each memory tensor keeps the source positions, so a joining sentence's memory can be padded.
         self.memory_src_axes = [_axis(inputs.get(name, ()), "src_len") for name in self.memory_names]
-        # A state tensor with a symbolic axis besides "batch" (a Transformer's cache_len) grows with the step, so
-        # every row must be at the same step: sentences can then join only a fresh batch.
+        # A Transformer's caches grow by one position a step (axis cache_len). With a cache_pad_mask input the rows
+        # need not be at the same step: a joining sentence's caches are padded in front and masked.
+        self.masks_cache = DECODER_CACHE_PAD_MASK in inputs
+        self.state_cache_axes = [_axis(inputs.get(name, ()), "cache_len") for name in self.state_names]
+        # Any other symbolic state axis (or a cache without the mask, as in older exports) keeps every row at the same
+        # step: sentences can then join only a fresh batch.
         self.joinable = (
             self._feeds_mask
             and all(a >= 0 for a in self.memory_src_axes)
             and all(
-                isinstance(dim, int) or dim == "batch"
+                isinstance(dim, int) or dim == "batch" or (dim == "cache_len" and self.masks_cache)
                 for name in self.state_names
                 for dim in inputs.get(name, ("unknown",))
             )
@@ -65,11 +71,16 @@ class OnnxStepModel:
 
     def _feeds(
         self, prev_ids: np.ndarray, src_pad_mask: np.ndarray, memory: list[np.ndarray], state: list[np.ndarray],
-        k: int = 1,
+        k: int = 1, cache_mask: np.ndarray | None = None,
     ) -> dict[str, np.ndarray]:  # fmt: skip
         feeds = {"prev_ids": prev_ids}
         if self._feeds_mask:
             feeds["src_pad_mask"] = src_pad_mask
+        if self.masks_cache:
+            if cache_mask is None:  # every cached position is each row's own
+                axis = self.state_cache_axes[0]
+                cache_mask = np.zeros((len(prev_ids), state[0].shape[axis] if state else 0), dtype=bool)
+            feeds[DECODER_CACHE_PAD_MASK] = cache_mask
         feeds.update(zip(self.memory_names, memory))
         feeds.update(zip(self.state_names, state))
         if self._feeds_k:
@@ -77,16 +88,18 @@ class OnnxStepModel:
         return feeds
 
     def step(
-        self, prev_ids: np.ndarray, src_pad_mask: np.ndarray, memory: list[np.ndarray], state: list[np.ndarray]
-    ) -> tuple[np.ndarray, list[np.ndarray]]:
-        outputs = self.decoder.run(["log_probs", *self._new_state], self._feeds(prev_ids, src_pad_mask, memory, state))
+        self, prev_ids: np.ndarray, src_pad_mask: np.ndarray, memory: list[np.ndarray], state: list[np.ndarray],
+        cache_mask: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, list[np.ndarray]]:  # fmt: skip
+        feeds = self._feeds(prev_ids, src_pad_mask, memory, state, cache_mask=cache_mask)
+        outputs = self.decoder.run(["log_probs", *self._new_state], feeds)
         return outputs[0], list(outputs[1:])  # (R, V), state
 
     def step_top_k(
         self, prev_ids: np.ndarray, src_pad_mask: np.ndarray, memory: list[np.ndarray], state: list[np.ndarray],
-        k: int,
+        k: int, cache_mask: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:  # fmt: skip
-        feeds = self._feeds(prev_ids, src_pad_mask, memory, state, k)
+        feeds = self._feeds(prev_ids, src_pad_mask, memory, state, k, cache_mask)
         values, ids, *new_state = self.decoder.run([*DECODER_TOP_K_OUTPUTS, *self._new_state], feeds)
         return values, ids, new_state  # (R, k), (R, k), state
 

@@ -80,7 +80,8 @@ def test_step_graphs_run_at_batch_sizes_and_lengths_other_than_the_example(tiny_
         memory, state = graphs.encode(ids, pad_mask)
         for steps in range(3):
             sizes = {"batch": batch, "src_len": length, "cache_len": steps, "new_cache_len": steps + 1}
-            for spec, value in zip(specs["decoder"].inputs[2:], (*memory, *state)):
+            carried = [spec for spec in specs["decoder"].inputs if spec.name in (*graphs.memory, *graphs.state)]
+            for spec, value in zip(carried, (*memory, *state), strict=True):
                 assert value.shape == _fill(spec.shape, sizes), spec.name
             log_probs, state = graphs.step(np.full(batch, 5, np.int64), memory, pad_mask, state)
             for spec, value in zip(specs["decoder"].outputs, (log_probs, *state)):
@@ -112,8 +113,9 @@ def test_translator_manifest_names_what_the_server_needs(tiny_repository, tiny_c
     assert manifest.decoder == {"memory": list(model.memory_names()), "state": list(model.state_names())}
     assert manifest.graphs["encoder"].input_names == ["src_ids", "src_pad_mask"]
     assert manifest.graphs["encoder"].output_names == [*model.memory_names(), *model.state_names()]
+    cache_mask = ["cache_pad_mask"] if arch == "transformer" else []  # Transformer sentences join running batches
     assert manifest.graphs["decoder"].input_names == [
-        "prev_ids", "src_pad_mask", *model.memory_names(), *model.state_names(), "topk"
+        "prev_ids", "src_pad_mask", *cache_mask, *model.memory_names(), *model.state_names(), "topk"
     ]  # fmt: skip
     assert manifest.graphs["decoder"].output_names == [
         "log_probs", *(f"new_{n}" for n in model.state_names()), "topk_log_probs", "topk_ids"

@@ -119,12 +119,23 @@ def test_max_length_is_absolute_and_relative_to_the_source():
     assert source_max_len(10, 0, 0.0, 12) == 12
 
 
-def test_sentences_joining_a_running_decode_get_the_results_they_get_alone(translator):
+@pytest.mark.parametrize("beam", [1, 3])
+def test_sentences_joining_a_running_decode_get_the_results_they_get_alone(translator, beam):
     loaded, step_model = translator
+
+    def search():
+        if beam == 1:
+            return GreedySearch(max_len=15, eos_id=step_model.eos_id)
+        return BeamSearch(max_len=15, eos_id=step_model.eos_id, beam_size=beam)
+
     sources = _sources(loaded)
-    alone = [_greedy(step_model, [s], 15)[0] for s in sources]
+    alone = []
+    for source in sources:
+        solo = search()
+        decode_batch(step_model, [source], [solo])
+        alone.append(solo.results(1)[0])
     waiting = list(sources[1:])
-    searches = [GreedySearch(max_len=15, eos_id=step_model.eos_id) for _ in sources]
+    searches = [search() for _ in sources]
     calls: list[int] = []
 
     def refill(rows: int, src_len: int):
@@ -140,9 +151,10 @@ def test_sentences_joining_a_running_decode_get_the_results_they_get_alone(trans
         [got] = search.results(1)
         assert got.tokens == expected.tokens
         assert got.score == pytest.approx(expected.score, abs=1e-4)
-    # RNN decoders take newcomers into the running batch; a Transformer only once its batch has emptied.
-    assert step_model.joinable == (loaded.manifest.architecture != "transformer")
-    assert any(rows > 0 for rows in calls) == step_model.joinable
+    # Every family takes newcomers into the running batch: RNN decoders carry no time axis, a Transformer's caches
+    # are padded in front and masked (cache_pad_mask).
+    assert step_model.joinable
+    assert any(rows > 0 for rows in calls)
 
 
 def test_a_finished_sentence_is_reported_before_the_batch_ends(translator):
@@ -156,3 +168,16 @@ def test_a_finished_sentence_is_reported_before_the_batch_ends(translator):
                  on_done=lambda i: order.append((i, steps[0])))  # fmt: skip
     assert [i for i, _ in order] == [0, 1]
     assert order[0][1] < order[1][1]
+
+
+def test_a_transformer_exported_without_the_cache_mask_joins_only_fresh_batches(tiny_repository):
+    """Repositories exported before cache_pad_mask existed: the caches share one length, so no joining mid-decode."""
+    import dataclasses
+
+    loaded = ModelRepository(tiny_repository).load("tiny-transformer", options=SessionOptions(intra_op_threads=1))
+    assert OnnxStepModel(loaded).joinable
+    decoder = loaded.manifest.graphs["decoder"]
+    older = dataclasses.replace(decoder, inputs=tuple(i for i in decoder.inputs if i.name != "cache_pad_mask"))
+    loaded.manifest = dataclasses.replace(loaded.manifest, graphs={**loaded.manifest.graphs, "decoder": older})
+    step_model = OnnxStepModel(loaded)
+    assert not step_model.masks_cache and not step_model.joinable

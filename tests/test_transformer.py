@@ -340,3 +340,37 @@ def test_onnx_export_runs_from_an_empty_cache_at_other_batch_and_lengths(tmp_pat
         np.testing.assert_allclose(log_probs, expected[:, t].numpy(), atol=1e-4)
     assert onnx_state[0].shape == (4, nh, 5, hs)
     assert not model.training
+
+
+@pytest.mark.parametrize("positional_encoding", ["sinusoidal", "learned"])
+def test_a_row_with_a_masked_cache_prefix_decodes_as_it_does_alone(positional_encoding):
+    """A sentence joining a running batch: its cache padded in front (cache_pad_mask) to the batch's length."""
+    model = _model(positional_encoding=positional_encoding)
+    g = torch.Generator().manual_seed(5)
+    src = torch.randint(4, TINY["src_vocab_size"], (2, 6), generator=g)
+    pad = torch.zeros(2, 6, dtype=torch.bool)
+    pad[1, 4:] = True
+    tokens = torch.randint(4, TINY["tgt_vocab_size"], (2, 5), generator=g)
+    with torch.no_grad():
+        memory, state = model.encode(src, pad)
+        # Alone: row 1 decodes its tokens from an empty cache.
+        alone_memory, alone_state = model.encode(src[1:], pad[1:])
+        alone = []
+        for t in range(3):
+            log_probs, alone_state = model.decode_step(tokens[1:, t], alone_memory, pad[1:], alone_state)
+            alone.append(log_probs[0])
+        # Together: row 0 has taken two steps when row 1 joins; row 1's cache is masked at those two positions.
+        first = tuple(m[:1] for m in memory)
+        row0_state = tuple(s[:1] for s in state)
+        for t in range(2):
+            _, row0_state = model.decode_step(tokens[:1, t], first, pad[:1], row0_state)
+        joined = tuple(torch.cat([a, torch.zeros_like(a)]) for a in row0_state)  # (2, nh, 2, hs): row 1 all padding
+        cache_mask = torch.tensor([[False, False], [True, True]])
+        together = []
+        for t in range(3):
+            prev = torch.stack([tokens[0, 2 + t], tokens[1, t]])
+            log_probs, joined = model.decode_step(prev, memory, pad, joined, cache_pad_mask=cache_mask)
+            together.append(log_probs[1])
+            cache_mask = torch.cat([cache_mask, torch.zeros(2, 1, dtype=torch.bool)], dim=1)
+    for a, b in zip(alone, together):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
