@@ -458,7 +458,8 @@ class TransformerTranslator(nn.Module):
         if cache_pad_mask is None:
             x, new_state = self._decode(prev_ids[:, None], memory, src_pad_mask, state, self_bias=None)  # (B, 1, H)
         else:
-            allowed = torch.cat([~cache_pad_mask, cache_pad_mask.new_ones((cache_pad_mask.shape[0], 1))], dim=1)  # (B, P+1)
+            new = cache_pad_mask.new_ones((cache_pad_mask.shape[0], 1))  # (B, 1): the position being decoded
+            allowed = torch.cat([~cache_pad_mask, new], dim=1)  # (B, P+1)
             self_bias = _attention_bias(allowed[:, None, None, :], self.src_embed.weight.dtype)  # (B, 1, 1, P+1)
             positions = (~cache_pad_mask).sum(dim=1)  # (B,) each row's own cached positions
             x, new_state = self._decode(prev_ids[:, None], memory, src_pad_mask, state, self_bias, positions)

@@ -49,7 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a BERT request reaching an idle model runs on the event loop itself (no thread "
                              "hand-off) when the model's small batches take at most this long; 0: never")
     parser.add_argument("--max-join-ms", type=float, default=bat.max_join_ms,
-                        help="how long a running translation decode takes newcomers before it finishes and frees its worker")
+                        help="how long a running translation decode takes newcomers before it finishes and frees its "
+                             "worker")
     parser.add_argument("--max-texts", type=int, default=lim.max_texts, help="texts or pairs per request")
     parser.add_argument("--max-chars-per-text", type=int, default=lim.max_chars_per_text, help="characters per text")
     parser.add_argument("--max-tokens-per-text", type=int, default=lim.max_tokens_per_text,
