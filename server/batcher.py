@@ -175,11 +175,16 @@ class Batcher:
             if not self._queue:
                 continue
             if self.joinable and self._running:
-                # A decode is running and pulls joiners itself; start another only for what it leaves waiting.
+                # A decode is running and pulls joiners itself before each step; another batch starts only for what
+                # it left waiting max_queue_delay_ms, and only on a free worker: on a busy one that batch would just
+                # wait, and while it waits the running decode takes no more (`pull`), so newcomers would trickle
+                # into small batches queued one behind the other. Until a worker frees, they wait to be pulled.
                 waited = time.monotonic() - self._queue[0].enqueued
                 if waited < delay:
                     loop.call_later(delay - waited, self._wakeup.set)
                     continue
+                if len(self._running) >= self.workers:
+                    continue  # _run_done wakes the loop when a batch ends
             elif self.config.dispatch_when_idle:
                 # Start at once while this model has a free worker (a lone request never waits for company that is
                 # not coming); while its batches fill the workers, requests gather until one ends or a full batch

@@ -211,3 +211,43 @@ def test_batches_stay_in_the_pool_when_slow_large_off_or_not_alone():
     assert _threads_of_runs(BatchingConfig(inline_max_ms=50.0), [8, 8, 8], seconds=0.01, overlap=True)[1:] == [
         False, False,
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_sequence_the_running_decode_leaves_waiting_starts_on_a_free_worker_only(workers):
+    """A joinable decode with no room for a newcomer: after max_queue_delay_ms the newcomer gets a batch of its own if
+    a worker is free; with every worker busy it stays queued, so the running decode can still take it once room frees
+    (a batch queued behind the running one would stop it taking anyone: newcomers would trickle into tiny batches)."""
+    release = threading.Event()
+    runs: list[str] = []
+    pulled: list[str] = []
+
+    def run(items, context):
+        runs.append(items[0].job)
+        if items[0].job != "first":
+            return
+        assert context.pull(rows=1, src_len=4) == []  # the budget leaves no room beside its one row
+        release.wait(10)
+        for it in context.pull(rows=0, src_len=4):  # its sentence has left: room for anyone waiting
+            pulled.append(it.job)
+            context.finish(it)
+
+    async def scenario():
+        with ThreadPoolExecutor(workers) as pool:
+            config = BatchingConfig(max_queue_delay_ms=20.0, max_batch_tokens=4)
+            batcher = Batcher("m", 1, run, pool, config, 100, joinable=True, workers=workers)
+            batcher.start()
+            first = asyncio.ensure_future(batcher.submit([("first", 4, 1)], None))
+            while not runs:
+                await asyncio.sleep(0.001)
+            second = asyncio.ensure_future(batcher.submit([("second", 4, 1)], None))
+            await asyncio.sleep(0.2)  # ten times the queue delay
+            release.set()
+            await asyncio.gather(first, second)
+            await batcher.close()
+
+    _run(scenario())
+    if workers == 2:
+        assert runs == ["first", "second"] and pulled == []  # its own batch, on the free worker
+    else:
+        assert runs == ["first"] and pulled == ["second"]  # taken by the running decode when room freed
