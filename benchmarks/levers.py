@@ -7,8 +7,11 @@
   gather   reordering a (128, 4, 20, 64) key/value cache by beam parents: fancy indexing vs np.take vs onnxruntime
            Gather
   rank     the exact ranking of one beam-4 search's candidates: the single-search path vs the batched one
+  inline   batch-1 Encode over gRPC against two `seqserve serve` processes, small BERT batches on the event loop
+           (--inline-max-ms, the default) and always in the worker pool (--inline-max-ms 0), in alternating rounds
 
-    python -m benchmarks.levers --threads 2 [--model WORK/encode_repository/minilm/1/model.onnx] [--json FILE]
+    python -m benchmarks.levers --threads 2 [--model WORK/encode_repository/minilm/1/model.onnx]
+        [--repository WORK/encode_repository --bert minilm] [--json FILE]
 """
 
 from __future__ import annotations
@@ -168,12 +171,38 @@ def rank(runs: int, beam: int = 4, vocab: int = 8000) -> dict[str, float]:
     }
 
 
+def inline(repository: Path, bert: str, threads: int, runs: int, rounds: int = 6) -> dict[str, float]:
+    """Median ms of a batch-1 Encode over gRPC: inline on vs off, `rounds` alternating rounds of `runs` requests."""
+    from benchmarks.common import ServerProcess
+    from seqserve.clients import Client
+
+    text = ["the model server runs fast on every small machine"]
+    times: dict[str, list[float]] = {"event loop (default)": [], "worker pool (--inline-max-ms 0)": []}
+    servers = {"event loop (default)": ServerProcess(repository, threads, ["--models", bert]),
+               "worker pool (--inline-max-ms 0)": ServerProcess(repository, threads,
+                                                                ["--models", bert, "--inline-max-ms", "0"])}  # fmt: skip
+    try:
+        clients = {name: Client(server.address) for name, server in servers.items()}
+        for _ in range(rounds):
+            for name, client in clients.items():
+                times[name].append(median_us(lambda: client.encode(bert, text, truncate=True), runs) / 1000)
+        for client in clients.values():
+            client.close()
+    finally:
+        for server in servers.values():
+            server.close()
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads")
     parser.add_argument("--runs", type=int, default=300, help="timed repetitions a measurement (median reported)")
     parser.add_argument("--model", default=None, help="ONNX model for the pool lever; default: the exported MiniLM "
                         "of benchmarks.encode when present, else a stand-in MLP of MiniLM's matmul sizes")
+    parser.add_argument("--repository", type=Path, default=DEFAULT_WORK / "encode_repository",
+                        help="model repository holding --bert, for the inline lever")  # fmt: skip
+    parser.add_argument("--bert", default="minilm", help="BERT model of --repository for the inline lever")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--quick", action="store_true", help="few repetitions: checks the script, measures nothing")
     parser.add_argument("--pool-child", choices=("session", "shared"), help=argparse.SUPPRESS)
@@ -191,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         "topk": topk(args.threads, args.runs),
         "gather": gather(args.threads, args.runs),
         "rank": rank(args.runs),
+        "inline (ms a batch-1 Encode over gRPC)": inline(args.repository, args.bert, args.threads, args.runs,
+                                                         2 if args.quick else 6),  # fmt: skip
     }
     for name, values in results.items():
         sys.stdout.write(f"{name}: {json.dumps(values)}\n")

@@ -87,17 +87,19 @@ def test_load_benchmark_reports_every_setting_without_errors(work, tmp_path):
     assert result["repository"]["ready_s"] > 0 and result["repository"]["rss_mib"] > 0
 
 
-def test_levers_benchmark_measures_every_lever(tmp_path):
+def test_levers_benchmark_measures_every_lever(tmp_path, tiny_repository):
     out = tmp_path / "levers.json"
-    command = [sys.executable, "-m", "benchmarks.levers", "--quick", "--threads", "1", "--json", str(out)]
+    command = [sys.executable, "-m", "benchmarks.levers", "--quick", "--threads", "1", "--json", str(out),
+               "--repository", str(tiny_repository), "--bert", "tiny-bert"]  # fmt: skip
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
     pools = result["pool (ms a batch-1 run)"]
     assert set(pools) == {"session", "shared"}
     assert all(set(p) == {"gap 0 ms", "gap 1 ms", "gap 5 ms"} and min(p.values()) > 0 for p in pools.values())
-    for lever in ("topk", "gather", "rank"):
+    for lever in ("topk", "gather", "rank", "inline (ms a batch-1 Encode over gRPC)"):
         assert result[lever] and min(result[lever].values()) > 0
+    assert len(result["inline (ms a batch-1 Encode over gRPC)"]) == 2
 
 
 def test_contenders_are_timed_in_interleaved_rounds(monkeypatch):
