@@ -56,8 +56,9 @@ class WorkItem:
 class BatchContext(Protocol):
     """What a running batch may ask of its batcher, from the worker thread."""
 
-    def pull(self, rows: int, src_len: int) -> list[WorkItem]:
-        """Queued items that fit beside `rows` rows of `src_len` tokens (sequences joining a running decode)."""
+    def pull(self, rows: int, src_len: int, limit: int | None = None) -> list[WorkItem]:
+        """Queued items (at most `limit`) that fit beside `rows` rows of `src_len` tokens (sequences joining a running
+        decode)."""
         ...
 
     def finish(self, item: WorkItem) -> None:
@@ -299,8 +300,8 @@ class Batcher:
             raise RuntimeError(f"batcher {self.name} was never started")
         self._loop_ref.call_soon_threadsafe(fn, *args)
 
-    def pull(self, rows: int, src_len: int) -> list[WorkItem]:
-        if len(self._running) > 1:
+    def pull(self, rows: int, src_len: int, limit: int | None = None) -> list[WorkItem]:
+        if len(self._running) > 1 or (limit is not None and limit <= 0):
             # Another batch of this model already waits for (or holds) a worker: newer sequences must not overtake
             # the older ones it carries, so the running decode takes no more and finishes.
             return []
@@ -314,7 +315,7 @@ class Batcher:
                     refused.append(self._queue.popleft())
                     continue
                 longest = max(src_len, it.length)
-                if rows and (rows + it.cost) * longest > budget:
+                if (rows and (rows + it.cost) * longest > budget) or (limit is not None and len(taken) >= limit):
                     break
                 taken.append(self._queue.popleft())
                 rows, src_len = rows + it.cost, longest

@@ -104,14 +104,20 @@ class ServedModel:
     def _run_translation(self, items: list[WorkItem], context: BatchContext) -> None:
         label = self.name
         items = list(items)  # grows as sentences join the running decode
+        finished: set[int] = set()
         stop_joining = time.monotonic() + self.batching.max_join_ms / 1000.0
 
         def refill(rows: int, src_len: int) -> list[TranslationJob]:
             if time.monotonic() > stop_joining:
                 return []
-            new = context.pull(rows, src_len)
+            # max_batch_size bounds the sentences decoding together, joiners included.
+            new = context.pull(rows, src_len, self.batching.max_batch_size - (len(items) - len(finished)))
             items.extend(new)
             return [it.job for it in new]
+
+        def done(i: int) -> None:
+            finished.add(i)
+            context.finish(items[i])
 
         decode_rows, decode_steps = self.metrics.decode_rows.labels(label), self.metrics.decode_steps.labels(label)
 
@@ -124,7 +130,7 @@ class ServedModel:
             [it.job for it in items],
             stopped=lambda i: items[i].stopped(),
             on_step=on_step,
-            on_done=lambda i: context.finish(items[i]),
+            on_done=done,
             refill=refill,
         )
 

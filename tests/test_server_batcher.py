@@ -251,3 +251,33 @@ def test_a_sequence_the_running_decode_leaves_waiting_starts_on_a_free_worker_on
         assert runs == ["first", "second"] and pulled == []  # its own batch, on the free worker
     else:
         assert runs == ["first"] and pulled == ["second"]  # taken by the running decode when room freed
+
+
+def test_a_running_decode_takes_at_most_the_limit_it_asks_for():
+    release = threading.Event()
+    taken: list[list[str]] = []
+
+    def run(items, context):
+        if items[0].job != "first":
+            return
+        release.wait(10)
+        for limit in (0, 2, None):  # max_batch_size leaves no room, then room for two, then the rest
+            got = context.pull(rows=1, src_len=1, limit=limit)
+            taken.append([it.job for it in got])
+            for it in got:
+                context.finish(it)
+
+    async def scenario():
+        with ThreadPoolExecutor(1) as pool:
+            batcher = Batcher("m", 1, run, pool, BatchingConfig(max_queue_delay_ms=10_000.0), 100, joinable=True)
+            batcher.start()
+            first = asyncio.ensure_future(batcher.submit([("first", 1, 1)], None))
+            await asyncio.sleep(0.05)
+            others = [asyncio.ensure_future(batcher.submit([(name, 1, 1)], None)) for name in "abc"]
+            await asyncio.sleep(0.05)
+            release.set()
+            await asyncio.gather(first, *others)
+            await batcher.close()
+
+    _run(scenario())
+    assert taken == [[], ["a", "b"], ["c"]]

@@ -272,3 +272,19 @@ def test_version_zero_is_the_highest_ready_version(tiny_repository, tmp_path):
         assert translate(stub, 0).model.version == 1
         states = {s.version: s.state for s in admin.ListModels(pb.ListModelsRequest(name="tiny-lstm")).models}
         assert states == {1: pb.MODEL_STATE_READY, 2: pb.MODEL_STATE_AVAILABLE}
+
+
+@pytest.mark.parametrize("model", ["tiny-transformer", "tiny-lstm"])
+def test_max_batch_size_bounds_a_decode_with_its_joiners(tiny_repository, model):
+    """--max-batch-size 1 (batching off) holds for families whose running decode takes newcomers too."""
+    config = ServerConfig(port=0, metrics_port=0, instances=1, threads=1,
+                          batching=BatchingConfig(max_batch_size=1, max_queue_delay_ms=50.0))  # fmt: skip
+    with ServerThread(config, ModelRepository(tiny_repository)) as server, \
+            grpc.insecure_channel(server.address) as channel:  # fmt: skip
+        stub = pb_grpc.InferenceStub(channel)
+        request = pb.TranslateRequest(model=pb.ModelSpec(name=model), texts=["h g f e d c b a h g f"])
+        with ThreadPoolExecutor(6) as pool:
+            list(pool.map(lambda _: stub.Translate(request, timeout=60), range(12)))
+        sample = server.server.metrics.registry.get_sample_value
+        rows, steps = (sample(f"seqserve_decode_{kind}_total", {"model": model}) for kind in ("rows", "steps"))
+        assert steps > 0 and rows == steps  # one greedy row a step: never two sentences together
