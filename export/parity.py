@@ -230,15 +230,14 @@ def translator_parity(
         g = torch.Generator().manual_seed(300 + i)
         for step in range(CHAIN_STEPS):
             prev = torch.randint(4, tgt_vocab, (batch,), generator=g)  # (B,)
+            masked = {}
             if graphs.masks_cache:
                 # The last row sees its cache from the second position on, as a sentence that joined a step later.
-                cache_mask = torch.zeros(batch, step, dtype=torch.bool)  # (B, P)
-                cache_mask[-1, :1] = True
-                log_probs, state = model.decode_step(prev, memory, pad_mask, state, cache_pad_mask=cache_mask)
-                o_log_probs, o_state = graphs.step(_np(prev), o_memory, mask_np, o_state, _np(cache_mask))
-            else:
-                log_probs, state = model.decode_step(prev, memory, pad_mask, state)
-                o_log_probs, o_state = graphs.step(_np(prev), o_memory, mask_np, o_state)
+                masked["cache_pad_mask"] = torch.zeros(batch, step, dtype=torch.bool)  # (B, P)
+                masked["cache_pad_mask"][-1, :1] = True
+            log_probs, state = model.decode_step(prev, memory, pad_mask, state, **masked)
+            o_cache_mask = _np(masked["cache_pad_mask"]) if masked else None
+            o_log_probs, o_state = graphs.step(_np(prev), o_memory, mask_np, o_state, o_cache_mask)
             report.record("decoder.log_probs", o_log_probs, _np(log_probs))
             for name, ours, ref in zip(graphs.state, o_state, state):
                 report.record(f"decoder.new_{name}", ours, _np(ref))

@@ -301,9 +301,11 @@ class Batcher:
         self._loop_ref.call_soon_threadsafe(fn, *args)
 
     def pull(self, rows: int, src_len: int, limit: int | None = None) -> list[WorkItem]:
-        if len(self._running) > 1 or (limit is not None and limit <= 0):
+        if len(self._running) > 1:
             # Another batch of this model already waits for (or holds) a worker: newer sequences must not overtake
             # the older ones it carries, so the running decode takes no more and finishes.
+            return []
+        if limit is not None and limit <= 0:  # the running decode is at max_batch_size
             return []
         taken: list[WorkItem] = []
         refused: list[WorkItem] = []

@@ -76,10 +76,7 @@ class OnnxStepModel:
         feeds = {"prev_ids": prev_ids}
         if self._feeds_mask:
             feeds["src_pad_mask"] = src_pad_mask
-        if self.masks_cache:
-            if cache_mask is None:  # every cached position is each row's own
-                axis = self.state_cache_axes[0]
-                cache_mask = np.zeros((len(prev_ids), state[0].shape[axis] if state else 0), dtype=bool)
+        if self.masks_cache:  # RunningBatch keeps it for such models
             feeds[DECODER_CACHE_PAD_MASK] = cache_mask
         feeds.update(zip(self.memory_names, memory))
         feeds.update(zip(self.state_names, state))
