@@ -123,10 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     st = SentenceTransformer(str(hf_dir), device="cpu")
     results = Results("Encode: all-MiniLM-L6-v2 (sentences/s)", "seqserve-grpc")
     notes = []
-    # The server's default batching waits up to 5 ms for company; the second server shows a batch-1 client without it.
-    with ServerProcess(repo, args.threads) as server, Client(server.address) as client, \
-            ServerProcess(repo, args.threads, ["--max-queue-delay-ms", "0"]) as no_wait, \
-            Client(no_wait.address) as no_wait_client:  # fmt: skip
+    with ServerProcess(repo, args.threads) as server, Client(server.address) as client:
         for precision, name in (("fp32", NAME), ("int8", f"{NAME}-int8")):
             version_dir = repo / name / "1"
             raw, inproc = RawOnnx(version_dir, args.threads), InProcess(version_dir, args.threads)
@@ -135,7 +132,6 @@ def main(argv: list[str] | None = None) -> int:
                 workload = f"{precision} {label}"
                 contenders = {
                     "seqserve-grpc": lambda: client.encode(name, texts, normalize=True),
-                    "seqserve-grpc queue-delay 0": lambda: no_wait_client.encode(name, texts, normalize=True),
                     "seqserve-inproc": lambda: inproc.encode(texts),
                     "onnxruntime": lambda: raw.encode(texts),
                     "sentence-transformers fp32": lambda: st.encode(texts, batch_size=32, normalize_embeddings=True),
@@ -146,10 +142,9 @@ def main(argv: list[str] | None = None) -> int:
                 cosine = (client.encode(name, texts, normalize=True) * reference).sum(1)  # (B,)
                 notes.append(f"{workload}: cosine to sentence-transformers mean {cosine.mean():.4f}, "
                              f"min {cosine.min():.4f}")  # fmt: skip
-        for contender in ("seqserve-grpc", "seqserve-grpc queue-delay 0"):
-            ratios = [f"{p} {results.latency_ratio(f'{p} batch 1 x 10 tokens', contender, 'onnxruntime'):.2f}x"
-                      for p in ("fp32", "int8")]  # fmt: skip
-            notes.append(f"batch-1 latency {contender} / raw in-process onnxruntime: {', '.join(ratios)}")
+        ratios = [f"{p} {results.latency_ratio(f'{p} batch 1 x 10 tokens', 'seqserve-grpc', 'onnxruntime'):.2f}x"
+                  for p in ("fp32", "int8")]  # fmt: skip
+        notes.append(f"batch-1 latency seqserve-grpc / raw in-process onnxruntime: {', '.join(ratios)}")
         notes.append(f"server ready in {server.ready_seconds:.2f} s, resident memory {server.rss_bytes() / 2**20:.0f} "
                      f"MiB (peak {server.peak_rss_bytes() / 2**20:.0f} MiB) with both versions loaded")  # fmt: skip
     results.finish(args, notes)
