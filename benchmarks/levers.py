@@ -8,7 +8,8 @@
            Gather
   rank     the exact ranking of one beam-4 search's candidates: the single-search path vs the batched one
   inline   batch-1 Encode over gRPC against two `seqserve serve` processes, small BERT batches on the event loop
-           (--inline-max-ms, the default) and always in the worker pool (--inline-max-ms 0), in alternating rounds
+           (--inline-max-ms, the default) and always in the worker pool (--inline-max-ms 0), in alternating rounds;
+           and a health check's round trip to the same server, the floor any gRPC request pays
 
     python -m benchmarks.levers --threads 2 [--model WORK/encode_repository/minilm/1/model.onnx]
         [--repository WORK/encode_repository --bert minilm] [--json FILE]
@@ -178,20 +179,24 @@ def inline(repository: Path, bert: str, threads: int, runs: int, rounds: int = 6
 
     text = ["the model server runs fast on every small machine"]
     times: dict[str, list[float]] = {"event loop (default)": [], "worker pool (--inline-max-ms 0)": []}
+    round_trips: list[float] = []
     servers = {"event loop (default)": ServerProcess(repository, threads, ["--models", bert]),
                "worker pool (--inline-max-ms 0)": ServerProcess(repository, threads,
                                                                 ["--models", bert, "--inline-max-ms", "0"])}  # fmt: skip
     try:
         clients = {name: Client(server.address) for name, server in servers.items()}
+        health = clients["event loop (default)"].health
         for _ in range(rounds):
             for name, client in clients.items():
                 times[name].append(median_us(lambda: client.encode(bert, text, truncate=True), runs) / 1000)
+            round_trips.append(median_us(lambda: health(""), runs) / 1000)
         for client in clients.values():
             client.close()
     finally:
         for server in servers.values():
             server.close()
-    return {name: statistics.median(values) for name, values in times.items()}
+    return {**{name: statistics.median(values) for name, values in times.items()},
+            "health check round trip": statistics.median(round_trips)}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,8 +48,8 @@ class BatchingConfig:
     # model's steady stream cannot starve the others of the worker pool.
     max_join_ms: float = 500.0
     # A BERT batch started on an idle model runs on the event loop itself, without the two thread hand-offs of the
-    # worker pool (~0.2-0.4 ms of a 1-3 ms request here), when its model's small batches have been taking at most
-    # this long: the loop is then blocked for at most about this long. 0 turns it off.
+    # worker pool (0.02-0.2 ms of a 2-4 ms request here: benchmarks/levers.py inline), when its model's small batches
+    # have been taking at most this long: the loop is then blocked for at most about this long. 0 turns it off.
     inline_max_ms: float = 4.0
 
     def with_overrides(self, overrides: dict[str, Any]) -> "BatchingConfig":

@@ -98,7 +98,7 @@ def test_levers_benchmark_measures_every_lever(tmp_path, tiny_repository):
     assert all(set(p) == {"gap 0 ms", "gap 1 ms", "gap 5 ms"} and min(p.values()) > 0 for p in pools.values())
     for lever in ("topk", "gather", "rank", "inline (ms a batch-1 Encode over gRPC)"):
         assert result[lever] and min(result[lever].values()) > 0
-    assert len(result["inline (ms a batch-1 Encode over gRPC)"]) == 2
+    assert len(result["inline (ms a batch-1 Encode over gRPC)"]) == 3  # inline on, off, and a health check
 
 
 def test_contenders_are_timed_in_interleaved_rounds(monkeypatch):
