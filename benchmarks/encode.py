@@ -62,13 +62,11 @@ class RawOnnx:
     """The floor: tokenizer + one InferenceSession + mean pooling and L2 normalisation in numpy."""
 
     def __init__(self, version_dir: Path, threads: int):
-        import onnxruntime as ort
         from tokenizers import Tokenizer
 
-        # The server's session settings (the shared pool of `threads`), so the gap to seqserve is seqserve's own.
-        options = session_options(threads).ort_options()
-        model = str(version_dir / "model.onnx")
-        self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        # The server's session settings (the shared pool of `threads`, its graph optimisations), so the gap to
+        # seqserve is seqserve's own.
+        self.session = session_options(threads).open(version_dir / "model.onnx")
         self.tokenizer = Tokenizer.from_file(str(version_dir / "tokenizer.json"))
         self.tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
         self.tokenizer.enable_truncation(max_length=256)

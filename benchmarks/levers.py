@@ -6,6 +6,8 @@
            numpy argpartition
   gather   reordering a (128, 4, 20, 64) key/value cache by beam parents: fancy indexing vs np.take vs onnxruntime
            Gather
+  layernorm  a residual add and layer norm of (1024, 384) floats (MiniLM's batch 32 x 32) and of (1, 384): onnxruntime's
+           com.microsoft SkipLayerNormalization vs ONNX Add + Add + LayerNormalization (what encoders keep on CPU)
   rank     the exact ranking of one beam-4 search's candidates: the single-search path vs the batched one
   inline   batch-1 Encode over gRPC against two `seqserve serve` processes, small BERT batches on the event loop
            (--inline-max-ms, the default) and always in the worker pool (--inline-max-ms 0), in alternating rounds;
@@ -153,6 +155,36 @@ def gather(threads: int, runs: int, shape: tuple[int, ...] = (128, 4, 20, 64)) -
     }
 
 
+def layernorm(threads: int, runs: int, hidden: int = 384) -> dict[str, float]:
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.random(hidden).astype(np.float32), n) for n in ("gamma", "beta", "bias")]
+    io = ([helper.make_tensor_value_info(n, TensorProto.FLOAT, ["rows", hidden]) for n in ("x", "skip")],
+          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])  # fmt: skip
+    fused = [helper.make_node("SkipLayerNormalization", ["x", "skip", "gamma", "beta", "bias"], ["y"],
+                              domain="com.microsoft", epsilon=1e-12)]  # fmt: skip
+    apart = [helper.make_node("Add", ["x", "bias"], ["xb"]), helper.make_node("Add", ["xb", "skip"], ["s"]),
+             helper.make_node("LayerNormalization", ["s", "gamma", "beta"], ["y"], axis=-1, epsilon=1e-12)]
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    sessions = {}
+    for name, nodes in (("SkipLayerNormalization", fused), ("Add + LayerNormalization", apart)):
+        graph = helper.make_graph(nodes, name, *io, initializer=weights)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                        helper.make_opsetid("com.microsoft", 1)])  # fmt: skip
+        model.ir_version = 8
+        sessions[name] = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"],
+                                              disabled_optimizers=["SkipLayerNormFusion"])  # fmt: skip
+    out = {}
+    for rows in (1024, 1):
+        feeds = {n: rng.random((rows, hidden)).astype(np.float32) for n in ("x", "skip")}
+        for name, session in sessions.items():
+            out[f"{name}, {rows} rows us"] = median_us(lambda: session.run(None, feeds), runs)
+    return out
+
+
 def rank(runs: int, beam: int = 4, vocab: int = 8000) -> dict[str, float]:
     from seqserve.server.decoding import BeamSearch
     from seqserve.server.ranking import rank_beams
@@ -224,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         "pool (ms a batch-1 run)": pool(args.model, args.threads, args.runs),
         "topk": topk(args.threads, args.runs),
         "gather": gather(args.threads, args.runs),
+        "layernorm": layernorm(args.threads, args.runs),
         "rank": rank(args.runs),
         "inline (ms a batch-1 Encode over gRPC)": inline(args.repository, args.bert, args.threads, args.runs,
                                                          2 if args.quick else 6),  # fmt: skip

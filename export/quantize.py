@@ -70,17 +70,27 @@ class QualityGateError(Exception):
 # Optimisation and quantization
 
 
-def optimize_graph(path: Path, num_heads: int, hidden_size: int) -> dict[str, int]:
+def optimize_graph(path: Path, num_heads: int, hidden_size: int, *, skip_layer_norm: bool = True) -> dict[str, int]:
     """Rewrite `path` in place with onnxruntime's transformer optimizer (model_type bert); returns the fused op counts.
 
     The optimizer's Python fusions only (opt_level 0), so the saved graph stays portable across execution providers;
     onnxruntime applies its own provider-specific optimisations when a session opens it.
+
+    `skip_layer_norm=False` leaves each residual add and its layer norm as ONNX Add and LayerNormalization nodes
+    instead of one com.microsoft SkipLayerNormalization: onnxruntime's CPU kernel for it costs ~5 ns an element against
+    ~1 ns for Add + LayerNormalization (1.32, one thread, 1024 x 384), which makes MiniLM's batch-32 encode 6 % (fp32)
+    to 22 % (int8) slower (docs/benchmarks.md). Encoders on CPU turn it off; a decoder step (one position a row, where
+    one node beats three) and CUDA keep it.
     """
+    from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
+    options = FusionOptions("bert")
+    options.enable_skip_layer_norm = skip_layer_norm
     optimized = optimize_model(
-        str(path), model_type="bert", num_heads=num_heads, hidden_size=hidden_size, opt_level=0, use_gpu=False
-    )
+        str(path), model_type="bert", num_heads=num_heads, hidden_size=hidden_size, opt_level=0, use_gpu=False,
+        optimization_options=options,
+    )  # fmt: skip
     optimized.save_model_to_file(str(path))
     fused = {k: int(v) for k, v in optimized.get_fused_operator_statistics().items() if v}
     log.info("optimized %s: %s", path.name, fused)

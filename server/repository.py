@@ -330,6 +330,19 @@ class SessionOptions:
             raise ProviderUnavailable(self.provider, available)
         return [wanted, "CPUExecutionProvider"] if self.provider != "cpu" else [wanted]
 
+    def disabled_optimizers(self) -> list[str]:
+        """onnxruntime graph transformers these sessions skip. On CPU, SkipLayerNormFusion: onnxruntime's CPU
+        SkipLayerNormalization costs ~5x the Add + LayerNormalization it would replace (export/quantize.py
+        optimize_graph), and the export leaves those unfused in encoders for this; CUDA's fused kernel is fast."""
+        return ["SkipLayerNormFusion"] if self.provider == "cpu" else []
+
+    def open(self, path: str | os.PathLike) -> ort.InferenceSession:
+        """An onnxruntime session on the graph at `path` with these options."""
+        return ort.InferenceSession(
+            str(path), sess_options=self.ort_options(), providers=self.providers(),
+            disabled_optimizers=self.disabled_optimizers(),
+        )  # fmt: skip
+
     def ort_options(self) -> ort.SessionOptions:
         so = ort.SessionOptions()
         so.graph_optimization_level = _OPTIMIZATION_LEVELS[self.graph_optimization]
@@ -363,13 +376,11 @@ def load_model(version_dir: str | os.PathLike, options: SessionOptions | None = 
     manifest = Manifest.read(root)
     if options.verify_hashes:
         verify_files(root, manifest)
-    providers = options.providers()
+    options.providers()  # a missing provider fails here, before any graph is opened
     sessions: dict[str, ort.InferenceSession] = {}
     for graph, spec in manifest.graphs.items():
         try:
-            session = ort.InferenceSession(
-                str(root / spec.file), sess_options=options.ort_options(), providers=providers
-            )
+            session = options.open(root / spec.file)
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise RepositoryError(f"{root / spec.file}: onnxruntime could not load the graph: {exc}") from exc
         got_in = [i.name for i in session.get_inputs()]

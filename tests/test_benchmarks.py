@@ -96,8 +96,9 @@ def test_levers_benchmark_measures_every_lever(tmp_path, tiny_repository):
     pools = result["pool (ms a batch-1 run)"]
     assert set(pools) == {"session", "shared"}
     assert all(set(p) == {"gap 0 ms", "gap 1 ms", "gap 5 ms"} and min(p.values()) > 0 for p in pools.values())
-    for lever in ("topk", "gather", "rank", "inline (ms a batch-1 Encode over gRPC)"):
+    for lever in ("topk", "gather", "layernorm", "rank", "inline (ms a batch-1 Encode over gRPC)"):
         assert result[lever] and min(result[lever].values()) > 0
+    assert len(result["layernorm"]) == 4  # fused and apart, at 1024 rows and at 1
     assert len(result["inline (ms a batch-1 Encode over gRPC)"]) == 3  # inline on, off, and a health check
 
 
