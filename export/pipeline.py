@@ -156,7 +156,7 @@ def _export_translator_graphs(
         check_onnx(graph.path)
     if optimize and family == "transformer":
         # The encoder as a BERT (no SkipLayerNormalization on CPU, optimize_graph); a decoder step has one position a
-        # row, where the one fused node is cheaper than the three it replaces.
+        # row, where the fused node costs no more than the three it replaces.
         record["optimization"] = {
             g.spec.file: optimize_graph(g.path, config.n_heads, config.d_model,
                                         skip_layer_norm=g is dec or device == "cuda")

@@ -79,8 +79,9 @@ def optimize_graph(path: Path, num_heads: int, hidden_size: int, *, skip_layer_n
     `skip_layer_norm=False` leaves each residual add and its layer norm as ONNX Add and LayerNormalization nodes
     instead of one com.microsoft SkipLayerNormalization: onnxruntime's CPU kernel for it costs ~5 ns an element against
     ~1 ns for Add + LayerNormalization (1.32, one thread, 1024 x 384), which makes MiniLM's batch-32 encode 6 % (fp32)
-    to 22 % (int8) slower (docs/benchmarks.md). Encoders on CPU turn it off; a decoder step (one position a row, where
-    one node beats three) and CUDA keep it.
+    to 22 % (int8) slower (docs/benchmarks.md). Encoders on CPU turn it off. A decoder step keeps it: at one position
+    a row both forms cost the same (benchmarks/levers.py layernorm) and unfused decoders measured no faster; so does
+    CUDA, whose fused kernel is fast.
     """
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
