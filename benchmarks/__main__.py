@@ -1,6 +1,9 @@
 """`python -m benchmarks`: every benchmark, one after another, each writing its JSON beside the others.
 
-    python -m benchmarks --threads 2 --out benchmarks/results
+    python -m benchmarks --threads 2 --out benchmarks/results [--fresh]
+
+Models are built and exported into --work once and reused; after changing the export, pass --fresh so the
+repositories are exported again (the trained and converted models they come from are kept).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.common import DEFAULT_WORK
+from benchmarks.common import DEFAULT_WORK, clear_exports
 
 log = logging.getLogger("benchmarks")
 
@@ -26,8 +29,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="repository whose time to ready and memory the load benchmark measures (e.g. seqserve "
                              "build-default's); default: every model the benchmarks exported")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the scripts, measures nothing")
+    parser.add_argument("--fresh", action="store_true",
+                        help="export the model repositories in --work again first (after a change to the export)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.fresh:
+        for path in clear_exports(args.work):
+            log.info("removed %s: exported again by this run", path)
     if args.quick:
         args.sizes = ["tiny"]
     common = ["--threads", str(args.threads), "--work", str(args.work)] + (["--quick"] if args.quick else [])

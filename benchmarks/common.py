@@ -21,6 +21,29 @@ log = logging.getLogger(__name__)
 DEFAULT_WORK = Path(os.environ.get("SEQSERVE_BENCH_WORK", "/tmp/seqserve-bench"))
 
 
+# The model repositories the benchmarks export into --work (each script reuses what it finds there); what they are
+# exported from (MarianMT and CTranslate2 folders, trained RNN checkpoints) lives beside them and is kept.
+EXPORTED_REPOSITORIES = ("encode_repository", "translate_repository", "rnn_repository", "all_repository")
+
+
+def clear_exports(work: Path) -> list[Path]:
+    """Remove the repositories the benchmarks exported into `work`, so the next run exports them with the current code
+    (after a change to the export: otherwise the run would time the graphs of an earlier export); returns them."""
+    import shutil
+
+    removed = []
+    for name in EXPORTED_REPOSITORIES:
+        path = work / name
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+        elif path.is_dir():
+            shutil.rmtree(path)
+        else:
+            continue
+        removed.append(path)
+    return removed
+
+
 def base_arguments(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads of every contender (the cores)")

@@ -116,3 +116,22 @@ def test_contenders_are_timed_in_interleaved_rounds(monkeypatch):
     assert calls == ["a"] * 3 + ["b"] * 3 + ["a"] * 3 + ["b"] * 3 + ["a"] * 3 + ["b"] * 3
     assert {name: result for name, (_, result) in timings.items()} == {"a": "a", "b": "b"}
     assert all(seconds >= 0 for seconds, _ in timings.values())
+
+
+def test_fresh_removes_the_exported_repositories_and_keeps_what_they_come_from(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.common import EXPORTED_REPOSITORIES, clear_exports
+
+    for name in EXPORTED_REPOSITORIES[:-1]:
+        (tmp_path / name / "model" / "1").mkdir(parents=True)
+        (tmp_path / name / "model" / "1" / "manifest.json").write_text("{}")
+    (tmp_path / "all_repository").mkdir()
+    (tmp_path / "all_repository" / "model").symlink_to(tmp_path / "encode_repository" / "model")
+    kept = [tmp_path / "marian-small" / "hf", tmp_path / "marian-small" / "ct2", tmp_path / "rnn" / "lstm-h256-l2"]
+    for folder in kept:
+        folder.mkdir(parents=True)
+    removed = clear_exports(tmp_path)
+    assert sorted(p.name for p in removed) == sorted(EXPORTED_REPOSITORIES)
+    assert not any((tmp_path / name).exists() for name in EXPORTED_REPOSITORIES)
+    assert all(folder.is_dir() for folder in kept)
+    assert clear_exports(tmp_path) == []  # nothing left to remove
