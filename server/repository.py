@@ -336,12 +336,20 @@ class SessionOptions:
         optimize_graph), and the export leaves those unfused in encoders for this; CUDA's fused kernel is fast."""
         return ["SkipLayerNormFusion"] if self.provider == "cpu" else []
 
-    def open(self, path: str | os.PathLike) -> ort.InferenceSession:
-        """An onnxruntime session on the graph at `path` with these options."""
+    def open(
+        self, path: str | os.PathLike, *, log_severity_level: int | None = None,
+        optimized_model_filepath: str | os.PathLike | None = None,
+    ) -> ort.InferenceSession:  # fmt: skip
+        """An onnxruntime session on the graph at `path` with these options; `optimized_model_filepath` also saves the
+        graph as onnxruntime runs it (after its own optimisations), for inspection."""
+        so = self.ort_options()
+        if log_severity_level is not None:
+            so.log_severity_level = log_severity_level
+        if optimized_model_filepath is not None:
+            so.optimized_model_filepath = str(optimized_model_filepath)
         return ort.InferenceSession(
-            str(path), sess_options=self.ort_options(), providers=self.providers(),
-            disabled_optimizers=self.disabled_optimizers(),
-        )  # fmt: skip
+            str(path), sess_options=so, providers=self.providers(), disabled_optimizers=self.disabled_optimizers()
+        )
 
     def ort_options(self) -> ort.SessionOptions:
         so = ort.SessionOptions()
