@@ -46,13 +46,25 @@ def median_us(fn: Callable[[], Any], runs: int, gap_s: float = 0.0) -> float:
     return statistics.median(times) * 1e6
 
 
-def _graph(nodes: list, inputs: list, outputs: list) -> bytes:
+def _graph(nodes: list, inputs: list, outputs: list, initializer: list = ()) -> bytes:
+    """A serialized opset-17 model (com.microsoft operators allowed) of these nodes."""
     from onnx import helper
 
-    model = helper.make_model(helper.make_graph(nodes, "lever", inputs, outputs),
-                              opset_imports=[helper.make_opsetid("", 17)])  # fmt: skip
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    graph = helper.make_graph(nodes, "lever", inputs, outputs, initializer=list(initializer))
+    model = helper.make_model(graph, opset_imports=opsets)
     model.ir_version = 8
     return model.SerializeToString()
+
+
+def _session(graph: bytes, threads: int, disabled_optimizers: list[str] = ()) -> Any:
+    """A plain onnxruntime session of `threads` intra-op threads (its own pool) on a lever's graph."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    return ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=list(disabled_optimizers))  # fmt: skip
 
 
 def _mlp() -> bytes:
@@ -67,11 +79,8 @@ def _mlp() -> bytes:
             inits.append(numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32) * 0.02, w))
             nodes.append(helper.make_node("MatMul", [x, w], [f"{w}_out"]))
             x = f"{w}_out"
-    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "L", 384])],
-                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, None)], initializer=inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model.SerializeToString()
+    return _graph(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "L", 384])],
+                  [helper.make_tensor_value_info(x, TensorProto.FLOAT, None)], inits)  # fmt: skip
 
 
 def _feeds(session: Any) -> dict[str, np.ndarray]:
@@ -95,9 +104,10 @@ def pool_child(kind: str, model: str, threads: int, runs: int) -> dict[str, floa
 
     if kind == "shared":
         shared_thread_pool(threads, 1)
-    options = SessionOptions(intra_op_threads=threads, inter_op_threads=1).ort_options()
-    source = _mlp() if model == "mlp" else model
-    session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    options = SessionOptions(intra_op_threads=threads, inter_op_threads=1)
+    source = _mlp() if model == "mlp" else model  # bytes or a path: the graph as the server opens one
+    session = ort.InferenceSession(source, options.ort_options(), providers=options.providers(),
+                                   disabled_optimizers=options.disabled_optimizers())  # fmt: skip
     feeds = _feeds(session)
     return {f"gap {gap * 1e3:.0f} ms": median_us(lambda: session.run(None, feeds), runs, gap) / 1e3
             for gap in (0.0, 0.001, 0.005)}  # fmt: skip
@@ -116,7 +126,6 @@ def pool(model: str, threads: int, runs: int) -> dict[str, dict[str, float]]:
 
 
 def topk(threads: int, runs: int, rows: int = 128, vocab: int = 8000, k: int = 9) -> dict[str, float]:
-    import onnxruntime as ort
     from onnx import TensorProto, helper
 
     graph = _graph([helper.make_node("TopK", ["x", "k"], ["v", "i"], axis=-1, largest=1, sorted=1)],
@@ -124,9 +133,7 @@ def topk(threads: int, runs: int, rows: int = 128, vocab: int = 8000, k: int = 9
                     helper.make_tensor_value_info("k", TensorProto.INT64, [1])],
                    [helper.make_tensor_value_info("v", TensorProto.FLOAT, None),
                     helper.make_tensor_value_info("i", TensorProto.INT64, None)])  # fmt: skip
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+    session = _session(graph, threads)
     x = np.random.default_rng(0).standard_normal((rows, vocab)).astype(np.float32)
     feeds = {"x": x, "k": np.array([k], dtype=np.int64)}
     return {
@@ -136,16 +143,13 @@ def topk(threads: int, runs: int, rows: int = 128, vocab: int = 8000, k: int = 9
 
 
 def gather(threads: int, runs: int, shape: tuple[int, ...] = (128, 4, 20, 64)) -> dict[str, float]:
-    import onnxruntime as ort
     from onnx import TensorProto, helper
 
     graph = _graph([helper.make_node("Gather", ["x", "i"], ["y"], axis=0)],
                    [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["r", *shape[1:]]),
                     helper.make_tensor_value_info("i", TensorProto.INT64, ["n"])],
                    [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])  # fmt: skip
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+    session = _session(graph, threads)
     x = np.random.default_rng(0).random(shape).astype(np.float32)
     index = np.random.default_rng(1).integers(0, shape[0], shape[0])
     return {
@@ -156,7 +160,6 @@ def gather(threads: int, runs: int, shape: tuple[int, ...] = (128, 4, 20, 64)) -
 
 
 def layernorm(threads: int, runs: int, hidden: int = 384) -> dict[str, float]:
-    import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
@@ -167,16 +170,10 @@ def layernorm(threads: int, runs: int, hidden: int = 384) -> dict[str, float]:
                               domain="com.microsoft", epsilon=1e-12)]  # fmt: skip
     apart = [helper.make_node("Add", ["x", "bias"], ["xb"]), helper.make_node("Add", ["xb", "skip"], ["s"]),
              helper.make_node("LayerNormalization", ["s", "gamma", "beta"], ["y"], axis=-1, epsilon=1e-12)]
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    sessions = {}
-    for name, nodes in (("SkipLayerNormalization", fused), ("Add + LayerNormalization", apart)):
-        graph = helper.make_graph(nodes, name, *io, initializer=weights)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
-                                                        helper.make_opsetid("com.microsoft", 1)])  # fmt: skip
-        model.ir_version = 8
-        sessions[name] = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"],
-                                              disabled_optimizers=["SkipLayerNormFusion"])  # fmt: skip
+    # Without the fusion onnxruntime would turn the second graph into the first.
+    forms = {"SkipLayerNormalization": fused, "Add + LayerNormalization": apart}
+    sessions = {name: _session(_graph(nodes, *io, weights), threads, ["SkipLayerNormFusion"])
+                for name, nodes in forms.items()}  # fmt: skip
     out = {}
     for rows in (1024, 1):
         feeds = {n: rng.random((rows, hidden)).astype(np.float32) for n in ("x", "skip")}

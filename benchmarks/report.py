@@ -36,7 +36,8 @@ def encode_targets(data: dict[str, Any]) -> list[str]:
             v = _speedup(rows, f"int8 {w}", ours, "sentence-transformers fp32")
             out.append(_line(f"encode int8 {w}: {ours} >= 2.5x sentence-transformers fp32", v,
                              v is not None and v >= 2.5))  # fmt: skip
-    # Runs before this round also timed a second server with --max-queue-delay-ms 0 (by then the same behaviour).
+    # Runs before the third round also timed a second server with --max-queue-delay-ms 0 (by then the same
+    # behaviour).
     for ours in sorted({c for _, c in rows if c.startswith("seqserve-grpc")}):
         for p in ("fp32", "int8"):
             a, b = rows.get((f"{p} batch 1 x 10 tokens", ours)), rows.get((f"{p} batch 1 x 10 tokens", "onnxruntime"))
