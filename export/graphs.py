@@ -15,7 +15,7 @@ import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -338,3 +338,109 @@ def add_top_k(decoder: ExportedGraph) -> ExportedGraph:
          TensorSpec(ids, "int64", (batch, "topk"))),
     )  # fmt: skip
     return ExportedGraph(spec, decoder.path)
+
+
+def add_greedy_loop(decoder: Path, spec: GraphSpec, state: Sequence[str], eos_id: int, pad_id: int,
+                    path: Path) -> ExportedGraph:  # fmt: skip
+    """greedy.onnx: a whole greedy decode in one onnxruntime run, an ONNX Loop whose body is the decoder step graph
+    at `decoder` (a TopK graph, add_top_k, with state that has no time axis: RNN decoders).
+
+    Inputs: the step graph's, without `topk`, plus `max_steps` (int64 scalar): prev_ids (batch,) holds each row's start
+    token. Each iteration takes every row's best token (TopK's: ties to the lower id); a row that has produced EOS gets
+    `pad_id` from then on, and the loop ends once every row has or after max_steps, as export/parity.py's
+    greedy_decode_onnx does over the step graph. Outputs: greedy_ids (batch, steps) and greedy_log_probs (batch,
+    steps), each token's log-probability.
+
+    It saves what a step costs outside the graph (the Python of a decode loop, a session.run's feeds and fetches):
+    ~0.7 ms of a ~2.9 ms batch-1 LSTM decode (docs/benchmarks.md). The server uses it for one greedy sentence at a time;
+    sentences cannot join it, so batches keep the step graph."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.load(str(decoder))
+    graph = model.graph
+    inputs = [i.name for i in graph.input]
+    outputs = {o.name: o for o in graph.output}
+    if DECODER_CACHE_PAD_MASK in inputs or DECODER_TOP_K_INPUT not in inputs:
+        raise ValueError(f"{decoder.name}: a greedy loop needs a TopK step graph without a cache mask, got {inputs}")
+    carried = ["prev_ids", *state]  # loop-carried besides the finished flags; in the body they are NAME_in
+    body_nodes = []
+    for node in graph.node:
+        node = copy.deepcopy(node)
+        for k, name in enumerate(node.input):
+            if name in carried:
+                node.input[k] = f"{name}_in"
+        body_nodes.append(node)
+
+    def const(name: str, value: Any, dtype: int, shape: Sequence[int] = ()) -> onnx.NodeProto:
+        values = list(value) if shape else [value]
+        return helper.make_node("Constant", [], [name], value=helper.make_tensor(f"{name}_value", dtype, shape, values))
+
+    k_ids, k_values = DECODER_TOP_K_OUTPUTS[1], DECODER_TOP_K_OUTPUTS[0]
+    body_nodes = [
+        const(DECODER_TOP_K_INPUT, [1], TensorProto.INT64, [1]),
+        const("loop_axis_1", [1], TensorProto.INT64, [1]),
+        const("loop_eos", eos_id, TensorProto.INT64),
+        const("loop_pad", pad_id, TensorProto.INT64),
+        *body_nodes,
+        helper.make_node("Squeeze", [k_ids, "loop_axis_1"], ["loop_best"]),  # (B,)
+        helper.make_node("Where", ["finished_in", "loop_pad", "loop_best"], ["loop_token"]),  # (B,)
+        helper.make_node("Squeeze", [k_values, "loop_axis_1"], ["loop_log_prob"]),  # (B,)
+        helper.make_node("Identity", ["loop_token"], ["prev_ids_out"]),
+        helper.make_node("Equal", ["loop_token", "loop_eos"], ["loop_is_eos"]),
+        helper.make_node("Or", ["finished_in", "loop_is_eos"], ["finished_out"]),
+        helper.make_node("Cast", ["finished_out"], ["loop_finished_int"], to=TensorProto.INT32),
+        helper.make_node("ReduceMin", ["loop_finished_int"], ["loop_all_int"], keepdims=0),
+        helper.make_node("Cast", ["loop_all_int"], ["loop_all"], to=TensorProto.BOOL),
+        helper.make_node("Not", ["loop_all"], ["loop_cond_out"]),
+    ]  # fmt: skip
+    info = helper.make_tensor_value_info
+    batch = ["batch"]
+    score_type = outputs["log_probs"].type.tensor_type.elem_type
+
+    def renamed(name: str) -> onnx.ValueInfoProto:
+        value = copy.deepcopy(next(i for i in graph.input if i.name == name))
+        value.name = f"{name}_in"
+        return value
+
+    # The weights move into the body: onnxruntime treats only a graph's own initializers as constants (prepacked
+    # weights, constant folding); read from the outer scope they would be plain inputs of every iteration.
+    body = helper.make_graph(
+        body_nodes, "greedy_step",
+        [info("loop_iteration", TensorProto.INT64, []), info("loop_cond_in", TensorProto.BOOL, []),
+         info("prev_ids_in", TensorProto.INT64, batch), info("finished_in", TensorProto.BOOL, batch),
+         *(renamed(name) for name in state)],
+        [info("loop_cond_out", TensorProto.BOOL, []), info("prev_ids_out", TensorProto.INT64, batch),
+         info("finished_out", TensorProto.BOOL, batch), *(outputs[f"new_{name}"] for name in state),
+         info("loop_token", TensorProto.INT64, batch), info("loop_log_prob", score_type, batch)],
+        initializer=list(graph.initializer),
+    )  # fmt: skip
+    outer_inputs = [i for i in graph.input if i.name != DECODER_TOP_K_INPUT]
+    nodes = [
+        const("loop_cond", True, TensorProto.BOOL),
+        helper.make_node("Equal", ["prev_ids", "prev_ids"], ["loop_same"]),
+        helper.make_node("Not", ["loop_same"], ["loop_finished"]),  # (B,) all False
+        helper.make_node(
+            "Loop", ["max_steps", "loop_cond", "prev_ids", "loop_finished", *state],
+            ["last_ids", "last_finished", *(f"last_{name}" for name in state), "loop_tokens", "loop_log_probs"],
+            body=body,
+        ),  # (steps, B) scan outputs
+        helper.make_node("Transpose", ["loop_tokens"], ["greedy_ids"], perm=[1, 0]),
+        helper.make_node("Transpose", ["loop_log_probs"], ["greedy_log_probs"], perm=[1, 0]),
+    ]  # fmt: skip
+    loop_graph = helper.make_graph(
+        nodes, "greedy", [*outer_inputs, info("max_steps", TensorProto.INT64, [])],
+        [info("greedy_ids", TensorProto.INT64, ["batch", "steps"]),
+         info("greedy_log_probs", score_type, ["batch", "steps"])],
+    )  # fmt: skip
+    loop_model = helper.make_model(loop_graph, opset_imports=list(model.opset_import))
+    loop_model.ir_version = model.ir_version
+    onnx.save(loop_model, str(path))
+    by_name = {s.name: s for s in (*spec.inputs, *spec.outputs)}
+    loop_spec = GraphSpec(
+        path.name,
+        (*(by_name[i.name] for i in outer_inputs), TensorSpec("max_steps", "int64", ())),
+        (TensorSpec("greedy_ids", "int64", ("batch", "steps")),
+         TensorSpec("greedy_log_probs", by_name["log_probs"].dtype, ("batch", "steps"))),
+    )  # fmt: skip
+    return ExportedGraph(loop_spec, path)

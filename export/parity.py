@@ -184,20 +184,64 @@ def greedy_decode_onnx(
     pad_id: int,
 ) -> np.ndarray:  # fmt: skip
     """models/decoding.greedy_decode in numpy over the step graphs -> (B, T<=max_len), EOS kept, padding after it."""
+    return _greedy_steps(graphs, src_ids, src_pad_mask, max_len, bos_id, eos_id, pad_id)[0]
+
+
+def _greedy_steps(
+    graphs: StepGraphs, src_ids: np.ndarray, src_pad_mask: np.ndarray, max_len: int, bos_id: int, eos_id: int,
+    pad_id: int,
+) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """greedy_decode_onnx's tokens (B, T) and the log-probability of each row's best token at each step (B, T)."""
     batch = src_ids.shape[0]
     memory, state = graphs.encode(src_ids, src_pad_mask)
     prev = np.full((batch,), bos_id, dtype=np.int64)  # (B,)
     finished = np.zeros((batch,), dtype=bool)  # (B,)
-    tokens = []
+    tokens, scores = [], []
     for _ in range(max_len):
         log_probs, state = graphs.step(prev, memory, src_pad_mask, state)  # (B, V)
-        next_ids = np.where(finished, pad_id, log_probs.argmax(axis=-1)).astype(np.int64)  # (B,)
+        best = log_probs.argmax(axis=-1)  # (B,)
+        next_ids = np.where(finished, pad_id, best).astype(np.int64)  # (B,)
         tokens.append(next_ids)
+        scores.append(log_probs[np.arange(batch), best])
         finished |= next_ids == eos_id
         prev = next_ids
         if finished.all():
             break
-    return np.stack(tokens, axis=1) if tokens else np.zeros((batch, 0), dtype=np.int64)
+    if not tokens:
+        return np.zeros((batch, 0), dtype=np.int64), np.zeros((batch, 0), dtype=np.float32)
+    return np.stack(tokens, axis=1), np.stack(scores, axis=1)
+
+
+GREEDY_LOOP_CASES = ((1, 4), (1, 12), (4, 11))  # (B, S)
+
+
+def greedy_loop_parity(
+    loop: ort.InferenceSession, graphs: StepGraphs, bos_id: int, eos_id: int, pad_id: int, src_vocab: int,
+    tolerance: float = DEFAULT_TOLERANCE, max_len: int = 24, cases=GREEDY_LOOP_CASES,
+) -> ParityReport:  # fmt: skip
+    """greedy.onnx (export/graphs.add_greedy_loop) against a greedy decode through the step graphs it was built from:
+    the same tokens, and each token's log-probability within the tolerance; also cut short by max_steps."""
+    report = ParityReport(tolerance)
+    for i, (batch, length) in enumerate(cases):
+        src_ids, pad_mask = (_np(t) for t in example_source(batch, length, src_vocab, seed=500 + i, pad_id=pad_id))
+        memory, state = graphs.encode(src_ids, pad_mask)
+        feeds = {"prev_ids": np.full((batch,), bos_id, dtype=np.int64), "src_pad_mask": pad_mask}
+        feeds.update(zip(graphs.memory, memory))
+        feeds.update(zip(graphs.state, state))
+        for steps in (max_len, 3):
+            ids, log_probs = loop.run(None, {**feeds, "max_steps": np.array(steps, dtype=np.int64)})
+            ref_ids, ref_log_probs = _greedy_steps(graphs, src_ids, pad_mask, steps, bos_id, eos_id, pad_id)
+            if ids.shape != ref_ids.shape or not (ids == ref_ids).all():
+                raise ParityError(
+                    "greedy.onnx", None, tolerance,
+                    f"tokens differ from a greedy decode through decoder.onnx (max_steps {steps}):\n step graph "
+                    f"{ref_ids.tolist()}\n loop       {ids.tolist()}",
+                )  # fmt: skip
+            report.record("greedy_log_probs", log_probs, ref_log_probs)
+        report.cases.append([batch, length])
+    report.greedy_tokens_equal = True
+    report.check("greedy.onnx")
+    return report
 
 
 def decoder_start_id(config: Any) -> int:

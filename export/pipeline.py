@@ -23,13 +23,16 @@ import torch
 from tokenizers import Tokenizer
 from torch import nn
 
-from seqserve.export.graphs import OPSET, bert_outputs, export_bert, export_mlm_head, export_translator
+from seqserve.export.graphs import (
+    OPSET, add_greedy_loop, bert_outputs, export_bert, export_mlm_head, export_translator, source_vocab_size,
+)
 from seqserve.export.parity import (
     DEFAULT_TOLERANCE,
     StepGraphs,
     bert_parity,
     check_onnx,
     decoder_start_id,
+    greedy_loop_parity,
     open_session,
     translator_parity,
 )
@@ -185,6 +188,19 @@ def _export_translator_graphs(
         record["quality"] = translation_quality(fp32, int8, setup, dev)
     record["graphs"] = {"encoder": enc.spec.to_dict(), "decoder": dec.spec.to_dict()}
     record["decoder"] = {"memory": list(memory), "state": list(state)}
+    if family == "rnn" and device == "cpu":
+        # A whole greedy decode in one run (graphs.add_greedy_loop), built from the final (fp32 or int8) step graph
+        # and checked against it. CUDA exports keep the step loop: the Loop's control flow runs on the CPU there.
+        step_graphs = int8 if quantize == "int8" else fp32
+        loop = add_greedy_loop(finals["decoder.onnx"], dec.spec, state, config.eos_id, config.pad_id,
+                               work / "greedy.onnx")  # fmt: skip
+        check_onnx(loop.path)
+        record["greedy_loop_parity"] = greedy_loop_parity(
+            open_session(loop.path, providers), step_graphs, decoder_start_id(config), config.eos_id, config.pad_id,
+            source_vocab_size(model), tolerance,
+        ).to_dict()  # fmt: skip
+        finals["greedy.onnx"] = loop.path
+        record["graphs"]["greedy"] = loop.spec.to_dict()
     return record, finals
 
 

@@ -124,12 +124,14 @@ class GreedySearch(Search):
 
     def advance(self, log_probs: np.ndarray) -> list[tuple[int, int]]:
         token = int(np.argmax(log_probs[0]))  # the first of equal maxima: the lower id, as TopK orders ties
-        return self._take(token, float(log_probs[0, token]))
+        return self.take(token, float(log_probs[0, token]))
 
     def advance_top(self, values: np.ndarray, ids: np.ndarray, complete: bool) -> list[tuple[int, int]]:
-        return self._take(int(ids[0, 0]), float(values[0, 0]))
+        return self.take(int(ids[0, 0]), float(values[0, 0]))
 
-    def _take(self, token: int, log_prob: float) -> list[tuple[int, int]]:
+    def take(self, token: int, log_prob: float) -> list[tuple[int, int]]:
+        """Advance by `token`, chosen elsewhere (the row's best, as in greedy.onnx's loop); [(0, token)] while live,
+        [] once the sentence has ended (EOS, or max_len reached)."""
         self.steps += 1
         tokens, scores = self.live_tokens[0], self.live_scores[0] + (log_prob,)
         if token == self.eos_id:

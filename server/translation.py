@@ -11,7 +11,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from seqserve.server.decoding import Hypothesis, Search, decode_batch, make_search, source_max_len
+from seqserve.server.decoding import (
+    GreedySearch, Hypothesis, Search, decode_batch, make_search, source_max_len,
+)
 from seqserve.server.errors import OptionOutOfRange
 from seqserve.server.repository import (
     DECODER_CACHE_PAD_MASK, DECODER_TOP_K_INPUT, DECODER_TOP_K_OUTPUTS, LoadedModel,
@@ -28,6 +30,9 @@ class OnnxStepModel:
         manifest = loaded.manifest
         self.encoder = loaded.sessions["encoder"]
         self.decoder = loaded.sessions["decoder"]
+        # RNN exports since the greedy loop also carry greedy.onnx: a whole greedy decode in one run.
+        self.loop = loaded.sessions.get("greedy")
+        self.has_loop = self.loop is not None
         decoder = manifest.decoder or {}
         self.memory_names: list[str] = list(decoder.get("memory", []))
         self.state_names: list[str] = list(decoder.get("state", []))
@@ -63,6 +68,17 @@ class OnnxStepModel:
                 for dim in inputs.get(name, ("unknown",))
             )
         )
+
+    def greedy(self, src_ids: np.ndarray, src_pad_mask: np.ndarray, max_steps: int) -> tuple[np.ndarray, np.ndarray]:
+        """A whole greedy decode in one run of greedy.onnx (export/graphs.add_greedy_loop): each row's tokens (B, T),
+        padding after its EOS, and their log-probabilities (B, T). Only for models that have the graph (`has_loop`)."""
+        memory, state = self.encode(src_ids, src_pad_mask)
+        feeds = {"prev_ids": np.full((src_ids.shape[0],), self.bos_id, dtype=np.int64), "src_pad_mask": src_pad_mask,
+                 "max_steps": np.array(max_steps, dtype=np.int64)}  # fmt: skip
+        feeds.update(zip(self.memory_names, memory))
+        feeds.update(zip(self.state_names, state))
+        ids, log_probs = self.loop.run(None, feeds)
+        return ids, log_probs
 
     def encode(self, src_ids: np.ndarray, src_pad_mask: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
         outputs = self.encoder.run(None, {"src_ids": src_ids, "src_pad_mask": src_pad_mask})
@@ -174,8 +190,36 @@ class Translator:
             jobs.extend(new)
             return [(job.ids, job.search) for job in new]
 
+        if self.step_model.has_loop and len(jobs) == 1 and isinstance(jobs[0].search, GreedySearch):
+            more(1, len(jobs[0].ids))  # whoever is waiting joins now, or waits for this sentence
+            if len(jobs) == 1:
+                return self._loop(jobs[0], stopped, on_step, done)
         joining = refill if self.step_model.joinable else None
         return decode_batch(
             self.step_model, [j.ids for j in jobs], [j.search for j in jobs], stopped, on_step, done,
             more if joining else None,
         )  # fmt: skip
+
+    def _loop(
+        self, job: TranslationJob, stopped: Callable[[int], bool], on_step: Callable[[int], None],
+        done: Callable[[int], None],
+    ) -> int:  # fmt: skip
+        """One greedy sentence through greedy.onnx: the search takes the loop's tokens as it would take the step
+        graph's (the same graph inside, tested token for token), so its hypothesis, score and stopping rules are the
+        same. Nobody can join it; run_batch uses it when nobody else is waiting, for at most the sentence's max_len
+        steps of a decoder cheap enough to run in a graph loop (RNNs)."""
+        search = job.search
+        if stopped(0):
+            search.done = True
+            done(0)
+            return 0
+        src = np.asarray([job.ids], dtype=np.int64)  # (1, S)
+        ids, log_probs = self.step_model.greedy(src, np.zeros(src.shape, dtype=bool), search.max_len)
+        steps = 0
+        for token, log_prob in zip(ids[0].tolist(), log_probs[0].tolist()):
+            on_step(1)
+            steps += 1
+            if not search.take(token, log_prob):
+                break
+        done(0)
+        return steps

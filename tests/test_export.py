@@ -227,3 +227,56 @@ def test_transformer_decoder_step_keeps_skip_layer_norm(tiny_repository):
     version_dir = ModelRepository(tiny_repository).version_dir("tiny-transformer")
     # One position a row: the fused node costs no more than the three it replaces.
     assert "SkipLayerNormalization" in _op_types(version_dir / "decoder.onnx")
+
+
+@pytest.mark.parametrize("arch", TRANSLATOR_ARCHS)
+def test_rnn_exports_carry_a_greedy_loop_checked_against_the_step_graph(tiny_repository, tiny_checkpoints, arch):
+    repo = ModelRepository(tiny_repository)
+    manifest = repo.manifest(REPOSITORY_NAMES[arch])
+    if arch == "transformer":  # caches that grow a step: the step graph only
+        assert "greedy" not in manifest.graphs
+        assert not (repo.version_dir(REPOSITORY_NAMES[arch]) / "greedy.onnx").exists()
+        return
+    loop = manifest.graphs["greedy"]
+    assert [i.name for i in loop.inputs] == [*(i.name for i in manifest.graphs["decoder"].inputs if i.name != "topk"),
+                                             "max_steps"]  # fmt: skip
+    assert [o.name for o in loop.outputs] == ["greedy_ids", "greedy_log_probs"]
+    record = manifest.raw["greedy_loop_parity"]
+    assert record["greedy_tokens_equal"] is True and record["max_abs_diff"] <= record["tolerance"]
+    assert any(batch > 1 for batch, _ in record["cases"])
+    assert _op_types(repo.version_dir(REPOSITORY_NAMES[arch]) / "greedy.onnx").count("Loop") == 1
+    # Greedy tokens through the loop equal torch's greedy decode (the step graph's equal torch's: parity above).
+    graphs, loaded = _step_graphs(repo.version_dir(REPOSITORY_NAMES[arch]))
+    model = load_checkpoint(tiny_checkpoints[arch]).model.eval()
+    config = model.config
+    ids, mask = _source_batch(loaded.tokenizers["source"], ["a b c", "h g f e d c b a", "c a"], config.pad_id)
+    memory, state = graphs.encode(ids, mask)
+    feeds = {"prev_ids": np.full((3,), config.bos_id, dtype=np.int64), "src_pad_mask": mask,
+             "max_steps": np.array(16, dtype=np.int64), **dict(zip(graphs.memory, memory)),
+             **dict(zip(graphs.state, state))}  # fmt: skip
+    got, log_probs = loaded.sessions["greedy"].run(None, feeds)
+    with torch.no_grad():
+        expected = greedy_decode(model, torch.from_numpy(ids), torch.from_numpy(mask), 16, config.bos_id,
+                                 config.eos_id, config.pad_id).numpy()  # fmt: skip
+    assert got.tolist() == expected.tolist()
+    assert log_probs.shape == got.shape and (log_probs <= 0).all()
+
+
+def test_the_greedy_loop_gate_fails_a_loop_that_decodes_differently(tiny_repository, tmp_path):
+    """A loop built with the wrong end token runs past EOS where the step graph stops: the gate names the graph."""
+    from seqserve.export.graphs import add_greedy_loop
+    from seqserve.export.parity import greedy_loop_parity, open_session
+
+    version_dir = ModelRepository(tiny_repository).version_dir("tiny-gru")
+    graphs, loaded = _step_graphs(version_dir)
+    special = loaded.manifest.special_tokens
+    wrong = add_greedy_loop(version_dir / "decoder.onnx", loaded.manifest.graphs["decoder"], graphs.state,
+                            eos_id=special["pad"], pad_id=special["pad"], path=tmp_path / "greedy.onnx")  # fmt: skip
+    vocab = loaded.manifest.raw["config"]["config"]["src_vocab_size"]
+    with pytest.raises(ParityError, match="greedy.onnx"):
+        greedy_loop_parity(open_session(wrong.path), graphs, special["bos"], special["eos"], special["pad"],
+                           vocab)  # fmt: skip
+    right = add_greedy_loop(version_dir / "decoder.onnx", loaded.manifest.graphs["decoder"], graphs.state,
+                            eos_id=special["eos"], pad_id=special["pad"], path=tmp_path / "right.onnx")  # fmt: skip
+    report = greedy_loop_parity(open_session(right.path), graphs, special["bos"], special["eos"], special["pad"], vocab)
+    assert report.greedy_tokens_equal and report.max_abs_diff <= report.tolerance

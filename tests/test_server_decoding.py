@@ -181,3 +181,85 @@ def test_a_transformer_exported_without_the_cache_mask_joins_only_fresh_batches(
     loaded.manifest = dataclasses.replace(loaded.manifest, graphs={**loaded.manifest.graphs, "decoder": older})
     step_model = OnnxStepModel(loaded)
     assert not step_model.masks_cache and not step_model.joinable
+
+
+# --------------------------------------------------------------------------------------------------------------
+# greedy.onnx: a whole greedy decode in one run (RNN exports)
+
+
+class _CountingSession:
+    """An onnxruntime session that counts its runs (to tell which graph decoded)."""
+
+    def __init__(self, session):
+        self.session, self.runs = session, 0
+
+    def run(self, *args, **kwargs):
+        self.runs += 1
+        return self.session.run(*args, **kwargs)
+
+
+def _translator(loaded):
+    from seqserve.server.text import TextCodec
+    from seqserve.server.translation import Translator
+
+    limits = loaded.manifest.limits
+    codec = TextCodec(loaded.tokenizers["source"], int(limits["max_source_tokens"]), loaded.tokenizers["target"])
+    translator = Translator(loaded, codec, int(limits["max_target_tokens"]))
+    translator.step_model.decoder = _CountingSession(translator.step_model.decoder)
+    return translator
+
+
+def _translate(translator, ids, options, refill=None):
+    job = translator.job(ids, options)
+    jobs, done, steps = [job], [], []
+
+    def more(rows, src_len):
+        new = refill(rows, src_len) if refill else []
+        jobs.extend(new)
+        return new
+
+    translator.run_batch([job], stopped=lambda i: False, on_step=steps.append, on_done=done.append, refill=more)
+    return jobs, done, steps
+
+
+@pytest.mark.parametrize("max_tokens", [0, 3])
+def test_one_greedy_sentence_through_the_loop_equals_the_step_graph(translator, max_tokens):
+    from seqserve.server.translation import DecodeOptions
+
+    loaded, _ = translator
+    looping, stepping = _translator(loaded), _translator(loaded)
+    stepping.step_model.loop, stepping.step_model.has_loop = None, False
+    assert looping.step_model.has_loop == (loaded.manifest.architecture != "transformer")
+    options = DecodeOptions(max_output_tokens=max_tokens, return_token_scores=True)
+    for ids in _sources(loaded):
+        [ours], done, steps = _translate(looping, ids, options)
+        [reference], _, reference_steps = _translate(stepping, ids, options)
+        assert done == [0] and steps == reference_steps and set(steps) == {1}
+        [got], [expected] = ours.result, reference.result
+        assert got.tokens == expected.tokens and got.finished == expected.finished
+        assert got.score == pytest.approx(expected.score, abs=1e-5)
+        assert got.token_scores == pytest.approx(expected.token_scores, abs=1e-5)
+        if max_tokens:
+            assert len(got.token_scores) <= max_tokens
+    # The loop decoded without a single step-graph run; the step path ran it once a step.
+    expected_runs = 0 if looping.step_model.has_loop else stepping.step_model.decoder.runs
+    assert looping.step_model.decoder.runs == expected_runs
+    assert stepping.step_model.decoder.runs > 0
+
+
+def test_a_sentence_waiting_when_a_greedy_decode_starts_joins_it_through_the_step_graph(tiny_repository):
+    from seqserve.server.translation import DecodeOptions
+
+    loaded = ModelRepository(tiny_repository).load("tiny-gru", options=SessionOptions(intra_op_threads=1))
+    translator = _translator(loaded)
+    first, second = _sources(loaded)[:2]
+    alone = [_translate(translator, ids, DecodeOptions())[0][0].result for ids in (first, second)]
+    assert translator.step_model.decoder.runs == 0  # alone: the loop
+    waiting = [translator.job(second, DecodeOptions())]
+    refill = lambda rows, src_len: waiting[:1] and [waiting.pop()]  # noqa: E731
+    jobs, done, steps = _translate(translator, first, DecodeOptions(), refill)
+    assert sorted(done) == [0, 1] and len(jobs) == 2
+    assert translator.step_model.decoder.runs == len(steps) and max(steps) == 2  # together, a step at a time
+    for job, [expected] in zip(jobs, alone):
+        [got] = job.result
+        assert got.tokens == expected.tokens and got.score == pytest.approx(expected.score, abs=1e-5)
