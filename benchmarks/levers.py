@@ -9,12 +9,15 @@
   layernorm  a residual add and layer norm of (1024, 384) floats (MiniLM's batch 32 x 32) and of (1, 384): onnxruntime's
            com.microsoft SkipLayerNormalization vs ONNX Add + Add + LayerNormalization (what encoders keep on CPU)
   rank     the exact ranking of one beam-4 search's candidates: the single-search path vs the batched one
+  greedy   one batch-1 greedy RNN translation in process: greedy.onnx (the whole decode in one run) vs a step graph
+           run a step
   inline   batch-1 Encode over gRPC against two `seqserve serve` processes, small BERT batches on the event loop
            (--inline-max-ms, the default) and always in the worker pool (--inline-max-ms 0), in alternating rounds;
            and a health check's round trip to the same server, the floor any gRPC request pays
 
     python -m benchmarks.levers --threads 2 [--model WORK/encode_repository/minilm/1/model.onnx]
-        [--repository WORK/encode_repository --bert minilm] [--json FILE]
+        [--repository WORK/encode_repository --bert minilm] [--rnn-repository WORK/rnn_repository --rnn NAME ...]
+        [--json FILE]
 """
 
 from __future__ import annotations
@@ -209,9 +212,9 @@ def inline(repository: Path, bert: str, threads: int, runs: int, rounds: int = 6
     text = ["the model server runs fast on every small machine"]
     times: dict[str, list[float]] = {"event loop (default)": [], "worker pool (--inline-max-ms 0)": []}
     round_trips: list[float] = []
+    off = ["--models", bert, "--inline-max-ms", "0"]
     servers = {"event loop (default)": ServerProcess(repository, threads, ["--models", bert]),
-               "worker pool (--inline-max-ms 0)": ServerProcess(repository, threads,
-                                                                ["--models", bert, "--inline-max-ms", "0"])}  # fmt: skip
+               "worker pool (--inline-max-ms 0)": ServerProcess(repository, threads, off)}  # fmt: skip
     try:
         clients = {name: Client(server.address) for name, server in servers.items()}
         health = clients["event loop (default)"].health
@@ -228,6 +231,33 @@ def inline(repository: Path, bert: str, threads: int, runs: int, rounds: int = 6
             "health check round trip": statistics.median(round_trips)}  # fmt: skip
 
 
+def greedy_loop(repository: Path, models: list[str], threads: int, runs: int, rounds: int = 6) -> dict[str, float]:
+    """Median ms of one batch-1 greedy translation in process (the server's Translator, tokenizing included) of each RNN
+    model: through greedy.onnx (the default) and a step graph run a step, in `rounds` alternating rounds."""
+    from benchmarks.common import load_in_process
+    from benchmarks.translate_transformer import InProcess
+    from seqserve.models.synthetic import reversal_pairs
+    from seqserve.server.repository import ModelRepository
+
+    [text] = [source for source, _ in reversal_pairs(1, seed=1, min_len=18, max_len=22)]
+    out: dict[str, float] = {}
+    for name in models:
+        loop = InProcess(load_in_process(ModelRepository(repository).version_dir(name), threads))
+        if not loop.translator.step_model.has_loop:
+            raise SystemExit(f"{name} in {repository} has no greedy.onnx (exported before it, or not an RNN)")
+        stepping = InProcess(load_in_process(ModelRepository(repository).version_dir(name), threads))
+        stepping.translator.step_model.loop, stepping.translator.step_model.has_loop = None, False
+        [a], [b] = loop.translate([text], 1, 44), stepping.translate([text], 1, 44)
+        if a.tokens != b.tokens:
+            raise SystemExit(f"{name}: greedy.onnx gave {a.tokens}, the step graph {b.tokens}")
+        times: dict[str, list[float]] = {"greedy.onnx": [], "step graph": []}
+        for _ in range(rounds):
+            for label, contender in (("greedy.onnx", loop), ("step graph", stepping)):
+                times[label].append(median_us(lambda: contender.translate([text], 1, 44), runs) / 1000)
+        out.update({f"{name} {label} ({len(a.tokens)} tokens)": statistics.median(v) for label, v in times.items()})
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads")
@@ -237,6 +267,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repository", type=Path, default=DEFAULT_WORK / "encode_repository",
                         help="model repository holding --bert, for the inline lever")  # fmt: skip
     parser.add_argument("--bert", default="minilm", help="BERT model of --repository for the inline lever")
+    parser.add_argument("--rnn-repository", type=Path, default=DEFAULT_WORK / "rnn_repository",
+                        help="model repository holding the --rnn models, for the greedy-loop lever")  # fmt: skip
+    parser.add_argument("--rnn", nargs="+", default=["lstm-h256-l2", "gru-h256-l2"],
+                        help="RNN translators of --rnn-repository for the greedy-loop lever")  # fmt: skip
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--quick", action="store_true", help="few repetitions: checks the script, measures nothing")
     parser.add_argument("--pool-child", choices=("session", "shared"), help=argparse.SUPPRESS)
@@ -257,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
         "rank": rank(args.runs),
         "inline (ms a batch-1 Encode over gRPC)": inline(args.repository, args.bert, args.threads, args.runs,
                                                          2 if args.quick else 6),  # fmt: skip
+        "greedy loop (ms a batch-1 RNN translation)": greedy_loop(args.rnn_repository, args.rnn, args.threads,
+                                                                  args.runs, 2 if args.quick else 6),  # fmt: skip
     }
     for name, values in results.items():
         sys.stdout.write(f"{name}: {json.dumps(values)}\n")

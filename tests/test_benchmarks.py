@@ -89,7 +89,8 @@ def test_load_benchmark_reports_every_setting_without_errors(work, tmp_path):
 def test_levers_benchmark_measures_every_lever(tmp_path, tiny_repository):
     out = tmp_path / "levers.json"
     command = [sys.executable, "-m", "benchmarks.levers", "--quick", "--threads", "1", "--json", str(out),
-               "--repository", str(tiny_repository), "--bert", "tiny-bert"]  # fmt: skip
+               "--repository", str(tiny_repository), "--bert", "tiny-bert", "--rnn-repository", str(tiny_repository),
+               "--rnn", "tiny-lstm", "tiny-gru"]  # fmt: skip
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -100,6 +101,8 @@ def test_levers_benchmark_measures_every_lever(tmp_path, tiny_repository):
         assert result[lever] and min(result[lever].values()) > 0
     assert len(result["layernorm"]) == 4  # fused and apart, at 1024 rows and at 1
     assert len(result["inline (ms a batch-1 Encode over gRPC)"]) == 3  # inline on, off, and a health check
+    loops = result["greedy loop (ms a batch-1 RNN translation)"]
+    assert len(loops) == 4 and min(loops.values()) > 0  # two models, each through greedy.onnx and the step graph
 
 
 def test_contenders_are_timed_in_interleaved_rounds(monkeypatch):
