@@ -352,8 +352,8 @@ def add_greedy_loop(decoder: Path, spec: GraphSpec, state: Sequence[str], eos_id
     steps), each token's log-probability.
 
     It saves what a step costs outside the graph (the Python of a decode loop, a session.run's feeds and fetches):
-    ~0.7 ms of a ~2.9 ms batch-1 LSTM decode (docs/benchmarks.md). The server uses it for one greedy sentence at a time;
-    sentences cannot join it, so batches keep the step graph."""
+    ~0.6 ms of a ~2.9 ms batch-1 LSTM decode (docs/benchmarks.md, the levers' greedy loop). The server uses it for
+    one greedy sentence at a time; sentences cannot join it, so batches keep the step graph."""
     import onnx
     from onnx import TensorProto, helper
 

@@ -32,7 +32,6 @@ class OnnxStepModel:
         self.decoder = loaded.sessions["decoder"]
         # RNN exports since the greedy loop also carry greedy.onnx: a whole greedy decode in one run.
         self.loop = loaded.sessions.get("greedy")
-        self.has_loop = self.loop is not None
         decoder = manifest.decoder or {}
         self.memory_names: list[str] = list(decoder.get("memory", []))
         self.state_names: list[str] = list(decoder.get("state", []))
@@ -69,12 +68,18 @@ class OnnxStepModel:
             )
         )
 
+    @property
+    def has_loop(self) -> bool:
+        return self.loop is not None
+
     def greedy(self, src_ids: np.ndarray, src_pad_mask: np.ndarray, max_steps: int) -> tuple[np.ndarray, np.ndarray]:
         """A whole greedy decode in one run of greedy.onnx (export/graphs.add_greedy_loop): each row's tokens (B, T),
         padding after its EOS, and their log-probabilities (B, T). Only for models that have the graph (`has_loop`)."""
         memory, state = self.encode(src_ids, src_pad_mask)
-        feeds = {"prev_ids": np.full((src_ids.shape[0],), self.bos_id, dtype=np.int64), "src_pad_mask": src_pad_mask,
+        feeds = {"prev_ids": np.full((src_ids.shape[0],), self.bos_id, dtype=np.int64),
                  "max_steps": np.array(max_steps, dtype=np.int64)}  # fmt: skip
+        if self._feeds_mask:
+            feeds["src_pad_mask"] = src_pad_mask
         feeds.update(zip(self.memory_names, memory))
         feeds.update(zip(self.state_names, state))
         ids, log_probs = self.loop.run(None, feeds)

@@ -228,7 +228,7 @@ def test_one_greedy_sentence_through_the_loop_equals_the_step_graph(translator, 
 
     loaded, _ = translator
     looping, stepping = _translator(loaded), _translator(loaded)
-    stepping.step_model.loop, stepping.step_model.has_loop = None, False
+    stepping.step_model.loop = None
     assert looping.step_model.has_loop == (loaded.manifest.architecture != "transformer")
     options = DecodeOptions(max_output_tokens=max_tokens, return_token_scores=True)
     for ids in _sources(loaded):
