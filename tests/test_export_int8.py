@@ -40,6 +40,18 @@ def test_int8_lstm_passes_its_bleu_gate(tiny_repository):
     assert "MatMulInteger" in _op_types(tiny_repository / "tiny-lstm-int8" / "1" / "decoder.onnx")
 
 
+def test_int8_lstm_greedy_loop_runs_the_int8_step_graph(tiny_repository):
+    """greedy.onnx of an int8 export loops over the int8 decoder and is gated against it, not the fp32 one."""
+    manifest = ModelRepository(tiny_repository).manifest("tiny-lstm-int8")
+    assert "greedy" in manifest.graphs
+    record = manifest.raw["greedy_loop_parity"]
+    assert record["greedy_tokens_equal"] is True and record["max_abs_diff"] <= record["tolerance"]
+    loop = onnx.load(str(tiny_repository / "tiny-lstm-int8" / "1" / "greedy.onnx"))
+    [node] = [n for n in loop.graph.node if n.op_type == "Loop"]
+    body = next(a.g for a in node.attribute if a.name == "body")
+    assert "MatMulInteger" in {n.op_type for n in body.node}
+
+
 def test_int8_optimized_transformer_passes_its_bleu_gate(tiny_checkpoints, tmp_path):
     path = export_checkpoint(tiny_checkpoints["transformer"], tmp_path, "t8", quantize="int8", dev=tiny_dev_pairs())
     manifest = load_model(path).manifest
