@@ -376,8 +376,17 @@ def add_greedy_loop(decoder: Path, spec: GraphSpec, state: Sequence[str], eos_id
         values = list(value) if shape else [value]
         return helper.make_node("Constant", [], [name], value=helper.make_tensor(f"{name}_value", dtype, shape, values))
 
+    # State laid out (batch, layers, hidden) is carried as (layers, batch, hidden), the layout of the ONNX LSTM/GRU
+    # nodes inside: the transposes added here meet the step graph's own and onnxruntime cancels them.
+    by_name = {s.name: s for s in (*spec.inputs, *spec.outputs)}
+    stacked = [n for n in state if len(by_name[n].shape) == 3 and isinstance(by_name[n].shape[1], int)]
+    swap = [1, 0, 2]
+    entry = [helper.make_node("Transpose", [f"{n}_stacked"], [f"{n}_in"], perm=swap) for n in stacked]
+    leave = [helper.make_node("Transpose", [f"new_{n}"], [f"{n}_stacked_out"], perm=swap) for n in stacked]
+
     k_ids, k_values = DECODER_TOP_K_OUTPUTS[1], DECODER_TOP_K_OUTPUTS[0]
     body_nodes = [
+        *entry,
         const(DECODER_TOP_K_INPUT, [1], TensorProto.INT64, [1]),
         const("loop_axis_1", [1], TensorProto.INT64, [1]),
         const("loop_eos", eos_id, TensorProto.INT64),
@@ -393,15 +402,22 @@ def add_greedy_loop(decoder: Path, spec: GraphSpec, state: Sequence[str], eos_id
         helper.make_node("ReduceMin", ["loop_finished_int"], ["loop_all_int"], keepdims=0),
         helper.make_node("Cast", ["loop_all_int"], ["loop_all"], to=TensorProto.BOOL),
         helper.make_node("Not", ["loop_all"], ["loop_cond_out"]),
+        *leave,
     ]  # fmt: skip
     info = helper.make_tensor_value_info
     batch = ["batch"]
     score_type = outputs["log_probs"].type.tensor_type.elem_type
 
-    def renamed(name: str) -> onnx.ValueInfoProto:
+    def carried_in(name: str) -> onnx.ValueInfoProto:
         value = copy.deepcopy(next(i for i in graph.input if i.name == name))
+        if name in stacked:  # (layers, batch, hidden)
+            return info(f"{name}_stacked", value.type.tensor_type.elem_type, None)
         value.name = f"{name}_in"
         return value
+
+    def carried_out(name: str) -> onnx.ValueInfoProto:
+        value = outputs[f"new_{name}"]
+        return info(f"{name}_stacked_out", value.type.tensor_type.elem_type, None) if name in stacked else value
 
     # The weights move into the body: onnxruntime treats only a graph's own initializers as constants (prepacked
     # weights, constant folding); read from the outer scope they would be plain inputs of every iteration.
@@ -409,9 +425,9 @@ def add_greedy_loop(decoder: Path, spec: GraphSpec, state: Sequence[str], eos_id
         body_nodes, "greedy_step",
         [info("loop_iteration", TensorProto.INT64, []), info("loop_cond_in", TensorProto.BOOL, []),
          info("prev_ids_in", TensorProto.INT64, batch), info("finished_in", TensorProto.BOOL, batch),
-         *(renamed(name) for name in state)],
+         *(carried_in(name) for name in state)],
         [info("loop_cond_out", TensorProto.BOOL, []), info("prev_ids_out", TensorProto.INT64, batch),
-         info("finished_out", TensorProto.BOOL, batch), *(outputs[f"new_{name}"] for name in state),
+         info("finished_out", TensorProto.BOOL, batch), *(carried_out(name) for name in state),
          info("loop_token", TensorProto.INT64, batch), info("loop_log_prob", score_type, batch)],
         initializer=list(graph.initializer),
     )  # fmt: skip
@@ -420,8 +436,10 @@ def add_greedy_loop(decoder: Path, spec: GraphSpec, state: Sequence[str], eos_id
         const("loop_cond", True, TensorProto.BOOL),
         helper.make_node("Equal", ["prev_ids", "prev_ids"], ["loop_same"]),
         helper.make_node("Not", ["loop_same"], ["loop_finished"]),  # (B,) all False
+        *(helper.make_node("Transpose", [n], [f"{n}_stacked"], perm=swap) for n in stacked),
         helper.make_node(
-            "Loop", ["max_steps", "loop_cond", "prev_ids", "loop_finished", *state],
+            "Loop", ["max_steps", "loop_cond", "prev_ids", "loop_finished",
+                     *(f"{n}_stacked" if n in stacked else n for n in state)],
             ["last_ids", "last_finished", *(f"last_{name}" for name in state), "loop_tokens", "loop_log_probs"],
             body=body,
         ),  # (steps, B) scan outputs
@@ -436,7 +454,6 @@ def add_greedy_loop(decoder: Path, spec: GraphSpec, state: Sequence[str], eos_id
     loop_model = helper.make_model(loop_graph, opset_imports=list(model.opset_import))
     loop_model.ir_version = model.ir_version
     onnx.save(loop_model, str(path))
-    by_name = {s.name: s for s in (*spec.inputs, *spec.outputs)}
     loop_spec = GraphSpec(
         path.name,
         (*(by_name[i.name] for i in outer_inputs), TensorSpec("max_steps", "int64", ())),

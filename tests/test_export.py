@@ -230,7 +230,8 @@ def test_transformer_decoder_step_keeps_skip_layer_norm(tiny_repository):
 
 
 @pytest.mark.parametrize("arch", TRANSLATOR_ARCHS)
-def test_rnn_exports_carry_a_greedy_loop_checked_against_the_step_graph(tiny_repository, tiny_checkpoints, arch):
+def test_rnn_exports_carry_a_greedy_loop_checked_against_the_step_graph(tiny_repository, tiny_checkpoints, arch,
+                                                                        tmp_path):
     repo = ModelRepository(tiny_repository)
     manifest = repo.manifest(REPOSITORY_NAMES[arch])
     if arch == "transformer":  # caches that grow a step: the step graph only
@@ -245,6 +246,7 @@ def test_rnn_exports_carry_a_greedy_loop_checked_against_the_step_graph(tiny_rep
     assert record["greedy_tokens_equal"] is True and record["max_abs_diff"] <= record["tolerance"]
     assert any(batch > 1 for batch, _ in record["cases"])
     assert _op_types(repo.version_dir(REPOSITORY_NAMES[arch]) / "greedy.onnx").count("Loop") == 1
+    assert not _loop_body_transposes(repo.version_dir(REPOSITORY_NAMES[arch]) / "greedy.onnx", tmp_path)
     # Greedy tokens through the loop equal torch's greedy decode (the step graph's equal torch's: parity above).
     graphs, loaded = _step_graphs(repo.version_dir(REPOSITORY_NAMES[arch]))
     model = load_checkpoint(tiny_checkpoints[arch]).model.eval()
@@ -260,6 +262,17 @@ def test_rnn_exports_carry_a_greedy_loop_checked_against_the_step_graph(tiny_rep
                                  config.eos_id, config.pad_id).numpy()  # fmt: skip
     assert got.tolist() == expected.tolist()
     assert log_probs.shape == got.shape and (log_probs <= 0).all()
+
+
+def _loop_body_transposes(path: Path, tmp_path: Path) -> list[str]:
+    """The Transpose nodes left in greedy.onnx's loop body once a server session has optimised it: the loop carries
+    (layers, batch, hidden) state, so the step graph's own transposes to and from that layout cancel."""
+    import onnx
+
+    SessionOptions().open(path, optimized_model_filepath=tmp_path / "optimized.onnx")
+    [loop] = [n for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node if n.op_type == "Loop"]
+    body = next(a.g for a in loop.attribute if a.name == "body")
+    return [n.name for n in body.node if n.op_type == "Transpose"]
 
 
 def test_the_greedy_loop_gate_fails_a_loop_that_decodes_differently(tiny_repository, tmp_path):
