@@ -242,10 +242,10 @@ def greedy_loop(repository: Path, models: list[str], threads: int, runs: int, ro
     [text] = [source for source, _ in reversal_pairs(1, seed=1, min_len=18, max_len=22)]
     out: dict[str, float] = {}
     for name in models:
-        loop = InProcess(load_in_process(ModelRepository(repository).version_dir(name), threads))
+        loaded = load_in_process(ModelRepository(repository).version_dir(name), threads)
+        loop, stepping = InProcess(loaded), InProcess(loaded)  # one model's sessions, two step models over them
         if not loop.translator.step_model.has_loop:
             raise SystemExit(f"{name} in {repository} has no greedy.onnx (exported before it, or not an RNN)")
-        stepping = InProcess(load_in_process(ModelRepository(repository).version_dir(name), threads))
         stepping.translator.step_model.loop = None
         [a], [b] = loop.translate([text], 1, 44), stepping.translate([text], 1, 44)
         if a.tokens != b.tokens:
