@@ -90,12 +90,9 @@ class InProcess:
     """server/translation.py's Translator: tokenize, batch decode (greedy or beam), detokenize."""
 
     def __init__(self, loaded):
-        from seqserve.server.text import TextCodec
         from seqserve.server.translation import Translator
 
-        limits = loaded.manifest.limits
-        codec = TextCodec(loaded.tokenizers["source"], int(limits["max_source_tokens"]), loaded.tokenizers["target"])
-        self.translator = Translator(loaded, codec, int(limits["max_target_tokens"]))
+        self.translator = Translator.for_model(loaded)
 
     def translate(self, texts: list[str], beam: int, max_new: int) -> list:
         from seqserve.server.translation import DecodeOptions

@@ -25,12 +25,10 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 from seqserve.server.repository import ModelRepository, RepositoryError, SessionOptions
-from seqserve.server.text import TextCodec
 from seqserve.server.translation import DecodeOptions, Translator
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_TOKENS = 512
 ENGINES = ("local", "ray")
 
 
@@ -110,11 +108,8 @@ class BlockTranslator:
         manifest = loaded.manifest
         if manifest.task != "translation":
             raise NotATranslator(job.model, manifest.task)
-        limits = manifest.limits
-        max_source = int(limits.get("max_source_tokens") or limits.get("max_tokens") or DEFAULT_MAX_TOKENS)
-        max_target = int(limits.get("max_target_tokens") or limits.get("max_tokens") or DEFAULT_MAX_TOKENS)
-        self.codec = TextCodec(loaded.tokenizers["source"], max_source, loaded.tokenizers["target"])
-        self.translator = Translator(loaded, self.codec, max_target)
+        self.translator = Translator.for_model(loaded)
+        self.codec = self.translator.codec
         self.name, self.version = manifest.name, manifest.version
         self.truncated = 0  # sentences cut to the model's source limit so far
 

@@ -23,11 +23,10 @@ from seqserve.server.errors import InvalidRequest, OptionOutOfRange, WrongTask
 from seqserve.server.metrics import Metrics
 from seqserve.server.repository import LoadedModel
 from seqserve.server.text import Encoded, TextCodec, check_chars, check_count
-from seqserve.server.translation import DecodeOptions, TranslationJob, Translator
+from seqserve.server.translation import DEFAULT_MAX_TOKENS, DecodeOptions, TranslationJob, Translator
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_TOKENS = 512
 INLINE_TOKENIZE_CHARS = 4096
 
 
@@ -73,11 +72,9 @@ class ServedModel:
         self.metrics = metrics
         cap = limits.max_tokens_per_text
         if manifest.task == "translation":
-            model_limit = _limit(manifest.limits, ("max_source_tokens", "max_tokens"), DEFAULT_MAX_TOKENS)
-            self.max_input_tokens = min(model_limit, cap) if cap else model_limit
-            self.codec = TextCodec(loaded.tokenizers["source"], self.max_input_tokens, loaded.tokenizers["target"])
-            max_target = _limit(manifest.limits, ("max_target_tokens", "max_tokens"), DEFAULT_MAX_TOKENS)
-            self.translator: Translator | None = Translator(loaded, self.codec, max_target)
+            self.translator: Translator | None = Translator.for_model(loaded, cap)
+            self.codec = self.translator.codec
+            self.max_input_tokens = self.codec.limit
             self.bert: BertModel | None = None
             self.capabilities = ["translate"]
             run = self._run_translation

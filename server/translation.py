@@ -22,6 +22,8 @@ from seqserve.server.text import TextCodec
 
 log = logging.getLogger(__name__)
 
+DEFAULT_MAX_TOKENS = 512  # a model whose manifest names no token limit
+
 
 class OnnxStepModel:
     """encoder.onnx + decoder.onnx behind the `StepModel` interface; inputs are fed by the manifest's names."""
@@ -166,6 +168,19 @@ class Translator:
         self.step_model = OnnxStepModel(loaded)
         self.codec = codec
         self.max_target_tokens = max_target_tokens
+
+    @classmethod
+    def for_model(cls, loaded: LoadedModel, max_source_tokens: int | None = None) -> "Translator":
+        """A translator with the limits of the model's manifest (`max_source_tokens`/`max_target_tokens`, else
+        `max_tokens`, else DEFAULT_MAX_TOKENS); a positive `max_source_tokens` caps the source further."""
+        limits = loaded.manifest.limits
+        source, target = (
+            int(limits.get(key) or limits.get("max_tokens") or DEFAULT_MAX_TOKENS)
+            for key in ("max_source_tokens", "max_target_tokens")
+        )  # fmt: skip
+        source = min(source, max_source_tokens) if max_source_tokens else source
+        codec = TextCodec(loaded.tokenizers["source"], source, loaded.tokenizers["target"])
+        return cls(loaded, codec, target)
 
     def job(self, ids: list[int], options: DecodeOptions) -> TranslationJob:
         max_len = source_max_len(

@@ -199,12 +199,9 @@ class _CountingSession:
 
 
 def _translator(loaded):
-    from seqserve.server.text import TextCodec
     from seqserve.server.translation import Translator
 
-    limits = loaded.manifest.limits
-    codec = TextCodec(loaded.tokenizers["source"], int(limits["max_source_tokens"]), loaded.tokenizers["target"])
-    translator = Translator(loaded, codec, int(limits["max_target_tokens"]))
+    translator = Translator.for_model(loaded)
     translator.step_model.decoder = _CountingSession(translator.step_model.decoder)
     return translator
 
