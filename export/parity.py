@@ -184,16 +184,17 @@ def greedy_decode_onnx(
     pad_id: int,
 ) -> np.ndarray:  # fmt: skip
     """models/decoding.greedy_decode in numpy over the step graphs -> (B, T<=max_len), EOS kept, padding after it."""
-    return _greedy_steps(graphs, src_ids, src_pad_mask, max_len, bos_id, eos_id, pad_id)[0]
+    memory, state = graphs.encode(src_ids, src_pad_mask)
+    return _greedy_steps(graphs, memory, state, src_pad_mask, max_len, bos_id, eos_id, pad_id)[0]
 
 
 def _greedy_steps(
-    graphs: StepGraphs, src_ids: np.ndarray, src_pad_mask: np.ndarray, max_len: int, bos_id: int, eos_id: int,
-    pad_id: int,
+    graphs: StepGraphs, memory: list[np.ndarray], state: list[np.ndarray], src_pad_mask: np.ndarray, max_len: int,
+    bos_id: int, eos_id: int, pad_id: int,
 ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    """greedy_decode_onnx's tokens (B, T) and the log-probability of each row's best token at each step (B, T)."""
-    batch = src_ids.shape[0]
-    memory, state = graphs.encode(src_ids, src_pad_mask)
+    """greedy_decode_onnx from the encoder's outputs: tokens (B, T) and the log-probability of each row's best token
+    at each step (B, T)."""
+    batch = src_pad_mask.shape[0]
     prev = np.full((batch,), bos_id, dtype=np.int64)  # (B,)
     finished = np.zeros((batch,), dtype=bool)  # (B,)
     tokens, scores = [], []
@@ -230,7 +231,7 @@ def greedy_loop_parity(
         feeds.update(zip(graphs.state, state))
         for steps in (max_len, 3):
             ids, log_probs = loop.run(None, {**feeds, "max_steps": np.array(steps, dtype=np.int64)})
-            ref_ids, ref_log_probs = _greedy_steps(graphs, src_ids, pad_mask, steps, bos_id, eos_id, pad_id)
+            ref_ids, ref_log_probs = _greedy_steps(graphs, memory, state, pad_mask, steps, bos_id, eos_id, pad_id)
             if ids.shape != ref_ids.shape or not (ids == ref_ids).all():
                 raise ParityError(
                     "greedy.onnx", None, tolerance,
