@@ -154,9 +154,10 @@ def test_max_output_tokens_caps_the_translation(inference):
     assert len(hyp.token_scores) <= 2 and len(hyp.tokens) <= 2
 
 
-def test_translation_does_not_depend_on_batch_company(running, inference):
+@pytest.mark.parametrize("beam", [3, 1])  # greedy: alone through greedy.onnx (RNNs), in a crowd step by step too
+def test_translation_does_not_depend_on_batch_company(running, inference, beam):
     target = "e f a h d a c"
-    options = pb.DecodingOptions(beam_size=3, n_best=2, return_token_scores=True)
+    options = pb.DecodingOptions(beam_size=beam, n_best=min(beam, 2), return_token_scores=True)
     for name in TRANSLATORS:
         alone = inference.Translate(pb.TranslateRequest(model=_spec(name), texts=[target], options=options))
         batches_before = _batch_count(running, name)
