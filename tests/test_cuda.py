@@ -1,0 +1,90 @@
+"""CUDA end to end: fp16 exports made and gated on the GPU, served with device "cuda" over gRPC, against the CPU fp32
+server of the same checkpoints (tiny_repository). Where this machine has no GPU or no onnxruntime-gpu, both steps are
+refused with a message that says what is missing; the GPU half runs where both are present (checked on a lent H200)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from seqserve.clients import Client, DecodingOptions
+from seqserve.export import export_checkpoint
+from seqserve.export.pipeline import ExportError
+from seqserve.server.app import DeviceUnavailable
+from seqserve.server.config import ServerConfig
+from seqserve.server.repository import ModelRepository
+from seqserve.server.testing import ServerThread
+
+HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available()
+TRANSLATORS = {"lstm": "tiny-lstm", "gru": "tiny-gru", "birnn-lstm": "tiny-birnn", "transformer": "tiny-transformer"}
+LETTERS = ["a b c", "e f a h d a c", "f h d", "b d a d g e", "c", "h g f e d c b a", "a a b", "d e"]
+DOCS = ["forest five foru fore fori", "forest six foru foro foru", "forest seven", "fora"]
+PAIRS = [(DOCS[0], DOCS[1]), (DOCS[2], DOCS[3]), (DOCS[1], DOCS[0])]
+
+
+def _config() -> ServerConfig:
+    return ServerConfig(port=0, metrics_port=None, instances=1, threads=1)
+
+
+@pytest.fixture(scope="module")
+def cuda_repository(tiny_checkpoints, tmp_path_factory):
+    """Every tiny translator and the tiny BERT exported with device="cuda" (fp16, parity-gated on the GPU)."""
+    if not HAS_CUDA:
+        pytest.fail("only for a machine with CUDA")  # never reached: the tests below branch before asking for it
+    root = tmp_path_factory.mktemp("cuda_repository")
+    for arch, name in {**TRANSLATORS, "bert": "tiny-bert"}.items():
+        export_checkpoint(tiny_checkpoints[arch], root, name, version=1, device="cuda")
+    return root
+
+
+def test_cuda_export_is_fp16_and_gated_or_refused_clearly(tiny_checkpoints, tmp_path, request):
+    if not HAS_CUDA:
+        with pytest.raises(ExportError, match="--device cuda needs a GPU.*--device cpu"):
+            export_checkpoint(tiny_checkpoints["lstm"], tmp_path, "gpu", device="cuda")
+        return
+    root = request.getfixturevalue("cuda_repository")
+    for name in [*TRANSLATORS.values(), "tiny-bert"]:
+        manifest = json.loads((root / name / "1" / "manifest.json").read_text())
+        assert manifest["precision"] == "fp16"
+        parity = manifest["parity"]
+        assert parity["tolerance"] >= 2e-2 and parity["max_abs_diff"] <= parity["tolerance"], (name, parity)
+        assert "greedy" not in manifest["graphs"]  # the CPU-only greedy loop is not exported for CUDA
+
+
+def test_cuda_server_answers_like_the_cpu_server_or_is_refused_clearly(tiny_repository, request):
+    if not HAS_CUDA:
+        with pytest.raises(DeviceUnavailable, match="no CUDAExecutionProvider.*onnxruntime-gpu.*--device cpu"):
+            ServerThread(ServerConfig(port=0, metrics_port=None, device="cuda"), ModelRepository(tiny_repository))
+        return
+    cuda_repository = request.getfixturevalue("cuda_repository")
+    with ServerThread(ServerConfig(port=0, metrics_port=None, instances=1, threads=1, device="cuda"),
+                      ModelRepository(cuda_repository)) as gpu, \
+            ServerThread(_config(), ModelRepository(tiny_repository)) as cpu, \
+            Client(gpu.address) as on_gpu, Client(cpu.address) as on_cpu:  # fmt: skip
+        for name in [*TRANSLATORS.values(), "tiny-bert"]:
+            sessions = gpu.server.manager.get(name).loaded.sessions
+            assert all(s.get_providers()[0] == "CUDAExecutionProvider" for s in sessions.values()), name
+        for name in TRANSLATORS.values():
+            for beam in (1, 3):
+                options = DecodingOptions(beam_size=beam)
+                ours = [t.hypotheses[0].text for t in on_gpu.translate(name, LETTERS, options)]
+                reference = [t.hypotheses[0].text for t in on_cpu.translate(name, LETTERS, options)]
+                # fp16 may flip a near-tie; a model this sure of its reversals keeps nearly all of them
+                same = sum(a == b for a, b in zip(ours, reference))
+                assert same >= len(LETTERS) - 1, (name, beam, ours, reference)
+            # one sentence alone (the CPU server runs greedy.onnx for it, the GPU server the step graph)
+            alone = on_gpu.translate(name, LETTERS[1:2])[0].hypotheses[0]
+            assert alone.text == on_cpu.translate(name, LETTERS[1:2])[0].hypotheses[0].text
+            assert np.isfinite(alone.score)
+        vectors, reference = on_gpu.encode("tiny-bert", DOCS), on_cpu.encode("tiny-bert", DOCS)
+        cosine = np.sum(vectors * reference, axis=1) / np.linalg.norm(vectors, axis=1) / np.linalg.norm(reference, axis=1)
+        assert cosine.min() > 0.99, cosine
+        np.testing.assert_allclose(on_gpu.score_next_sentence("tiny-bert", PAIRS),
+                                   on_cpu.score_next_sentence("tiny-bert", PAIRS), atol=0.02)  # fmt: skip
+        masked = ["forest [MASK] foru", "[MASK] six foru foro foru"]
+        tops = [[m[0].token for m in text] for text in on_gpu.fill_mask("tiny-bert", masked, top_k=3)]
+        assert tops == [[m[0].token for m in text] for text in on_cpu.fill_mask("tiny-bert", masked, top_k=3)]
