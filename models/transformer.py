@@ -461,7 +461,9 @@ class TransformerTranslator(nn.Module):
             new = cache_pad_mask.new_ones((cache_pad_mask.shape[0], 1))  # (B, 1): the position being decoded
             allowed = torch.cat([~cache_pad_mask, new], dim=1)  # (B, P+1)
             self_bias = _attention_bias(allowed[:, None, None, :], self.src_embed.weight.dtype)  # (B, 1, 1, P+1)
-            positions = (~cache_pad_mask).sum(dim=1)  # (B,) each row's own cached positions
+            # (B,) each row's own cached positions; summed over `allowed`, never over a zero-length axis (step 0 has
+            # P = 0, and onnxruntime's CUDA ReduceSum refuses an empty axis)
+            positions = allowed.sum(dim=1) - 1
             x, new_state = self._decode(prev_ids[:, None], memory, src_pad_mask, state, self_bias, positions)
         logits = self._logits(x[:, 0])  # (B, V)
         return torch.log_softmax(logits, dim=-1), new_state
