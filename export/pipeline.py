@@ -50,7 +50,11 @@ log = logging.getLogger(__name__)
 
 QUANTIZATIONS = ("int8",)
 DEVICES = ("cpu", "cuda")
-FP16_TOLERANCE = 2e-2
+# fp16 keeps ~3 significant digits (a logit of 20 is held to ~0.008) and its error grows with the value's magnitude:
+# CUDA exports are gated on |onnxruntime - PyTorch| <= FP16_TOLERANCE + FP16_RTOL * |PyTorch| (parity.ParityReport).
+# On an H200 the tiny test models' fp16 log-probabilities were off by up to 0.057 (the bidirectional LSTM).
+FP16_TOLERANCE = 5e-2
+FP16_RTOL = 1e-2
 
 
 class ExportError(Exception):
@@ -110,7 +114,8 @@ def _export_bert_graphs(
             _to_fp16(graph.path)
         tolerance = max(tolerance, FP16_TOLERANCE)
     fp32 = {key: open_session(graph.path, providers) for key, graph in exported.items()}
-    record["parity"] = bert_parity(model, fp32["model"], tolerance, mlm_session=fp32.get("mlm")).to_dict()
+    record["parity"] = bert_parity(model, fp32["model"], tolerance, mlm_session=fp32.get("mlm"),
+                                   rtol=FP16_RTOL if device == "cuda" else 0.0).to_dict()  # fmt: skip
     finals = {graph.spec.file: graph.path for graph in exported.values()}
     if quantize == "int8":
         finals = {file: work / f"int8.{file}" for file in finals}
@@ -171,7 +176,7 @@ def _export_translator_graphs(
         tolerance = max(tolerance, FP16_TOLERANCE)
     memory, state = tuple(model.memory_names()), tuple(model.state_names())
     fp32 = StepGraphs(open_session(enc.path, providers), open_session(dec.path, providers), memory, state)
-    record["parity"] = translator_parity(model, fp32, tolerance).to_dict()
+    record["parity"] = translator_parity(model, fp32, tolerance, rtol=FP16_RTOL if device == "cuda" else 0.0).to_dict()
     finals = {"encoder.onnx": enc.path, "decoder.onnx": dec.path}
     if quantize == "int8":
         finals = {name: work / f"int8.{name}" for name in finals}

@@ -12,7 +12,8 @@ import torch
 
 from seqserve.cli import main as seqserve_main
 from seqserve.export import export_checkpoint
-from seqserve.export.parity import ParityError, StepGraphs, greedy_decode_onnx
+from seqserve.export.graphs import example_source
+from seqserve.export.parity import ParityError, ParityReport, StepGraphs, greedy_decode_onnx, greedy_divergences
 from seqserve.export.pipeline import ExportError
 from seqserve.export.writer import VersionExists
 from seqserve.models.checkpoint import load_checkpoint
@@ -133,6 +134,48 @@ def test_export_over_tolerance_fails_naming_the_option(tiny_checkpoints, tmp_pat
         export_checkpoint(tiny_checkpoints["lstm"], tmp_path, "strict", tolerance=1e-12)
     assert info.value.max_abs_diff > 1e-12
     assert ModelRepository(tmp_path).models() == {}  # nothing half-written is visible
+
+
+def test_parity_tolerance_can_have_a_relative_part_as_fp16_needs():
+    reference = np.array([-0.01, -4.0, -12.0])
+    ours = reference + np.array([0.01, 0.05, 0.12])  # fp16-sized errors: larger for larger magnitudes
+    absolute = ParityReport(2e-2)
+    absolute.record("log_probs", ours, reference)
+    with pytest.raises(ParityError, match=r"by 0\.12, over the tolerance 0\.02 \("):
+        absolute.check("decoder.onnx")
+    relative = ParityReport(2e-2, rtol=1e-2)
+    relative.record("log_probs", ours, reference)
+    relative.check("decoder.onnx")  # 0.05 <= 0.02 + 0.04, 0.12 <= 0.02 + 0.12
+    assert relative.to_dict()["rtol"] == 1e-2 and relative.max_abs_diff == pytest.approx(0.12)
+    relative.record("state", np.array([0.5]), np.array([0.0]))  # a zero reference leaves only the absolute part
+    with pytest.raises(ParityError, match=r"0\.5, over the tolerance 0\.02 \+ 0\.01 x .*worst output: state"):
+        relative.check("decoder.onnx")
+    nan = ParityReport(2e-2, rtol=1e-2)
+    nan.record("log_probs", np.array([np.nan]), np.array([-1.0]))
+    with pytest.raises(ParityError, match="NaN"):
+        nan.check("decoder.onnx")
+
+
+@pytest.mark.parametrize("arch", ["gru", "transformer"])
+def test_greedy_divergence_is_measured_by_torchs_own_margin(tiny_checkpoints, arch):
+    """The greedy gate lets tokens differ only at a near-tie: greedy_divergences gives torch's margin there."""
+    model = load_checkpoint(tiny_checkpoints[arch]).model.eval()
+    config = model.config
+    src_ids, pad_mask = example_source(3, 7, model.config.src_vocab_size, seed=5, pad_id=config.pad_id)
+    reference = greedy_decode(model, src_ids, pad_mask, 12, config.bos_id, config.eos_id, config.pad_id).numpy()
+    assert greedy_divergences(model, src_ids, pad_mask, reference, reference.copy(), config.bos_id, config.pad_id) == []
+    with torch.no_grad():  # torch's log-probabilities at row 1's third step, given its first two tokens
+        memory, state = model.encode(src_ids[1:2], pad_mask[1:2])
+        for token in [config.bos_id, *reference[1, :2].tolist()]:
+            log_probs, state = model.decode_step(torch.tensor([token]), memory, pad_mask[1:2], state)
+    runner_up = int(torch.topk(log_probs[0], 2).indices[1])
+    ours = reference.copy()
+    ours[1, 2:] = config.pad_id
+    ours[1, 2] = runner_up  # a decode that took the second-best token there and stopped
+    [(row, step, best, margin)] = greedy_divergences(model, src_ids, pad_mask, reference, ours, config.bos_id,
+                                                     config.pad_id)  # fmt: skip
+    assert (row, step) == (1, 2) and best == pytest.approx(float(log_probs[0].max()), abs=1e-5)
+    assert margin == pytest.approx(float(log_probs[0].max() - log_probs[0, runner_up]), abs=1e-5) and margin > 0
 
 
 def test_export_refuses_an_existing_version_without_force(tiny_checkpoints, tiny_repository):
