@@ -264,6 +264,19 @@ def test_cuda_image_uses_onnxruntime_gpu_on_an_nvidia_cuda_base():
     assert "onnxruntime-gpu==" in installs and "pip uninstall --yes onnxruntime " in installs
 
 
+# The CUDA major each pinned onnxruntime-gpu release from PyPI links (objdump -p on its libonnxruntime_providers_cuda.so:
+# libcudart.so.13, libcublas.so.13 for 1.31.1; that wheel served the CUDA tests on an H200, tests/test_cuda.py).
+ORT_GPU_CUDA_MAJOR = {"1.31.1": "13"}
+
+
+def test_cuda_image_base_has_the_cuda_major_that_its_onnxruntime_gpu_links():
+    text = (ROOT / "Dockerfile.cuda").read_text()
+    ort_gpu = re.search(r"ARG ORT_GPU_VERSION=([\w.]+)", text).group(1)
+    cuda_major = re.search(r"ARG CUDA_IMAGE=nvidia/cuda:(\d+)\.", text).group(1)
+    assert ort_gpu in ORT_GPU_CUDA_MAJOR, f"check which CUDA onnxruntime-gpu {ort_gpu} links and add it here"
+    assert cuda_major == ORT_GPU_CUDA_MAJOR[ort_gpu]
+
+
 def test_dockerignore_keeps_the_sources_and_drops_the_work():
     patterns = [p for p in (ROOT / ".dockerignore").read_text().splitlines() if p and not p.startswith("#")]
     for excluded in (".git", ".venv", "model_repository", "checkpoints", "data"):
