@@ -19,7 +19,9 @@ from grpc_health.v1._async import HealthServicer
 from seqserve.server.config import ServerConfig
 from seqserve.server.errors import ModelUnavailable
 from seqserve.server.metrics import Metrics
-from seqserve.server.repository import Manifest, ModelNotFound, ModelRepository, RepositoryError, SessionOptions
+from seqserve.server.repository import (
+    Manifest, ModelNotFound, ModelRepository, ProviderFailed, RepositoryError, SessionOptions,
+)
 from seqserve.server.served import ServedModel
 
 log = logging.getLogger(__name__)
@@ -117,7 +119,8 @@ class ModelManager:
     # Load / unload
 
     async def start(self) -> None:
-        """Load the configured models (all, highest version each, when none are named); failures are logged."""
+        """Load the configured models (all, highest version each, when none are named); failures are logged, except
+        a device that cannot run (ProviderFailed: every model would fall back to the CPU), which stops the start."""
         names = list(self.config.models) or list(self.repository.models())
         for name in self.repository.models():  # known but not (yet) loaded: NOT_SERVING rather than unknown
             await self.health.set(name, NOT_SERVING)
@@ -125,6 +128,8 @@ class ModelManager:
             try:
                 await self.load(name)
             except (RepositoryError, ModelUnavailable) as exc:
+                if isinstance(exc.__cause__, ProviderFailed):
+                    raise exc.__cause__ from None
                 log.error("model %s not loaded: %s", name, exc)
         ready = [f"{n} {v}" for (n, v) in sorted(self._served)]
         log.info("serving %d model versions: %s", len(ready), ", ".join(ready) or "none")

@@ -101,6 +101,20 @@ class ProviderUnavailable(RepositoryError):
         )
 
 
+class ProviderFailed(RepositoryError):
+    """onnxruntime lists the provider but started the session without it (it falls back to CPU when, say, the CUDA
+    provider's libraries do not load), which would serve on the CPU while the operator asked for a GPU."""
+
+    def __init__(self, provider: str, path: str | os.PathLike, got: list[str]):
+        self.provider, self.path, self.got = provider, Path(path), got
+        super().__init__(
+            f"{path}: onnxruntime {ort.__version__} lists {_PROVIDERS[provider]} but did not start it for this graph "
+            f"(the session runs on {', '.join(got)}; onnxruntime's log above says why, usually CUDA or cuDNN libraries "
+            f"missing or of another major version than the onnxruntime-gpu build links); install the CUDA that this "
+            f"onnxruntime-gpu was built for, or serve with --device cpu"
+        )
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Manifest
 
@@ -347,9 +361,13 @@ class SessionOptions:
             so.log_severity_level = log_severity_level
         if optimized_model_filepath is not None:
             so.optimized_model_filepath = str(optimized_model_filepath)
-        return ort.InferenceSession(
-            str(path), sess_options=so, providers=self.providers(), disabled_optimizers=self.disabled_optimizers()
+        providers = self.providers()
+        session = ort.InferenceSession(
+            str(path), sess_options=so, providers=providers, disabled_optimizers=self.disabled_optimizers()
         )
+        if session.get_providers()[0] != providers[0]:  # onnxruntime fell back to the CPU: refuse, do not serve there
+            raise ProviderFailed(self.provider, path, session.get_providers())
+        return session
 
     def ort_options(self) -> ort.SessionOptions:
         so = ort.SessionOptions()
@@ -389,6 +407,8 @@ def load_model(version_dir: str | os.PathLike, options: SessionOptions | None = 
     for graph, spec in manifest.graphs.items():
         try:
             session = options.open(root / spec.file)
+        except ProviderFailed:
+            raise
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise RepositoryError(f"{root / spec.file}: onnxruntime could not load the graph: {exc}") from exc
         got_in = [i.name for i in session.get_inputs()]

@@ -20,6 +20,7 @@ from seqserve.server.repository import (
     Manifest,
     ModelNotFound,
     ModelRepository,
+    ProviderFailed,
     ProviderUnavailable,
     RepositoryError,
     SessionOptions,
@@ -220,13 +221,21 @@ def test_sessions_share_one_thread_pool_for_the_life_of_the_process(tmp_path):
 
 
 def test_cuda_provider_is_used_or_refused_clearly(tmp_path):
+    """Three machines: no CUDA provider in onnxruntime (refused before any graph opens); onnxruntime-gpu whose CUDA
+    provider does not start (CUDA libraries missing: onnxruntime itself would fall back to the CPU; refused, not
+    served on the CPU; run by hand with onnxruntime-gpu 1.31.1 and no CUDA); a GPU (every session on CUDA)."""
     path = _publish(tmp_path)
-    if "CUDAExecutionProvider" in ort.get_available_providers():
-        loaded = load_model(path, SessionOptions(provider="cuda"))
-        assert loaded.sessions["model"].get_providers()[0] == "CUDAExecutionProvider"
-    else:
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
         with pytest.raises(ProviderUnavailable, match="CUDAExecutionProvider.*onnxruntime-gpu"):
             load_model(path, SessionOptions(provider="cuda"))
+        return
+    plain = ort.InferenceSession(str(path / "model.onnx"), providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    if plain.get_providers()[0] != "CUDAExecutionProvider":  # this onnxruntime falls back to the CPU here
+        with pytest.raises(ProviderFailed, match="lists CUDAExecutionProvider but did not start it.*--device cpu"):
+            load_model(path, SessionOptions(provider="cuda"))
+        return
+    loaded = load_model(path, SessionOptions(provider="cuda"))
+    assert loaded.sessions["model"].get_providers()[0] == "CUDAExecutionProvider"
 
 
 def test_loader_imports_no_torch():

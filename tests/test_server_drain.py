@@ -78,19 +78,28 @@ def test_sigterm_drains_without_losing_in_flight_requests(tiny_repository):
     assert any(m.startswith("draining") for m in messages)
 
 
+def _cuda_starts(graph: Path) -> bool:
+    """Whether onnxruntime runs a session on CUDA here (onnxruntime-gpu without CUDA libraries falls back to the CPU)."""
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ort.InferenceSession(str(graph), providers=providers).get_providers()[0] == "CUDAExecutionProvider"
+
+
 def test_device_cuda_uses_the_cuda_provider_or_is_refused_clearly(tiny_repository):
     root = tiny_repository if isinstance(tiny_repository, Path) else Path(tiny_repository.root)
     proc = _serve(root, "--device", "cuda", "--models", "tiny-lstm")
-    if "CUDAExecutionProvider" in ort.get_available_providers():
+    if "CUDAExecutionProvider" in ort.get_available_providers() and _cuda_starts(root / "tiny-lstm/1/encoder.onnx"):
         lines: list[str] = []
         _wait_ready(proc, lines)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
-        assert "device cuda" in "".join(lines)
+        log = "".join(lines)
+        assert "device cuda" in log and "model tiny-lstm version 1 is READY" in log
         return
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2
     assert "CUDAExecutionProvider" in err and "--device cpu" in err
+    if "CUDAExecutionProvider" in ort.get_available_providers():  # listed, but it did not start: not served on CPU
+        assert "did not start it" in err and "ready: gRPC port" not in err
 
 
 def test_json_log_lines_carry_extra_fields():
