@@ -15,8 +15,9 @@ from seqserve.clients import Client, DecodingOptions
 from seqserve.export import export_checkpoint
 from seqserve.export.pipeline import FP16_RTOL, FP16_TOLERANCE, ExportError
 from seqserve.server.app import DeviceUnavailable
+from seqserve.server.batch import BatchJob, translate_file
 from seqserve.server.config import ServerConfig
-from seqserve.server.repository import ModelRepository
+from seqserve.server.repository import ModelRepository, ProviderUnavailable
 from seqserve.server.testing import ServerThread
 
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available()
@@ -90,3 +91,20 @@ def test_cuda_server_answers_like_the_cpu_server_or_is_refused_clearly(tiny_repo
         masked = ["forest [MASK] foru", "[MASK] six foru foro foru"]
         tops = [[m[0].token for m in text] for text in on_gpu.fill_mask("tiny-bert", masked, top_k=3)]
         assert tops == [[m[0].token for m in text] for text in on_cpu.fill_mask("tiny-bert", masked, top_k=3)]
+
+
+def test_cuda_batch_job_translates_a_file_like_the_cpu_job_or_is_refused_clearly(tiny_repository, tmp_path, request):
+    source = tmp_path / "source.txt"
+    source.write_text("".join(f"{line}\n" for line in LETTERS * 3), encoding="utf-8")
+    if not HAS_CUDA:
+        with pytest.raises(ProviderUnavailable, match="CUDAExecutionProvider.*onnxruntime-gpu"):
+            translate_file(BatchJob(tiny_repository, "tiny-gru", device="cuda"), source, tmp_path / "gpu.txt")
+        return
+    cuda_repository = request.getfixturevalue("cuda_repository")
+    for name in ("tiny-gru", "tiny-transformer"):
+        gpu, cpu = tmp_path / f"{name}.gpu.txt", tmp_path / f"{name}.cpu.txt"
+        translate_file(BatchJob(cuda_repository, name, batch_size=8, block_lines=10, device="cuda"), source, gpu)
+        translate_file(BatchJob(tiny_repository, name, batch_size=8, block_lines=10), source, cpu)
+        ours, reference = gpu.read_text().splitlines(), cpu.read_text().splitlines()
+        assert len(ours) == len(reference) == 3 * len(LETTERS)
+        assert sum(a == b for a, b in zip(ours, reference)) >= len(reference) - 3, (name, ours, reference)
