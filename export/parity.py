@@ -47,8 +47,8 @@ class ParityError(Exception):
             message = f"{what}: {detail}"
         else:
             message = (
-                f"{what}: onnxruntime differs from PyTorch by {max_abs_diff:.3g}, over the tolerance {tolerance:g}{relative} "
-                f"(raise it with --tolerance / tolerance= if this difference is acceptable){detail}"
+                f"{what}: onnxruntime differs from PyTorch by {max_abs_diff:.3g}, over the tolerance {tolerance:g}"
+                f"{relative} (raise it with --tolerance / tolerance= if this difference is acceptable){detail}"
             )
         super().__init__(message)
 
@@ -64,7 +64,7 @@ class ParityReport:
     per_output: dict[str, float] = field(default_factory=dict)
     cases: list[list[int]] = field(default_factory=list)  # (batch, length) pairs checked
     greedy_tokens_equal: bool | None = None  # translators only
-    # [row, step, torch's margin] where greedy tokens first differ at a near-tie (greedy_divergence)
+    # [row, step, torch's margin] where greedy tokens first differ at a near-tie (greedy_divergences)
     greedy_near_ties: list[list[float]] = field(default_factory=list)
     rtol: float = 0.0
     # per output, the largest |difference| - rtol * |reference|: what the tolerance must cover
@@ -272,7 +272,6 @@ def decoder_start_id(config: Any) -> int:
 
 
 @torch.no_grad()
-@torch.no_grad()
 def greedy_divergences(
     model: nn.Module, src_ids: torch.Tensor, pad_mask: torch.Tensor, reference: np.ndarray, ours: np.ndarray,
     bos: int, pad: int,
@@ -293,6 +292,7 @@ def greedy_divergences(
     return out
 
 
+@torch.no_grad()
 def translator_parity(
     model: nn.Module,
     graphs: StepGraphs,

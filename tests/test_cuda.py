@@ -84,7 +84,8 @@ def test_cuda_server_answers_like_the_cpu_server_or_is_refused_clearly(tiny_repo
             assert alone.text == on_cpu.translate(name, LETTERS[1:2])[0].hypotheses[0].text
             assert np.isfinite(alone.score)
         vectors, reference = on_gpu.encode("tiny-bert", DOCS), on_cpu.encode("tiny-bert", DOCS)
-        cosine = np.sum(vectors * reference, axis=1) / np.linalg.norm(vectors, axis=1) / np.linalg.norm(reference, axis=1)
+        norms = np.linalg.norm(vectors, axis=1) * np.linalg.norm(reference, axis=1)
+        cosine = np.sum(vectors * reference, axis=1) / norms
         assert cosine.min() > 0.99, cosine
         np.testing.assert_allclose(on_gpu.score_next_sentence("tiny-bert", PAIRS),
                                    on_cpu.score_next_sentence("tiny-bert", PAIRS), atol=0.02)  # fmt: skip

@@ -264,8 +264,9 @@ def test_cuda_image_uses_onnxruntime_gpu_on_an_nvidia_cuda_base():
     assert "onnxruntime-gpu==" in installs and "pip uninstall --yes onnxruntime " in installs
 
 
-# The CUDA major each pinned onnxruntime-gpu release from PyPI links (objdump -p on its libonnxruntime_providers_cuda.so:
-# libcudart.so.13, libcublas.so.13 for 1.31.1; that wheel served the CUDA tests on an H200, tests/test_cuda.py).
+# The CUDA major each pinned onnxruntime-gpu release from PyPI links (objdump -p on its
+# libonnxruntime_providers_cuda.so: libcudart.so.13, libcublas.so.13 for 1.31.1; that wheel served the CUDA tests on
+# an H200, tests/test_cuda.py).
 ORT_GPU_CUDA_MAJOR = {"1.31.1": "13"}
 
 

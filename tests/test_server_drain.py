@@ -79,7 +79,8 @@ def test_sigterm_drains_without_losing_in_flight_requests(tiny_repository):
 
 
 def _cuda_starts(graph: Path) -> bool:
-    """Whether onnxruntime runs a session on CUDA here (onnxruntime-gpu without CUDA libraries falls back to the CPU)."""
+    """Whether onnxruntime runs a session on CUDA here (onnxruntime-gpu without the CUDA libraries falls back to
+    the CPU)."""
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     return ort.InferenceSession(str(graph), providers=providers).get_providers()[0] == "CUDAExecutionProvider"
 
