@@ -72,6 +72,22 @@ def test_rnn_translation_benchmark_equals_the_torch_reference(work, tmp_path):
         assert same == total
 
 
+def test_cuda_translation_benchmark_runs_on_a_gpu_or_refuses_clearly(work, tmp_path):
+    import onnxruntime as ort
+    import torch
+
+    if "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available():
+        result = _run("translate_cuda", work, tmp_path)
+        by = _contenders(result)
+        assert set(by) == {f"batch {b} {s}" for b in (1, 4) for s in ("greedy", "beam 2")}
+        assert all(c == {"seqserve-cuda fp16", "seqserve-cpu fp32 (1 threads)", "transformers-cuda fp32",
+                         "transformers-cuda fp16"} for c in by.values())  # fmt: skip
+        return
+    command = [sys.executable, "-m", "benchmarks.translate_cuda", "--quick", "--work", str(work)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 2 and "needs a GPU" in done.stderr and "CUDAExecutionProvider" in done.stderr
+
+
 def test_load_benchmark_reports_every_setting_without_errors(work, tmp_path):
     result = _run("load", work, tmp_path)
     settings = {(r["task"], r["setting"], r["clients"]) for r in result["rows"]}
