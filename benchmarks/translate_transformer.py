@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import Any
 
 from benchmarks.common import Results, Row, ServerProcess, base_arguments, load_in_process, setup, timed_interleaved
 from benchmarks.marian_model import SIZES, build_marian_dir, synthetic_sentences
@@ -119,15 +120,35 @@ def sources_of_length(tokenizer, n: int, tokens: int, seed: int) -> list[str]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = base_arguments(__doc__.splitlines()[0])
-    parser.add_argument("--size", choices=sorted(SIZES), default="base", help="MarianMT size (tiny is for tests)")
+def translation_arguments(description: str, default_size: str, argv: list[str] | None) -> argparse.Namespace:
+    """The translation benchmarks' options (base_arguments, MarianMT size, workloads); --quick: tiny sizes."""
+    parser = base_arguments(description)
+    parser.add_argument("--size", choices=sorted(SIZES), default=default_size, help="MarianMT size (tiny is for tests)")
     parser.add_argument("--max-new", type=int, default=20, help="target tokens decoded per sentence")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32], help="sentences per call")
     parser.add_argument("--beams", type=int, nargs="+", default=[1, 4], help="beam sizes (1: greedy)")
     args = parser.parse_args(argv)
     if args.quick:
         args.size, args.batches, args.beams, args.max_new = "tiny", [1, 4], [1, 2], 6
+    return args
+
+
+def generate_ids(model: Any, tokenizer: Any, texts: list[str], beam: int, max_new: int, pad: int) -> Any:
+    """`transformers` `generate` on the model's device (greedy or beam): the (B, T) target ids without the decoder
+    start token, padded after each row's end."""
+    import torch
+
+    ids = [tokenizer.encode(t).ids for t in texts]
+    longest = max(map(len, ids))
+    input_ids = torch.tensor([r + [pad] * (longest - len(r)) for r in ids], device=model.device)
+    with torch.no_grad():
+        out = model.generate(input_ids=input_ids, attention_mask=input_ids.ne(pad), num_beams=beam, do_sample=False,
+                             max_new_tokens=max_new)  # fmt: skip
+    return out[:, 1:]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = translation_arguments(__doc__.splitlines()[0], "base", argv)
     setup(args)
     import ctranslate2
     import torch
@@ -153,14 +174,9 @@ def main(argv: list[str] | None = None) -> int:
         return sum(len(r.hypotheses[0]) for r in out)
 
     def hf_generate(texts: list[str], beam: int) -> int:
-        ids = [source_tok.encode(t).ids for t in texts]
-        longest = max(map(len, ids))
-        input_ids = torch.tensor([r + [pad] * (longest - len(r)) for r in ids])
-        with torch.no_grad():
-            out = hf_model.generate(input_ids=input_ids, attention_mask=input_ids.ne(pad), num_beams=beam,
-                                    do_sample=False, max_new_tokens=args.max_new)  # fmt: skip
+        out = generate_ids(hf_model, source_tok, texts, beam, args.max_new, pad)
         target_tok.decode_batch(out.tolist(), skip_special_tokens=True)
-        return int(out[:, 1:].ne(pad).sum())
+        return int(out.ne(pad).sum())
 
     with ServerProcess(repo, args.threads, ["--models", name, f"{name}-int8"]) as server, \
             Client(server.address) as client:  # fmt: skip
