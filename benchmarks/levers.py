@@ -5,7 +5,13 @@
   topk     each row's best 9 of (128, 8000) log-probs: onnxruntime TopK (what add_top_k puts in decoder graphs) vs
            numpy argpartition
   gather   reordering a (128, 4, 20, 64) key/value cache by beam parents: fancy indexing vs np.take vs onnxruntime
-           Gather
+           Gather; and with 42 % of rows moved (MarianMT small, batch 32 x beam 4): np.take of every row vs copying
+           the moved rows in place
+  mha past one decoder self-attention sublayer at batch 1 with 10 cached positions (MarianMT small's sizes): the
+           exported form (projections, bias Adds, Reshape/Transpose/Concat onto the caches, MultiHeadAttention) vs
+           MultiHeadAttention taking the bias and the caches itself (past/present)
+  open     opening every graph of a model repository with onnxruntime's optimisation `all` (the server's) vs none
+           (the most that saving optimised graphs into the repository could spare at start-up)
   layernorm  a residual add and layer norm of (1024, 384) floats (MiniLM's batch 32 x 32) and of (1, 384): onnxruntime's
            com.microsoft SkipLayerNormalization vs ONNX Add + Add + LayerNormalization (what encoders keep on CPU)
   rank     the exact ranking of one beam-4 search's candidates: the single-search path vs the batched one
@@ -17,7 +23,7 @@
 
     python -m benchmarks.levers --threads 2 [--model WORK/encode_repository/minilm/1/model.onnx]
         [--repository WORK/encode_repository --bert minilm] [--rnn-repository WORK/rnn_repository --rnn NAME ...]
-        [--json FILE]
+        [--open-repository model_repository] [--json FILE]
 """
 
 from __future__ import annotations
@@ -155,11 +161,80 @@ def gather(threads: int, runs: int, shape: tuple[int, ...] = (128, 4, 20, 64)) -
     session = _session(graph, threads)
     x = np.random.default_rng(0).random(shape).astype(np.float32)
     index = np.random.default_rng(1).integers(0, shape[0], shape[0])
+    # Beam steps mostly keep a row's parent in its slot (58 % at MarianMT small, batch 32 x beam 4).
+    partial = np.arange(shape[0])
+    moved = np.random.default_rng(2).choice(shape[0], int(0.42 * shape[0]), replace=False)
+    partial[moved] = np.random.default_rng(3).integers(0, shape[0], len(moved))
+    rows = np.flatnonzero(partial != np.arange(shape[0]))
+
+    def in_place() -> None:
+        x[rows] = x[partial[rows]]
+
     return {
         "fancy indexing us": median_us(lambda: x[index], runs),
         "np.take us": median_us(lambda: np.take(x, index, axis=0), runs),
         "onnxruntime Gather us": median_us(lambda: session.run(None, {"x": x, "i": index}), runs),
+        "np.take, 42 % moved us": median_us(lambda: np.take(x, partial, axis=0), runs),
+        "in place, 42 % moved us": median_us(in_place, runs),
     }
+
+
+def mha_past(threads: int, runs: int, hidden: int = 256, heads: int = 4, cached: int = 10) -> dict[str, float]:
+    from onnx import TensorProto, helper, numpy_helper
+
+    size = hidden // heads
+    rng = np.random.default_rng(0)
+    weights = {k: rng.standard_normal((hidden, hidden)).astype(np.float32) * 0.05 for k in "qkv"}
+    biases = {k: rng.standard_normal(hidden).astype(np.float32) * 0.1 for k in "qkv"}
+    shared = [numpy_helper.from_array(weights[k], f"w{k}") for k in "qkv"]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 1, hidden]),
+              *(helper.make_tensor_value_info(f"past_{k}", TensorProto.FLOAT, ["b", heads, "p", size]) for k in "kv"),
+              helper.make_tensor_value_info("bias", TensorProto.FLOAT, ["b", 1, 1, "p1"])]  # fmt: skip
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("out", "present_k", "present_v")]
+    attention = {"domain": "com.microsoft", "num_heads": heads, "scale": 1 / np.sqrt(size)}
+    exported = [helper.make_node("MatMul", ["x", f"w{k}"], [f"m{k}"]) for k in "qkv"]
+    exported += [helper.make_node("Add", [f"m{k}", f"b{k}"], [f"a{k}"]) for k in "qkv"]
+    for k in "kv":
+        exported += [helper.make_node("Reshape", [f"a{k}", "heads"], [f"r{k}"]),
+                     helper.make_node("Transpose", [f"r{k}"], [f"t{k}"], perm=[0, 2, 1, 3]),
+                     helper.make_node("Concat", [f"past_{k}", f"t{k}"], [f"present_{k}"], axis=2)]  # fmt: skip
+    exported.append(helper.make_node("MultiHeadAttention", ["aq", "present_k", "present_v", "", "", "bias"], ["out"],
+                                     **attention))  # fmt: skip
+    fused = [helper.make_node("MatMul", ["x", f"w{k}"], [f"m{k}"]) for k in "qkv"]
+    fused.append(helper.make_node("MultiHeadAttention", ["mq", "mk", "mv", "bqkv", "", "bias", "past_k", "past_v"],
+                                  ["out", "present_k", "present_v"], **attention))  # fmt: skip
+    apart = [numpy_helper.from_array(biases[k], f"b{k}") for k in "qkv"]
+    apart.append(numpy_helper.from_array(np.array([0, 1, heads, size], dtype=np.int64), "heads"))
+    packed = [numpy_helper.from_array(np.concatenate([biases[k] for k in "qkv"]), "bqkv")]
+    sessions = {"exported": _session(_graph(exported, inputs, outputs, shared + apart), threads),
+                "past/present": _session(_graph(fused, inputs, outputs, shared + packed), threads)}
+    bias = np.zeros((1, 1, 1, cached + 1), dtype=np.float32)
+    bias[..., :2] = -10000.0  # two masked positions, as a row that joined late has
+    feeds = {"x": rng.standard_normal((1, 1, hidden)).astype(np.float32), "bias": bias,
+             **{f"past_{k}": rng.standard_normal((1, heads, cached, size)).astype(np.float32) for k in "kv"}}
+    for a, b in zip(*(session.run(None, feeds) for session in sessions.values())):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)  # the same outputs, or the lever measures nothing
+    return {f"{name} us": median_us(lambda s=session: s.run(None, feeds), runs) for name, session in sessions.items()}
+
+
+def open_graphs(repository: Path, threads: int, rounds: int = 3) -> dict[str, float]:
+    """ms to open every graph of the repository's highest versions, best of `rounds`, at two optimisation levels."""
+    from seqserve.server.repository import ModelRepository, SessionOptions
+
+    repo = ModelRepository(repository)
+    graphs = [repo.version_dir(name) / spec.file for name in repo.models()
+              for spec in repo.manifest(name).graphs.values()]  # fmt: skip
+    out = {}
+    for level in ("all", "disable"):
+        options = SessionOptions(intra_op_threads=threads, graph_optimization=level)
+        best = []
+        for _ in range(rounds):
+            start = time.perf_counter()
+            for graph in graphs:
+                options.open(graph)
+            best.append(time.perf_counter() - start)
+        out[f"{len(graphs)} graphs, optimisation {level} ms"] = min(best) * 1e3
+    return out
 
 
 def layernorm(threads: int, runs: int, hidden: int = 384) -> dict[str, float]:
@@ -271,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="model repository holding the --rnn models, for the greedy-loop lever")  # fmt: skip
     parser.add_argument("--rnn", nargs="+", default=["lstm-h256-l2", "gru-h256-l2"],
                         help="RNN translators of --rnn-repository for the greedy-loop lever")  # fmt: skip
+    parser.add_argument("--open-repository", type=Path, default=Path("model_repository"),
+                        help="model repository whose graphs the open lever opens (default: make serve's)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--quick", action="store_true", help="few repetitions: checks the script, measures nothing")
     parser.add_argument("--pool-child", choices=("session", "shared"), help=argparse.SUPPRESS)
@@ -287,6 +364,9 @@ def main(argv: list[str] | None = None) -> int:
         "pool (ms a batch-1 run)": pool(args.model, args.threads, args.runs),
         "topk": topk(args.threads, args.runs),
         "gather": gather(args.threads, args.runs),
+        "mha past": mha_past(args.threads, args.runs),
+        "open (ms to open a repository's graphs)": open_graphs(args.open_repository, args.threads,
+                                                               1 if args.quick else 3),  # fmt: skip
         "layernorm": layernorm(args.threads, args.runs),
         "rank": rank(args.runs),
         "inline (ms a batch-1 Encode over gRPC)": inline(args.repository, args.bert, args.threads, args.runs,

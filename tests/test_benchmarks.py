@@ -106,16 +106,22 @@ def test_levers_benchmark_measures_every_lever(tmp_path, tiny_repository):
     out = tmp_path / "levers.json"
     command = [sys.executable, "-m", "benchmarks.levers", "--quick", "--threads", "1", "--json", str(out),
                "--repository", str(tiny_repository), "--bert", "tiny-bert", "--rnn-repository", str(tiny_repository),
-               "--rnn", "tiny-lstm", "tiny-gru"]  # fmt: skip
+               "--rnn", "tiny-lstm", "tiny-gru", "--open-repository", str(tiny_repository)]  # fmt: skip
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
     pools = result["pool (ms a batch-1 run)"]
     assert set(pools) == {"session", "shared"}
     assert all(set(p) == {"gap 0 ms", "gap 1 ms", "gap 5 ms"} and min(p.values()) > 0 for p in pools.values())
-    for lever in ("topk", "gather", "layernorm", "rank", "inline (ms a batch-1 Encode over gRPC)"):
+    for lever in ("topk", "gather", "mha past", "layernorm", "rank", "inline (ms a batch-1 Encode over gRPC)",
+                  "open (ms to open a repository's graphs)"):
         assert result[lever] and min(result[lever].values()) > 0
     assert len(result["layernorm"]) == 4  # fused and apart, at 1024 rows and at 1
+    assert len(result["gather"]) == 5 and len(result["mha past"]) == 2
+    assert set(result["open (ms to open a repository's graphs)"]) == {
+        f"{n} graphs, optimisation {level} ms" for level in ("all", "disable")
+        for n in [sum(1 for _ in tiny_repository.glob("*/1/*.onnx"))]
+    }  # fmt: skip
     assert len(result["inline (ms a batch-1 Encode over gRPC)"]) == 3  # inline on, off, and a health check
     loops = result["greedy loop (ms a batch-1 RNN translation)"]
     assert len(loops) == 4 and min(loops.values()) > 0  # two models, each through greedy.onnx and the step graph
