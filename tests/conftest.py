@@ -22,6 +22,25 @@ TRAIN_STEPS = 150  # enough for sensible reversals (dev BLEU ~40-85) in ~3 s a m
 SEED = 1
 
 
+def gpu_available() -> bool:
+    """A GPU for export and serving: onnxruntime lists its CUDA provider and torch sees a device."""
+    import onnxruntime as ort
+    import torch
+
+    return "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available()
+
+
+def cuda_starts(graph: Path) -> bool:
+    """Whether plain onnxruntime runs a session of `graph` on CUDA here: False without the provider, and where
+    onnxruntime-gpu lists it but cannot load its CUDA libraries (it then falls back to the CPU)."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ort.InferenceSession(str(graph), providers=providers).get_providers()[0] == "CUDAExecutionProvider"
+
+
 def tiny_dev_pairs() -> list[tuple[str, str]]:
     """The dev pairs of the tiny translators' task (held out from training)."""
     from seqserve.models.synthetic import reversal_pairs

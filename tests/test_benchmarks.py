@@ -73,10 +73,9 @@ def test_rnn_translation_benchmark_equals_the_torch_reference(work, tmp_path):
 
 
 def test_cuda_translation_benchmark_runs_on_a_gpu_or_refuses_clearly(work, tmp_path):
-    import onnxruntime as ort
-    import torch
+    from conftest import gpu_available
 
-    if "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available():
+    if gpu_available():
         result = _run("translate_cuda", work, tmp_path)
         by = _contenders(result)
         assert set(by) == {f"batch {b} {s}" for b in (1, 4) for s in ("greedy", "beam 2")}

@@ -7,10 +7,9 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import onnxruntime as ort
 import pytest
-import torch
 
+from conftest import gpu_available
 from seqserve.clients import Client, DecodingOptions
 from seqserve.export import export_checkpoint
 from seqserve.export.pipeline import FP16_RTOL, FP16_TOLERANCE, ExportError
@@ -20,7 +19,7 @@ from seqserve.server.config import ServerConfig
 from seqserve.server.repository import ModelRepository, ProviderUnavailable
 from seqserve.server.testing import ServerThread
 
-HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available()
+HAS_CUDA = gpu_available()
 TRANSLATORS = {"lstm": "tiny-lstm", "gru": "tiny-gru", "birnn-lstm": "tiny-birnn", "transformer": "tiny-transformer"}
 LETTERS = ["a b c", "e f a h d a c", "f h d", "b d a d g e", "c", "h g f e d c b a", "a a b", "d e"]
 DOCS = ["forest five foru fore fori", "forest six foru foro foru", "forest seven", "fora"]

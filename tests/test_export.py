@@ -20,7 +20,7 @@ from seqserve.models.checkpoint import load_checkpoint
 from seqserve.models.decoding import greedy_decode
 from seqserve.server.repository import ModelRepository, SessionOptions, load_model
 
-from conftest import REPOSITORY_NAMES, TRANSLATOR_ARCHS, tiny_dev_pairs
+from conftest import REPOSITORY_NAMES, TRANSLATOR_ARCHS, gpu_available, tiny_dev_pairs
 
 torch.set_num_threads(1)
 
@@ -199,7 +199,7 @@ def test_int8_translator_export_needs_a_dev_sample(tiny_checkpoints, tmp_path):
 
 
 def test_cuda_export_runs_on_a_gpu_or_is_refused_clearly(tiny_checkpoints, tmp_path):
-    if "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available():
+    if gpu_available():
         path = export_checkpoint(tiny_checkpoints["transformer"], tmp_path, "gpu", device="cuda")
         assert json.loads((path / "manifest.json").read_text())["precision"] == "fp16"
     else:

@@ -16,6 +16,7 @@ import grpc
 import onnxruntime as ort
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from conftest import cuda_starts
 from seqserve.protos.v1 import seqserve_pb2 as pb
 from seqserve.protos.v1 import seqserve_pb2_grpc as pb_grpc
 
@@ -78,17 +79,10 @@ def test_sigterm_drains_without_losing_in_flight_requests(tiny_repository):
     assert any(m.startswith("draining") for m in messages)
 
 
-def _cuda_starts(graph: Path) -> bool:
-    """Whether onnxruntime runs a session on CUDA here (onnxruntime-gpu without the CUDA libraries falls back to
-    the CPU)."""
-    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ort.InferenceSession(str(graph), providers=providers).get_providers()[0] == "CUDAExecutionProvider"
-
-
 def test_device_cuda_uses_the_cuda_provider_or_is_refused_clearly(tiny_repository):
     root = tiny_repository if isinstance(tiny_repository, Path) else Path(tiny_repository.root)
     proc = _serve(root, "--device", "cuda", "--models", "tiny-lstm")
-    if "CUDAExecutionProvider" in ort.get_available_providers() and _cuda_starts(root / "tiny-lstm/1/encoder.onnx"):
+    if cuda_starts(root / "tiny-lstm/1/encoder.onnx"):
         lines: list[str] = []
         _wait_ready(proc, lines)
         proc.send_signal(signal.SIGTERM)
