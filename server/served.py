@@ -22,7 +22,7 @@ from seqserve.server.decoding import Hypothesis
 from seqserve.server.errors import InvalidRequest, OptionOutOfRange, WrongTask
 from seqserve.server.metrics import Metrics
 from seqserve.server.repository import LoadedModel
-from seqserve.server.text import Encoded, TextCodec, check_chars, check_count
+from seqserve.server.text import Encoded, TextCodec, check_chars, check_count, token_limit
 from seqserve.server.translation import DEFAULT_MAX_TOKENS, DecodeOptions, TranslationJob, Translator
 
 log = logging.getLogger(__name__)
@@ -42,13 +42,6 @@ class TextHypothesis:
 class TranslationResult:
     source_tokens: int
     hypotheses: list[TextHypothesis]
-
-
-def _limit(limits: dict, keys: Sequence[str], default: int) -> int:
-    for key in keys:
-        if limits.get(key):
-            return int(limits[key])
-    return default
 
 
 class ServedModel:
@@ -81,7 +74,7 @@ class ServedModel:
         else:
             keys = ("max_tokens", "max_input_tokens", "max_seq_len", "max_position_embeddings")
             config = manifest.config.get("config", {}) if isinstance(manifest.config, dict) else {}
-            model_limit = _limit(manifest.limits, keys, _limit(config, keys, DEFAULT_MAX_TOKENS))
+            model_limit = token_limit(manifest.limits, keys, token_limit(config, keys, DEFAULT_MAX_TOKENS))
             self.max_input_tokens = min(model_limit, cap) if cap else model_limit
             tokenizer = loaded.tokenizers.get("text") or next(iter(loaded.tokenizers.values()))
             self.codec = TextCodec(tokenizer, self.max_input_tokens)

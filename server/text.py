@@ -9,6 +9,7 @@ request would not be thread-safe).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -27,6 +28,14 @@ class Encoded:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+
+def token_limit(limits: dict, keys: Sequence[str], default: int) -> int:
+    """The first of `keys` set in a manifest's limits (or config), else `default`."""
+    for key in keys:
+        if limits.get(key):
+            return int(limits[key])
+    return default
 
 
 def check_count(n: int, limits: Limits) -> None:

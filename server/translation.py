@@ -18,7 +18,7 @@ from seqserve.server.errors import OptionOutOfRange
 from seqserve.server.repository import (
     DECODER_CACHE_PAD_MASK, DECODER_TOP_K_INPUT, DECODER_TOP_K_OUTPUTS, LoadedModel,
 )
-from seqserve.server.text import TextCodec
+from seqserve.server.text import TextCodec, token_limit
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ class Translator:
         `max_tokens`, else DEFAULT_MAX_TOKENS); a positive `max_source_tokens` caps the source further."""
         limits = loaded.manifest.limits
         source, target = (
-            int(limits.get(key) or limits.get("max_tokens") or DEFAULT_MAX_TOKENS)
+            token_limit(limits, (key, "max_tokens"), DEFAULT_MAX_TOKENS)
             for key in ("max_source_tokens", "max_target_tokens")
         )  # fmt: skip
         source = min(source, max_source_tokens) if max_source_tokens else source
