@@ -5,9 +5,11 @@
 Needs a GPU visible to torch and onnxruntime-gpu (refuses clearly otherwise). The MarianMT of benchmarks/marian_model.py
 (random weights, built into --work) is exported twice with export_hf_marian: for CUDA (fp16, gated on the GPU) and
 for the CPU (fp32). Contenders, one process, `timed_interleaved`: seqserve's Translator on the CUDA export (the
-reference of the ratio column), the same on the CPU export with --threads threads (this machine's CPU), and
-`transformers` `generate` on the GPU in fp32 and fp16, each tokenizing and detokenizing. Workloads as benchmarks.translate_transformer's: batch 1 and
-32 sources of ~20 tokens, 20 target tokens each, greedy and beam 4. Not part of `python -m benchmarks` (no GPU there).
+reference of the ratio column; decoder state kept on the GPU), the same with the state on the host between steps
+(device_state=False, as before the gather graphs), the same on the CPU export with --threads threads (this machine's
+CPU), and `transformers` `generate` on the GPU in fp32 and fp16, each tokenizing and detokenizing. Workloads as
+benchmarks.translate_transformer's: batch 1 and 32 sources of ~20 tokens, 20 target tokens each, greedy and beam 4.
+Not part of `python -m benchmarks` (no GPU there).
 """
 
 from __future__ import annotations
@@ -65,10 +67,13 @@ def main(argv: list[str] | None = None) -> int:
         for provider in ("cuda", "cpu")
     }
     shared_thread_pool(args.threads, 1)
-    ours = {
-        provider: InProcess(load_model(path, SessionOptions(provider=provider, intra_op_threads=args.threads)))
+    loaded = {
+        provider: load_model(path, SessionOptions(provider=provider, intra_op_threads=args.threads))
         for provider, path in exported.items()
     }
+    ours = {provider: InProcess(model) for provider, model in loaded.items()}
+    # The CUDA path before the gather graphs: decoder state and memory back on the host between steps.
+    ours["cuda-host"] = InProcess(loaded["cuda"], device_state=False)
     tokenizer = Tokenizer.from_file(str(exported["cuda"] / "source_tokenizer.json"))
     target_tokenizer = Tokenizer.from_file(str(exported["cuda"] / "target_tokenizer.json"))
     torch.set_num_threads(args.threads)
@@ -93,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             workload = f"batch {batch} {'greedy' if beam == 1 else f'beam {beam}'}"
             contenders = {
                 "seqserve-cuda fp16": lambda: translated("cuda", texts, beam),
+                "seqserve-cuda fp16, state on host": lambda: translated("cuda-host", texts, beam),
                 f"seqserve-cpu fp32 ({args.threads} threads)": lambda: translated("cpu", texts, beam),
                 "transformers-cuda fp32": lambda: generated("float32", texts, beam),
                 "transformers-cuda fp16": lambda: generated("float16", texts, beam),

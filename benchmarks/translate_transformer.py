@@ -90,10 +90,10 @@ def quantize_version(fp32_dir: Path, repo: Path, name: str, gate: str) -> Path:
 class InProcess:
     """server/translation.py's Translator: tokenize, batch decode (greedy or beam), detokenize."""
 
-    def __init__(self, loaded):
+    def __init__(self, loaded, device_state: bool | None = None):
         from seqserve.server.translation import Translator
 
-        self.translator = Translator.for_model(loaded)
+        self.translator = Translator.for_model(loaded, device_state=device_state)
 
     def translate(self, texts: list[str], beam: int, max_new: int) -> list:
         from seqserve.server.translation import DecodeOptions

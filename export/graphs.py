@@ -21,7 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from seqserve.server.repository import (
-    DECODER_CACHE_PAD_MASK, DECODER_TOP_K_INPUT, DECODER_TOP_K_OUTPUTS, GraphSpec, TensorSpec,
+    DECODER_CACHE_PAD_MASK, DECODER_TOP_K_INPUT, DECODER_TOP_K_OUTPUTS, GATHER_ROWS_INPUT, GATHERED_PREFIX, GraphSpec,
+    TensorSpec,
 )
 
 log = logging.getLogger(__name__)
@@ -338,6 +339,43 @@ def add_top_k(decoder: ExportedGraph) -> ExportedGraph:
          TensorSpec(ids, "int64", (batch, "topk"))),
     )  # fmt: skip
     return ExportedGraph(spec, decoder.path)
+
+
+def add_row_gather(decoder: GraphSpec, names: Sequence[str], path: Path) -> ExportedGraph:
+    """A graph that gathers rows of the decoder inputs `names` (state or memory tensors, batch-first): input int64
+    `rows` (R',) and each tensor as the decoder step takes it; outputs `gathered_NAME` = NAME[rows] (R', ...).
+
+    A beam step reorders the state by parent row and a changed row layout moves the memory; on a GPU these run as
+    this graph on the tensors where the decoder left them, so state and memory stay on the device between steps
+    (server/translation.py). The CPU path gathers with numpy and does not need it."""
+    import numpy as np
+    import onnx
+    from onnx import helper
+
+    by_name = {spec.name: spec for spec in decoder.inputs}
+    specs = [by_name[name] for name in names]
+
+    def info(name: str, spec: TensorSpec, first: str) -> onnx.ValueInfoProto:
+        elem = helper.np_dtype_to_tensor_dtype(np.dtype(spec.dtype))
+        return helper.make_tensor_value_info(name, elem, [first, *spec.shape[1:]])
+
+    graph = helper.make_graph(
+        [helper.make_node("Gather", [spec.name, GATHER_ROWS_INPUT], [GATHERED_PREFIX + spec.name], axis=0)
+         for spec in specs],
+        path.stem,
+        [helper.make_tensor_value_info(GATHER_ROWS_INPUT, onnx.TensorProto.INT64, ["rows"]),
+         *(info(spec.name, spec, spec.shape[0]) for spec in specs)],
+        [info(GATHERED_PREFIX + spec.name, spec, "rows") for spec in specs],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    spec = GraphSpec(
+        path.name,
+        (TensorSpec(GATHER_ROWS_INPUT, "int64", ("rows",)), *specs),
+        tuple(TensorSpec(GATHERED_PREFIX + s.name, s.dtype, ("rows", *s.shape[1:])) for s in specs),
+    )
+    return ExportedGraph(spec, path)
 
 
 def add_greedy_loop(decoder: Path, spec: GraphSpec, state: Sequence[str], eos_id: int, pad_id: int,

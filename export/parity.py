@@ -28,7 +28,9 @@ from seqserve.export.graphs import (
     target_vocab_size,
 )
 from seqserve.models.decoding import greedy_decode
-from seqserve.server.repository import DECODER_CACHE_PAD_MASK, DECODER_TOP_K_INPUT, SessionOptions
+from seqserve.server.repository import (
+    DECODER_CACHE_PAD_MASK, DECODER_TOP_K_INPUT, GATHER_ROWS_INPUT, GATHERED_PREFIX, SessionOptions,
+)
 
 log = logging.getLogger(__name__)
 
@@ -234,6 +236,35 @@ def _greedy_steps(
 
 
 GREEDY_LOOP_CASES = ((1, 4), (1, 12), (4, 11))  # (B, S)
+
+
+def row_gather_check(
+    gathers: dict[str, ort.InferenceSession], graphs: StepGraphs, bos_id: int, src_vocab: int, pad_id: int,
+) -> dict[str, Any]:  # fmt: skip
+    """The row gather graphs (export/graphs.add_row_gather, `gathers`: "state" / "memory" -> session) on a real
+    encoder's memory and the state after two decoder steps, against numpy's take: equal bit for bit, for an index
+    that reorders, repeats and drops rows (a beam step) and for an empty one (every sentence done)."""
+    src_ids, pad_mask = (_np(t) for t in example_source(3, 7, src_vocab, seed=700, pad_id=pad_id))
+    memory, state = graphs.encode(src_ids, pad_mask)
+    prev = np.full((3,), bos_id, dtype=np.int64)
+    for _ in range(2):
+        log_probs, state = graphs.step(prev, memory, pad_mask, state)
+        prev = log_probs.argmax(axis=-1).astype(np.int64)
+    tensors = {"memory": dict(zip(graphs.memory, memory)), "state": dict(zip(graphs.state, state))}
+    for index in ([2, 0, 0, 1, 2], []):
+        rows = np.asarray(index, dtype=np.int64)
+        for group, session in gathers.items():
+            names = [i.name for i in session.get_inputs()][1:]
+            got = session.run(None, {GATHER_ROWS_INPUT: rows, **{n: tensors[group][n] for n in names}})
+            for name, value in zip(names, got):
+                want = np.take(tensors[group][name], rows, axis=0)
+                if value.shape != want.shape or not np.array_equal(value, want):
+                    raise ParityError(
+                        f"gather_{group}.onnx", None, 0.0,
+                        f"{GATHERED_PREFIX}{name} for rows {index} differs from numpy's take "
+                        f"(shape {value.shape}, expected {want.shape})",
+                    )  # fmt: skip
+    return {"groups": sorted(gathers), "rows_checked": [[2, 0, 0, 1, 2], []], "equal": True}
 
 
 def greedy_loop_parity(

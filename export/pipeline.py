@@ -24,7 +24,8 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from seqserve.export.graphs import (
-    OPSET, add_greedy_loop, bert_outputs, export_bert, export_mlm_head, export_translator, source_vocab_size,
+    OPSET, add_greedy_loop, add_row_gather, bert_outputs, export_bert, export_mlm_head, export_translator,
+    source_vocab_size,
 )
 from seqserve.export.parity import (
     DEFAULT_TOLERANCE,
@@ -34,6 +35,7 @@ from seqserve.export.parity import (
     decoder_start_id,
     greedy_loop_parity,
     open_session,
+    row_gather_check,
     translator_parity,
 )
 from seqserve.export.quantize import (
@@ -45,6 +47,7 @@ from seqserve.export.quantize import (
     translation_quality,
 )
 from seqserve.export.writer import StagedVersion
+from seqserve.server.repository import GATHER_GRAPHS
 
 log = logging.getLogger(__name__)
 
@@ -193,10 +196,21 @@ def _export_translator_graphs(
         record["quality"] = translation_quality(fp32, int8, setup, dev)
     record["graphs"] = {"encoder": enc.spec.to_dict(), "decoder": dec.spec.to_dict()}
     record["decoder"] = {"memory": list(memory), "state": list(state)}
+    # Row gathers of the state and memory, so a GPU decoder keeps them on the device between steps.
+    gathers = {}
+    for group, names in (("state", state), ("memory", memory)):
+        graph = add_row_gather(dec.spec, names, work / f"{GATHER_GRAPHS[group]}.onnx")
+        check_onnx(graph.path)
+        finals[graph.spec.file] = graph.path
+        record["graphs"][GATHER_GRAPHS[group]] = graph.spec.to_dict()
+        gathers[group] = open_session(graph.path, providers)
+    step_graphs = int8 if quantize == "int8" else fp32
+    record["row_gather_check"] = row_gather_check(
+        gathers, step_graphs, decoder_start_id(config), source_vocab_size(model), config.pad_id
+    )
     if family == "rnn" and device == "cpu":
         # A whole greedy decode in one run (graphs.add_greedy_loop), built from the final (fp32 or int8) step graph
         # and checked against it. CUDA exports keep the step loop: the Loop's control flow runs on the CPU there.
-        step_graphs = int8 if quantize == "int8" else fp32
         loop = add_greedy_loop(finals["decoder.onnx"], dec.spec, state, config.eos_id, config.pad_id,
                                work / "greedy.onnx")  # fmt: skip
         check_onnx(loop.path)

@@ -4,9 +4,11 @@ Letters: B sentences in a batch, R hypothesis rows (sum of live beams over sente
 k beam size.
 
 A `StepModel` turns sources into (memory, state) and advances state one token at a time. Every memory and state tensor
-is batch-first (docs/design.md), so the driver needs only two tensor operations whatever the family: gather rows by
-index (reorder and expand beams: `x[index]`) and nothing else. A `Search` strategy (greedy or beam) owns one sentence:
-it sees that sentence's rows of log-probabilities and says which rows continue with which tokens. The driver
+is batch-first (docs/design.md), so the driver's hot path needs one tensor operation whatever the family: gather rows
+by index (reorder and expand beams: `x[index]`, the model's `gather_rows`, so tensors kept on a GPU are gathered
+there). Joining and trimming, which happen once per sentence at most, go through numpy (`to_host`, `to_device`).
+A `Search` strategy (greedy or beam) owns one sentence: it sees that sentence's rows of log-probabilities and says
+which rows continue with which tokens. The driver
 (`decode_batch`) runs the strategies of a whole batch together; a sentence whose search is done, cancelled or past
 its deadline leaves the running batch at once, so it stops consuming decode steps.
 
@@ -19,13 +21,17 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
 from seqserve.server.ranking import Ranked, best_candidates, rank_beams
 
 log = logging.getLogger(__name__)
+
+# A memory or state tensor as the StepModel keeps it: a numpy array, or a value on the model's device (an onnxruntime
+# OrtValue on a GPU, server/translation.py). The driver only passes them back to the model.
+Tensor = Any
 
 
 class StepModel(Protocol):
@@ -41,23 +47,38 @@ class StepModel(Protocol):
     top_k: bool  # step_top_k exists: the graph ranks each row's best K tokens itself
     vocab_size: int  # V (0: unknown)
 
-    def encode(self, src_ids: np.ndarray, src_pad_mask: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    def encode(self, src_ids: np.ndarray, src_pad_mask: np.ndarray) -> tuple[list[Tensor], list[Tensor]]:
         """(B, S) ids and pad mask -> (memory tensors, initial state tensors), all batch-first."""
         ...
 
     def step(
-        self, prev_ids: np.ndarray, src_pad_mask: np.ndarray, memory: list[np.ndarray], state: list[np.ndarray],
+        self, prev_ids: np.ndarray, src_pad_mask: np.ndarray, memory: list[Tensor], state: list[Tensor],
         **cache_mask: np.ndarray,
-    ) -> tuple[np.ndarray, list[np.ndarray]]:  # fmt: skip
+    ) -> tuple[np.ndarray, list[Tensor]]:  # fmt: skip
         """(R,) previous tokens -> ((R, V) log-probabilities, new state)."""
         ...
 
     def step_top_k(
-        self, prev_ids: np.ndarray, src_pad_mask: np.ndarray, memory: list[np.ndarray], state: list[np.ndarray],
+        self, prev_ids: np.ndarray, src_pad_mask: np.ndarray, memory: list[Tensor], state: list[Tensor],
         k: int, **cache_mask: np.ndarray,
-    ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:  # fmt: skip
+    ) -> tuple[np.ndarray, np.ndarray, list[Tensor]]:  # fmt: skip
         """(R,) previous tokens -> ((R, k) best log-probabilities, (R, k) their token ids, new state); each row best
         first, ties to the lower id. Only called when `top_k` is true."""
+        ...
+
+    def gather_rows(self, group: str, tensors: list[Tensor], rows: np.ndarray) -> list[Tensor]:
+        """tensor[rows] along axis 0 for each tensor of `group` ("state" or "memory"), where the tensors are."""
+        ...
+
+    def to_host(self, tensors: list[Tensor]) -> list[np.ndarray]:
+        """The tensors as numpy arrays."""
+        ...
+
+    def to_device(self, tensors: list[np.ndarray]) -> list[Tensor]:
+        """numpy arrays back to where the model keeps its tensors."""
+        ...
+
+    def shape(self, x: Tensor) -> tuple[int, ...]:
         ...
 
 
@@ -201,12 +222,6 @@ def make_search(beam_size: int, max_len: int, eos_id: int, alpha: float) -> Sear
     return BeamSearch(max_len=max_len, eos_id=eos_id, alpha=alpha, beam_size=beam_size)
 
 
-def _rows(x: np.ndarray, index: np.ndarray) -> np.ndarray:
-    """`x[index]` along axis 0, by np.take (a little faster than fancy indexing: benchmarks/levers.py `gather`); a
-    beam step moves every key/value cache this way."""
-    return np.take(x, index, axis=0)
-
-
 def _pad_axis(x: np.ndarray, axis: int, length: int, value: float | bool = 0) -> np.ndarray:
     """Pad `x` along `axis` up to `length` with `value` (masked positions: their content never matters)."""
     if x.shape[axis] >= length:
@@ -231,8 +246,8 @@ class RunningBatch:
         self.searches: list[Search] = []
         self.rows_of: dict[int, list[int]] = {}  # sentence -> its rows, in its search's live order
         self.sentence_of_row: list[int] = []
-        self.state: list[np.ndarray] = []
-        self.memory: list[np.ndarray] = []  # per row
+        self.state: list[Tensor] = []
+        self.memory: list[Tensor] = []  # per row
         self.mask = np.zeros((0, 0), dtype=bool)  # (R, S) True at padding
         self.prev_ids = np.zeros((0,), dtype=np.int64)  # (R,)
         self.masks_cache = bool(getattr(model, "masks_cache", False))
@@ -260,20 +275,22 @@ class RunningBatch:
             self.prev_ids = np.full((len(sources),), self.model.bos_id, dtype=np.int64)
             self.sentence_of_row = list(numbers)
             self.cache_mask = np.zeros((len(sources), self._cache_len()), dtype=bool)
-        else:
+        else:  # through numpy, where the tensors are kept elsewhere (a GPU): once per join
+            model = self.model
             length = max(self.src_len, src_pad_mask.shape[1])
-            axes = self.model.memory_src_axes
-            old = [_pad_axis(m, a, length) for m, a in zip(self.memory, axes)]
-            new = [_pad_axis(m, a, length) for m, a in zip(memory, axes)]
-            self.memory = [np.concatenate([a, b]) for a, b in zip(old, new)]  # (R + B, ...)
+            axes = model.memory_src_axes
+            old = [_pad_axis(m, a, length) for m, a in zip(model.to_host(self.memory), axes)]
+            new = [_pad_axis(m, a, length) for m, a in zip(model.to_host(memory), axes)]
+            self.memory = model.to_device([np.concatenate([a, b]) for a, b in zip(old, new)])  # (R + B, ...)
             self.mask = np.concatenate(
                 [_pad_axis(self.mask, 1, length, True), _pad_axis(src_pad_mask, 1, length, True)]
             )  # (R + B, S)
+            state = model.to_host(state)
             if self.masks_cache:  # the newcomers' (empty) caches, padded in front to the batch's length and masked
                 cached = self._cache_len()
-                state = [_pad_axis(x, a, cached) for x, a in zip(state, self.model.state_cache_axes)]
+                state = [_pad_axis(x, a, cached) for x, a in zip(state, model.state_cache_axes)]
                 self.cache_mask = np.concatenate([self.cache_mask, np.ones((len(sources), cached), dtype=bool)])
-            self.state = [np.concatenate([a, b]) for a, b in zip(self.state, state)]
+            self.state = model.to_device([np.concatenate([a, b]) for a, b in zip(model.to_host(self.state), state)])
             bos = np.full((len(sources),), self.model.bos_id, dtype=np.int64)
             self.prev_ids = np.concatenate([self.prev_ids, bos])
             self.sentence_of_row = self.sentence_of_row + numbers
@@ -291,8 +308,8 @@ class RunningBatch:
 
     def _keep(self, rows: list[int]) -> None:
         index = np.asarray(rows, dtype=np.int64)
-        self.state = [_rows(x, index) for x in self.state]
-        self.memory = [_rows(m, index) for m in self.memory]
+        self.state = self.model.gather_rows("state", self.state, index)
+        self.memory = self.model.gather_rows("memory", self.memory, index)
         self.mask = self.mask[index]
         if self.masks_cache:
             self.cache_mask = self.cache_mask[index]
@@ -308,26 +325,29 @@ class RunningBatch:
     def _trim(self) -> None:
         """Drop source positions that are padding in every row (a long sentence left), and cached positions every
         row masks (the sentences that joined first left)."""
-        if not self.rows or not self.model.joinable:
+        model = self.model
+        if not self.rows or not model.joinable:
             return
         longest = int((~self.mask).sum(axis=1).max())
         if longest < self.src_len:
             self.mask = self.mask[:, :longest]
-            axes = self.model.memory_src_axes
-            self.memory = [np.take(m, np.arange(longest), axis=a) for m, a in zip(self.memory, axes)]
+            kept = np.arange(longest)
+            memory = model.to_host(self.memory)
+            self.memory = model.to_device([np.take(m, kept, axis=a) for m, a in zip(memory, model.memory_src_axes)])
         if self.masks_cache and self.cache_mask.shape[1]:
             own = ~self.cache_mask.all(axis=0)  # (P,) positions some row still sees
             first = int(own.argmax()) if own.any() else self.cache_mask.shape[1]
             if first:
                 kept = np.arange(first, self.cache_mask.shape[1])
                 self.cache_mask = self.cache_mask[:, first:]
-                self.state = [np.take(x, kept, axis=a) for x, a in zip(self.state, self.model.state_cache_axes)]
+                state = model.to_host(self.state)
+                self.state = model.to_device([np.take(x, kept, axis=a) for x, a in zip(state, model.state_cache_axes)])
 
     def _cache_len(self) -> int:
         """P, the cached positions of the batch (0 for models without masked caches)."""
         if not self.masks_cache or not self.state:
             return 0
-        return self.state[0].shape[self.model.state_cache_axes[0]]
+        return self.model.shape(self.state[0])[self.model.state_cache_axes[0]]
 
     def _cache_kwargs(self) -> dict[str, np.ndarray]:
         return {"cache_mask": self.cache_mask} if self.masks_cache else {}
@@ -381,13 +401,13 @@ class RunningBatch:
         # that all continue keep their places: no copy.
         index = np.asarray(parents, dtype=np.int64)
         unmoved = len(parents) == self.rows and parents == list(range(self.rows))
-        self.state = list(state) if unmoved else [_rows(x, index) for x in state]
+        self.state = list(state) if unmoved else self.model.gather_rows("state", state, index)
         if self.masks_cache:  # the position just cached is every row's own
             grown = np.concatenate([self.cache_mask, np.zeros((self.rows, 1), dtype=bool)], axis=1)  # (R, P+1)
             self.cache_mask = grown if unmoved else grown[index]
         if new_sentence_of_row != self.sentence_of_row:
             # Rows of one sentence share their memory, so memory moves only when the row layout changes.
-            self.memory = [_rows(m, index) for m in self.memory]
+            self.memory = self.model.gather_rows("memory", self.memory, index)
             self.mask = self.mask[index]
             self.sentence_of_row = new_sentence_of_row
             self.rows_of = new_rows

@@ -34,6 +34,13 @@ DECODER_TOP_K_OUTPUTS = ("topk_log_probs", "topk_ids")
 # A decoder step input (Transformers): (batch, cache_len) True at cached positions a row must not see, so that a
 # sentence can join a running batch with its cache padded in front (models/transformer.py decode_step).
 DECODER_CACHE_PAD_MASK = "cache_pad_mask"
+# Row gathers over the decoder's state and memory tensors (export/graphs.add_row_gather), so a decoder on a GPU keeps
+# them there between steps (server/translation.py): graph "gather_<group>" takes int64 `rows` (R',) and the group's
+# tensors as the decoder step takes them, and returns `gathered_<name>` = tensor[rows] for each. Older exports lack
+# them and keep the state on the host.
+GATHER_GRAPHS = {"state": "gather_state", "memory": "gather_memory"}
+GATHER_ROWS_INPUT = "rows"
+GATHERED_PREFIX = "gathered_"
 MANIFEST_FILE = "manifest.json"
 SERVING_CONFIG_FILE = "config.json"
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]*\Z")

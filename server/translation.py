@@ -10,13 +10,15 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
+import onnxruntime as ort
 
 from seqserve.server.decoding import (
-    GreedySearch, Hypothesis, Search, decode_batch, make_search, source_max_len,
+    GreedySearch, Hypothesis, Search, Tensor, decode_batch, make_search, source_max_len,
 )
 from seqserve.server.errors import OptionOutOfRange
 from seqserve.server.repository import (
-    DECODER_CACHE_PAD_MASK, DECODER_TOP_K_INPUT, DECODER_TOP_K_OUTPUTS, LoadedModel,
+    DECODER_CACHE_PAD_MASK, DECODER_TOP_K_INPUT, DECODER_TOP_K_OUTPUTS, GATHER_GRAPHS, GATHER_ROWS_INPUT,
+    GATHERED_PREFIX, LoadedModel,
 )
 from seqserve.server.text import TextCodec, token_limit
 
@@ -26,12 +28,30 @@ DEFAULT_MAX_TOKENS = 512  # a model whose manifest names no token limit
 
 
 class OnnxStepModel:
-    """encoder.onnx + decoder.onnx behind the `StepModel` interface; inputs are fed by the manifest's names."""
+    """encoder.onnx + decoder.onnx behind the `StepModel` interface; inputs are fed by the manifest's names.
 
-    def __init__(self, loaded: LoadedModel):
+    Where the state lives between steps: on the host as numpy arrays (the CPU path: onnxruntime reads them in place),
+    or, with `device_state`, as onnxruntime OrtValues where the sessions run (a GPU), bound to each run with IO
+    binding and reordered by the exported row gather graphs (export/graphs.add_row_gather), so a step moves only its
+    token ids, masks and K best candidates across the bus. `device_state=None` turns it on for a decoder that runs
+    on CUDA in a repository with the gather graphs; True asks for it wherever the sessions run (on the CPU too: the
+    same code path, tested there)."""
+
+    def __init__(self, loaded: LoadedModel, device_state: bool | None = None):
         manifest = loaded.manifest
         self.encoder = loaded.sessions["encoder"]
         self.decoder = loaded.sessions["decoder"]
+        self.gathers = {group: loaded.sessions[name] for group, name in GATHER_GRAPHS.items()
+                        if name in loaded.sessions}  # fmt: skip
+        on_cuda = self.decoder.get_providers()[0] == "CUDAExecutionProvider"
+        complete = len(self.gathers) == len(GATHER_GRAPHS)
+        if device_state and not complete:
+            raise ValueError(
+                f"{manifest.name} version {manifest.version}: keeping the decoder state on the device needs the row "
+                f"gather graphs {sorted(GATHER_GRAPHS.values())}, which this export predates; export it again"
+            )
+        self.device_state = (on_cuda and complete) if device_state is None else device_state
+        self.device = "cuda" if on_cuda else "cpu"
         # RNN exports since the greedy loop also carry greedy.onnx: a whole greedy decode in one run.
         self.loop = loaded.sessions.get("greedy")
         decoder = manifest.decoder or {}
@@ -72,7 +92,7 @@ class OnnxStepModel:
 
     @property
     def has_loop(self) -> bool:
-        return self.loop is not None
+        return self.loop is not None and not self.device_state
 
     def greedy(self, src_ids: np.ndarray, src_pad_mask: np.ndarray, max_steps: int) -> tuple[np.ndarray, np.ndarray]:
         """A whole greedy decode in one run of greedy.onnx (export/graphs.add_greedy_loop): each row's tokens (B, T),
@@ -87,10 +107,61 @@ class OnnxStepModel:
         ids, log_probs = self.loop.run(None, feeds)
         return ids, log_probs
 
-    def encode(self, src_ids: np.ndarray, src_pad_mask: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        outputs = self.encoder.run(None, {"src_ids": src_ids, "src_pad_mask": src_pad_mask})
+    def encode(self, src_ids: np.ndarray, src_pad_mask: np.ndarray) -> tuple[list[Tensor], list[Tensor]]:
+        feeds = {"src_ids": src_ids, "src_pad_mask": src_pad_mask}
+        if self.device_state:
+            outputs = self._run_bound(self.encoder, feeds, [], [*self.memory_names, *self.state_names])
+        else:
+            outputs = self.encoder.run(None, feeds)
         n = len(self.memory_names)
         return list(outputs[:n]), list(outputs[n : n + len(self.state_names)])
+
+    # Tensors of the state and memory: numpy arrays, or OrtValues on the sessions' device (device_state).
+
+    def gather_rows(self, group: str, tensors: list[Tensor], rows: np.ndarray) -> list[Tensor]:
+        """tensor[rows] for each state or memory (`group`) tensor, where the tensors are: numpy's take on the host (a
+        little faster than fancy indexing: benchmarks/levers.py `gather`), the gather graph on the device."""
+        if not self.device_state:
+            return [np.take(x, rows, axis=0) for x in tensors]
+        session = self.gathers[group]
+        names = self.state_names if group == "state" else self.memory_names
+        return self._run_bound(session, {GATHER_ROWS_INPUT: rows, **dict(zip(names, tensors))}, [],
+                               [GATHERED_PREFIX + n for n in names])  # fmt: skip
+
+    def to_host(self, tensors: list[Tensor]) -> list[np.ndarray]:
+        """numpy copies of device tensors, for the rare reshaping a running batch needs (a sentence joins, padding
+        or masked cache positions are trimmed); numpy arrays pass as they are."""
+        return [x.numpy() if isinstance(x, ort.OrtValue) else x for x in tensors]
+
+    def to_device(self, tensors: list[np.ndarray]) -> list[Tensor]:
+        """The reverse of to_host: with device_state, OrtValues on the sessions' device."""
+        if not self.device_state:
+            return tensors
+        return [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(x), self.device, 0) for x in tensors]
+
+    @staticmethod
+    def shape(x: Tensor) -> tuple[int, ...]:
+        return tuple(x.shape()) if isinstance(x, ort.OrtValue) else x.shape
+
+    def _run_bound(
+        self, session: ort.InferenceSession, feeds: dict[str, np.ndarray | ort.OrtValue], host_outputs: list[str],
+        device_outputs: list[str],
+    ) -> list[np.ndarray | ort.OrtValue]:  # fmt: skip
+        """One run with IO binding: OrtValue feeds stay where they are (numpy ones are copied in), `host_outputs`
+        come back as numpy arrays, `device_outputs` stay on the device as OrtValues; in that order."""
+        binding = session.io_binding()
+        for name, value in feeds.items():
+            if isinstance(value, ort.OrtValue):
+                binding.bind_ortvalue_input(name, value)
+            else:
+                binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        for name in host_outputs:
+            binding.bind_output(name, "cpu")
+        for name in device_outputs:
+            binding.bind_output(name, self.device, 0)
+        session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        return [x.numpy() for x in outputs[: len(host_outputs)]] + list(outputs[len(host_outputs) :])
 
     def _feeds(
         self, prev_ids: np.ndarray, src_pad_mask: np.ndarray, memory: list[np.ndarray], state: list[np.ndarray],
@@ -112,7 +183,10 @@ class OnnxStepModel:
         cache_mask: np.ndarray | None = None,
     ) -> tuple[np.ndarray, list[np.ndarray]]:  # fmt: skip
         feeds = self._feeds(prev_ids, src_pad_mask, memory, state, cache_mask=cache_mask)
-        outputs = self.decoder.run(["log_probs", *self._new_state], feeds)
+        if self.device_state:
+            outputs = self._run_bound(self.decoder, feeds, ["log_probs"], self._new_state)
+        else:
+            outputs = self.decoder.run(["log_probs", *self._new_state], feeds)
         return outputs[0], list(outputs[1:])  # (R, V), state
 
     def step_top_k(
@@ -120,7 +194,10 @@ class OnnxStepModel:
         k: int, cache_mask: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:  # fmt: skip
         feeds = self._feeds(prev_ids, src_pad_mask, memory, state, k, cache_mask)
-        values, ids, *new_state = self.decoder.run([*DECODER_TOP_K_OUTPUTS, *self._new_state], feeds)
+        if self.device_state:
+            values, ids, *new_state = self._run_bound(self.decoder, feeds, list(DECODER_TOP_K_OUTPUTS), self._new_state)
+        else:
+            values, ids, *new_state = self.decoder.run([*DECODER_TOP_K_OUTPUTS, *self._new_state], feeds)
         return values, ids, new_state  # (R, k), (R, k), state
 
 
@@ -164,15 +241,20 @@ class TranslationJob:
 class Translator:
     """Tokenize, decode in batches, detokenize. `run_batch` runs in a worker thread."""
 
-    def __init__(self, loaded: LoadedModel, codec: TextCodec, max_target_tokens: int):
-        self.step_model = OnnxStepModel(loaded)
+    def __init__(
+        self, loaded: LoadedModel, codec: TextCodec, max_target_tokens: int, device_state: bool | None = None,
+    ):  # fmt: skip
+        self.step_model = OnnxStepModel(loaded, device_state)
         self.codec = codec
         self.max_target_tokens = max_target_tokens
 
     @classmethod
-    def for_model(cls, loaded: LoadedModel, max_source_tokens: int | None = None) -> "Translator":
+    def for_model(
+        cls, loaded: LoadedModel, max_source_tokens: int | None = None, device_state: bool | None = None,
+    ) -> "Translator":  # fmt: skip
         """A translator with the limits of the model's manifest (`max_source_tokens`/`max_target_tokens`, else
-        `max_tokens`, else DEFAULT_MAX_TOKENS); a positive `max_source_tokens` caps the source further."""
+        `max_tokens`, else DEFAULT_MAX_TOKENS); a positive `max_source_tokens` caps the source further.
+        `device_state`: OnnxStepModel's."""
         limits = loaded.manifest.limits
         source, target = (
             token_limit(limits, (key, "max_tokens"), DEFAULT_MAX_TOKENS)
@@ -180,7 +262,7 @@ class Translator:
         )  # fmt: skip
         source = min(source, max_source_tokens) if max_source_tokens else source
         codec = TextCodec(loaded.tokenizers["source"], source, loaded.tokenizers["target"])
-        return cls(loaded, codec, target)
+        return cls(loaded, codec, target, device_state)
 
     def job(self, ids: list[int], options: DecodeOptions) -> TranslationJob:
         max_len = source_max_len(

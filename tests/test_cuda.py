@@ -108,3 +108,41 @@ def test_cuda_batch_job_translates_a_file_like_the_cpu_job_or_is_refused_clearly
         ours, reference = gpu.read_text().splitlines(), cpu.read_text().splitlines()
         assert len(ours) == len(reference) == 3 * len(LETTERS)
         assert sum(a == b for a, b in zip(ours, reference)) >= len(reference) - 3, (name, ours, reference)
+
+
+def test_cuda_decoder_keeps_its_state_on_the_gpu_or_is_refused_clearly(tiny_repository, request):
+    """On CUDA the decoder's state and memory stay on the GPU between steps (OrtValues, reordered by the exported
+    gather graphs) and decode exactly as with the state on the host: same sessions, same kernels, same numbers."""
+    import onnxruntime as ort
+
+    from seqserve.server.decoding import BeamSearch, GreedySearch, decode_batch
+    from seqserve.server.repository import SessionOptions
+    from seqserve.server.translation import OnnxStepModel
+
+    if not HAS_CUDA:
+        with pytest.raises(ProviderUnavailable, match="CUDAExecutionProvider.*onnxruntime-gpu"):
+            ModelRepository(tiny_repository).load("tiny-transformer", options=SessionOptions(provider="cuda"))
+        return
+    repo = ModelRepository(request.getfixturevalue("cuda_repository"))
+    for name in TRANSLATORS.values():
+        loaded = repo.load(name, options=SessionOptions(provider="cuda"))
+        sources = [loaded.tokenizers["source"].encode(text).ids for text in LETTERS]
+        results = {}
+        for device_state in (True, False):
+            step_model = OnnxStepModel(loaded, device_state=device_state)
+            if device_state:
+                assert OnnxStepModel(loaded).device_state  # the default on CUDA
+                memory, state = step_model.encode(np.asarray([sources[0]]), np.zeros((1, len(sources[0])), bool))
+                assert {(type(x), x.device_name()) for x in memory + state} == {(ort.OrtValue, "cuda")}, name
+            for beam in (1, 3):
+                searches = [BeamSearch(max_len=12, eos_id=step_model.eos_id, beam_size=beam) if beam > 1
+                            else GreedySearch(max_len=12, eos_id=step_model.eos_id) for _ in sources]  # fmt: skip
+                waiting = list(range(4, len(sources)))
+
+                def refill(rows, src_len, waiting=waiting, searches=searches):  # half join a running decode
+                    return [(sources[waiting[0]], searches[waiting.pop(0)])] if waiting and rows else []
+
+                decode_batch(step_model, sources[:4], searches[:4], refill=refill)
+                results[device_state, beam] = [[(h.tokens, h.score) for h in s.results(beam)] for s in searches]
+        for beam in (1, 3):
+            assert results[True, beam] == results[False, beam], (name, beam)

@@ -15,13 +15,20 @@ SENTENCES = ["the cat sat on the mat", "a dog", "we read a book in the park toda
 
 
 
-@pytest.fixture(scope="module", params=TRANSLATORS)
+# Each decoding test runs twice: state and memory as numpy arrays on the host (the CPU path), and kept where the
+# sessions run as OrtValues, bound with IO binding and reordered by the exported gather graphs (the GPU path, here
+# on the CPU: the same code, only the device name differs).
+@pytest.fixture(scope="module", params=[(name, where) for name in TRANSLATORS for where in ("host", "device")],
+                ids=lambda p: f"{p[0]}-{p[1]}")  # fmt: skip
 def translator(request, tiny_repository):
+    name, where = request.param
     repo = ModelRepository(tiny_repository)
-    if request.param not in repo.models():
-        pytest.fail(f"tiny_repository lacks {request.param}; it has {sorted(repo.models())}")
-    loaded = repo.load(request.param, options=SessionOptions(intra_op_threads=1))
-    return loaded, OnnxStepModel(loaded)
+    if name not in repo.models():
+        pytest.fail(f"tiny_repository lacks {name}; it has {sorted(repo.models())}")
+    loaded = repo.load(name, options=SessionOptions(intra_op_threads=1))
+    step_model = OnnxStepModel(loaded, device_state=where == "device")
+    assert step_model.device_state == (where == "device")
+    return loaded, step_model
 
 
 def _sources(loaded) -> list[list[int]]:
@@ -260,3 +267,53 @@ def test_a_sentence_waiting_when_a_greedy_decode_starts_joins_it_through_the_ste
     for job, [expected] in zip(jobs, alone):
         [got] = job.result
         assert got.tokens == expected.tokens and got.score == pytest.approx(expected.score, abs=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Decoder state kept where the sessions run (OnnxStepModel device_state)
+
+
+@pytest.mark.parametrize("name", TRANSLATORS)
+def test_state_kept_on_the_device_decodes_as_on_the_host(tiny_repository, name):
+    """Beam 3 over a batch with a sentence dropped midway: the same hypotheses and scores, and the device path's
+    state really is OrtValues between steps (reordered by the gather graphs, not numpy)."""
+    import onnxruntime as ort
+
+    loaded = ModelRepository(tiny_repository).load(name, options=SessionOptions(intra_op_threads=1))
+    results, kinds = {}, {}
+    for where in ("host", "device"):
+        step_model = OnnxStepModel(loaded, device_state=where == "device")
+        gather_rows = step_model.gather_rows
+
+        def spy(group, tensors, rows, gather_rows=gather_rows, where=where):
+            kinds.setdefault(where, set()).update(type(x) for x in tensors)
+            return gather_rows(group, tensors, rows)
+
+        step_model.gather_rows = spy
+        sources = _sources(loaded)
+        searches = [BeamSearch(max_len=12, eos_id=step_model.eos_id, beam_size=3) for _ in sources]
+        steps = [0]
+        decode_batch(step_model, sources, searches, stopped=lambda i: i == 2 and steps[0] >= 1,
+                     on_step=lambda rows: steps.__setitem__(0, steps[0] + 1))  # fmt: skip
+        results[where] = [[(h.tokens, h.score) for h in s.results(3)] for s in searches]
+    assert results["host"] == results["device"]
+    assert results["host"][2] == []  # dropped after its first step
+    assert kinds["host"] == {np.ndarray} and kinds["device"] == {ort.OrtValue}
+
+
+def test_device_state_needs_the_gather_graphs(tiny_repository):
+    """An export that predates the gather graphs: asked for device state, a clear error; by default (and on a GPU) it
+    keeps the state on the host. Every translator export has them, checked against numpy at export."""
+    import dataclasses
+
+    from seqserve.server.repository import GATHER_GRAPHS
+
+    loaded = ModelRepository(tiny_repository).load("tiny-transformer", options=SessionOptions(intra_op_threads=1))
+    assert set(GATHER_GRAPHS.values()) <= set(loaded.manifest.graphs)
+    assert loaded.manifest.raw["row_gather_check"]["equal"]
+    assert not OnnxStepModel(loaded).device_state  # the CPU keeps numpy state unless asked
+    older = dataclasses.replace(loaded, sessions={k: v for k, v in loaded.sessions.items()
+                                                  if k not in GATHER_GRAPHS.values()})  # fmt: skip
+    with pytest.raises(ValueError, match="gather graphs .* export it again"):
+        OnnxStepModel(older, device_state=True)
+    assert not OnnxStepModel(older).device_state
