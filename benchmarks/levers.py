@@ -20,10 +20,12 @@
   inline   batch-1 Encode over gRPC against two `seqserve serve` processes, small BERT batches on the event loop
            (--inline-max-ms, the default) and always in the worker pool (--inline-max-ms 0), in alternating rounds;
            and a health check's round trip to the same server, the floor any gRPC request pays
+  state    one translation in process (batch 1 greedy, batch 8 beam 4): decoder state as numpy between steps (the
+           CPU's path) vs OrtValues with IO binding and the gather graphs (device_state, the GPU's path)
 
     python -m benchmarks.levers --threads 2 [--model WORK/encode_repository/minilm/1/model.onnx]
         [--repository WORK/encode_repository --bert minilm] [--rnn-repository WORK/rnn_repository --rnn NAME ...]
-        [--open-repository model_repository] [--json FILE]
+        [--open-repository model_repository] [--state-repository REPO --translator NAME] [--json FILE]
 """
 
 from __future__ import annotations
@@ -333,6 +335,35 @@ def greedy_loop(repository: Path, models: list[str], threads: int, runs: int, ro
     return out
 
 
+def decoder_state(repository: Path, model: str, threads: int, runs: int, rounds: int = 6) -> dict[str, float]:
+    """Median ms of one translation in process (the server's Translator) of `model`, batch 1 greedy and batch 8 beam 4,
+    with the decoder state as numpy between steps (the CPU's default) and as OrtValues bound with IO binding and
+    reordered by the gather graphs (device_state, the GPU's default), in `rounds` alternating rounds."""
+    from benchmarks.common import load_in_process
+    from benchmarks.translate_transformer import InProcess
+    from seqserve.models.synthetic import reversal_pairs
+    from seqserve.server.repository import ModelRepository
+
+    loaded = load_in_process(ModelRepository(repository).version_dir(model), threads)
+    try:
+        ours = {"numpy": InProcess(loaded, device_state=False), "io binding": InProcess(loaded, device_state=True)}
+    except ValueError as exc:  # an export that predates the gather graphs
+        raise SystemExit(str(exc))
+    texts = [source for source, _ in reversal_pairs(8, seed=2, min_len=14, max_len=20)]
+    out: dict[str, float] = {}
+    for batch, beam in ((1, 1), (8, 4)):
+        work = texts[:batch]
+        [a, b] = [[r.tokens for r in o.translate(work, beam, 20)] for o in ours.values()]
+        if a != b:
+            raise SystemExit(f"{model}: the two state paths decode differently: {a} against {b}")
+        times: dict[str, list[float]] = {label: [] for label in ours}
+        for _ in range(rounds):
+            for label, contender in ours.items():
+                times[label].append(median_us(lambda: contender.translate(work, beam, 20), max(runs // 10, 3)) / 1000)
+        out.update({f"batch {batch} beam {beam} state as {label}": statistics.median(v) for label, v in times.items()})
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads")
@@ -346,6 +377,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="model repository holding the --rnn models, for the greedy-loop lever")  # fmt: skip
     parser.add_argument("--rnn", nargs="+", default=["lstm-h256-l2", "gru-h256-l2"],
                         help="RNN translators of --rnn-repository for the greedy-loop lever")  # fmt: skip
+    parser.add_argument("--translator", default="tiny-transformer",
+                        help="translator of --state-repository for the decoder-state lever")
+    parser.add_argument("--state-repository", type=Path, default=Path("model_repository"),
+                        help="model repository holding --translator, exported with the gather graphs")
     parser.add_argument("--open-repository", type=Path, default=Path("model_repository"),
                         help="model repository whose graphs the open lever opens (default: make serve's)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -373,6 +408,8 @@ def main(argv: list[str] | None = None) -> int:
                                                          2 if args.quick else 6),  # fmt: skip
         "greedy loop (ms a batch-1 RNN translation)": greedy_loop(args.rnn_repository, args.rnn, args.threads,
                                                                   args.runs, 2 if args.quick else 6),  # fmt: skip
+        "decoder state (ms a translation)": decoder_state(args.state_repository, args.translator, args.threads,
+                                                          args.runs, 2 if args.quick else 6),  # fmt: skip
     }
     for name, values in results.items():
         sys.stdout.write(f"{name}: {json.dumps(values)}\n")

@@ -24,8 +24,8 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from seqserve.export.graphs import (
-    OPSET, add_greedy_loop, add_row_gather, bert_outputs, export_bert, export_mlm_head, export_translator,
-    source_vocab_size,
+    OPSET, ExportedGraph, add_greedy_loop, add_row_gather, bert_outputs, export_bert, export_mlm_head,
+    export_translator, source_vocab_size,
 )
 from seqserve.export.parity import (
     DEFAULT_TOLERANCE,
@@ -47,7 +47,7 @@ from seqserve.export.quantize import (
     translation_quality,
 )
 from seqserve.export.writer import StagedVersion
-from seqserve.server.repository import GATHER_GRAPHS
+from seqserve.server.repository import DECODER_TOP_K_OUTPUTS, GATHER_GRAPHS, TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -79,14 +79,25 @@ def _providers(device: str) -> list[str]:
     return ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
-def _to_fp16(path: Path) -> None:
-    """fp16 weights and compute, float32 inputs and outputs (so the serving code does not change)."""
+def _to_fp16(graph: ExportedGraph, keep_io_types: bool | Sequence[str] = True) -> ExportedGraph:
+    """fp16 weights and compute; the inputs and outputs named in `keep_io_types` (True: all) stay float32, the other
+    float ones become float16. Returns the graph with its spec's dtypes as the file now has them."""
     import onnx
     from onnxruntime.transformers.onnx_model import OnnxModel
 
-    model = OnnxModel(onnx.load(str(path)))
-    model.convert_float_to_float16(keep_io_types=True)
-    model.save_model_to_file(str(path))
+    model = OnnxModel(onnx.load(str(graph.path)))
+    keep = keep_io_types if isinstance(keep_io_types, bool) else list(keep_io_types)
+    model.convert_float_to_float16(keep_io_types=keep)
+    model.save_model_to_file(str(graph.path))
+    saved = onnx.load(str(graph.path), load_external_data=False).graph
+    dtypes = {value.name: onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type).name
+              for value in (*saved.input, *saved.output)}  # fmt: skip
+
+    def retyped(specs: Sequence[TensorSpec]) -> tuple[TensorSpec, ...]:
+        return tuple(dataclasses.replace(spec, dtype=dtypes.get(spec.name, spec.dtype)) for spec in specs)
+
+    spec = dataclasses.replace(graph.spec, inputs=retyped(graph.spec.inputs), outputs=retyped(graph.spec.outputs))
+    return ExportedGraph(spec, graph.path)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -114,7 +125,7 @@ def _export_bert_graphs(
         record["optimization"] = {"model.onnx": fused}
     if device == "cuda":
         for graph in exported.values():
-            _to_fp16(graph.path)
+            _to_fp16(graph)
         tolerance = max(tolerance, FP16_TOLERANCE)
     fp32 = {key: open_session(graph.path, providers) for key, graph in exported.items()}
     record["parity"] = bert_parity(model, fp32["model"], tolerance, mlm_session=fp32.get("mlm"),
@@ -174,8 +185,11 @@ def _export_translator_graphs(
             for g in (enc, dec)
         }  # fmt: skip
     if device == "cuda":
-        for graph in (enc, dec):
-            _to_fp16(graph.path)
+        # The state and memory cross between steps (and stay on the GPU, server/translation.py) in float16: half the
+        # bytes, and none of the ~20 Casts a step that float32 at the boundary costs; the log-probabilities a search
+        # adds up come out in float32.
+        enc = _to_fp16(enc, keep_io_types=False)
+        dec = _to_fp16(dec, keep_io_types=["log_probs", DECODER_TOP_K_OUTPUTS[0]])
         tolerance = max(tolerance, FP16_TOLERANCE)
     memory, state = tuple(model.memory_names()), tuple(model.state_names())
     fp32 = StepGraphs(open_session(enc.path, providers), open_session(dec.path, providers), memory, state)

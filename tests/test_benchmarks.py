@@ -105,7 +105,8 @@ def test_levers_benchmark_measures_every_lever(tmp_path, tiny_repository):
     out = tmp_path / "levers.json"
     command = [sys.executable, "-m", "benchmarks.levers", "--quick", "--threads", "1", "--json", str(out),
                "--repository", str(tiny_repository), "--bert", "tiny-bert", "--rnn-repository", str(tiny_repository),
-               "--rnn", "tiny-lstm", "tiny-gru", "--open-repository", str(tiny_repository)]  # fmt: skip
+               "--rnn", "tiny-lstm", "tiny-gru", "--open-repository", str(tiny_repository),
+               "--state-repository", str(tiny_repository), "--translator", "tiny-transformer"]  # fmt: skip
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -122,6 +123,9 @@ def test_levers_benchmark_measures_every_lever(tmp_path, tiny_repository):
         for n in [sum(1 for _ in tiny_repository.glob("*/1/*.onnx"))]
     }  # fmt: skip
     assert len(result["inline (ms a batch-1 Encode over gRPC)"]) == 3  # inline on, off, and a health check
+    state = result["decoder state (ms a translation)"]
+    assert set(state) == {f"batch {b} beam {k} state as {label}" for b, k in ((1, 1), (8, 4))
+                          for label in ("numpy", "io binding")} and min(state.values()) > 0  # fmt: skip
     loops = result["greedy loop (ms a batch-1 RNN translation)"]
     assert len(loops) == 4 and min(loops.values()) > 0  # two models, each through greedy.onnx and the step graph
 

@@ -55,6 +55,12 @@ def test_cuda_export_is_fp16_and_gated_or_refused_clearly(tiny_checkpoints, tmp_
         if name != "tiny-bert":  # greedy tokens as torch's, or differing only where torch itself nearly ties
             assert parity["greedy_tokens_equal"] or parity["greedy_near_ties"], (name, parity)
         assert "greedy" not in manifest["graphs"]  # the CPU-only greedy loop is not exported for CUDA
+        if name != "tiny-bert":  # state and memory cross the graph boundary in float16, log-probabilities in float32
+            decoder = {t["name"]: t["dtype"] for t in manifest["graphs"]["decoder"]["inputs"]
+                       + manifest["graphs"]["decoder"]["outputs"]}  # fmt: skip
+            carried = manifest["decoder"]["memory"] + manifest["decoder"]["state"]
+            assert {decoder[n] for n in carried} == {"float16"}, (name, decoder)
+            assert decoder["log_probs"] == decoder["topk_log_probs"] == "float32", (name, decoder)
 
 
 def test_cuda_server_answers_like_the_cpu_server_or_is_refused_clearly(tiny_repository, request):

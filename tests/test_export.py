@@ -336,3 +336,45 @@ def test_the_greedy_loop_gate_fails_a_loop_that_decodes_differently(tiny_reposit
                             eos_id=special["eos"], pad_id=special["pad"], path=tmp_path / "right.onnx")  # fmt: skip
     report = greedy_loop_parity(open_session(right.path), graphs, special["bos"], special["eos"], special["pad"], vocab)
     assert report.greedy_tokens_equal and report.max_abs_diff <= report.tolerance
+
+
+@pytest.mark.parametrize("arch", ["transformer", "lstm"])
+def test_fp16_conversion_keeps_float32_only_where_asked_and_the_spec_follows(tiny_repository, tmp_path, arch):
+    """The CUDA export's float16 boundary (pipeline._to_fp16, run here on the CPU): state and memory become float16
+    in the file and in the manifest's spec, the named log-probabilities stay float32, and the graphs still decode
+    (onnxruntime's CPU runs the float16 graph) to what the float32 pair gives."""
+    import shutil
+
+    from seqserve.export.graphs import ExportedGraph
+    from seqserve.export.pipeline import _to_fp16
+    from seqserve.server.repository import DECODER_TOP_K_OUTPUTS
+
+    version = ModelRepository(tiny_repository).version_dir(REPOSITORY_NAMES[arch])
+    manifest = ModelRepository(tiny_repository).manifest(REPOSITORY_NAMES[arch])
+    memory, state = manifest.decoder["memory"], manifest.decoder["state"]
+    converted = {}
+    for graph, keep in (("encoder", False), ("decoder", ["log_probs", DECODER_TOP_K_OUTPUTS[0]])):
+        shutil.copy(version / f"{graph}.onnx", tmp_path / f"{graph}.onnx")
+        spec = manifest.graphs[graph]
+        converted[graph] = _to_fp16(ExportedGraph(spec, tmp_path / f"{graph}.onnx"), keep_io_types=keep)
+        dtypes = {t.name: t.dtype for t in (*converted[graph].spec.inputs, *converted[graph].spec.outputs)}
+        session = ort.InferenceSession(str(tmp_path / f"{graph}.onnx"), providers=["CPUExecutionProvider"])
+        in_file = {v.name: v.type for v in (*session.get_inputs(), *session.get_outputs())}
+        onnx_type = {"float16": "tensor(float16)", "float32": "tensor(float)", "int64": "tensor(int64)",
+                     "bool": "tensor(bool)"}  # fmt: skip
+        assert {n: in_file[n] for n in dtypes} == {n: onnx_type[d] for n, d in dtypes.items()}  # the spec is the file's
+        carried = [n for n in dtypes if n in memory or n in state or n.removeprefix("new_") in state]
+        assert carried and {dtypes[n] for n in carried} == {"float16"}, dtypes
+        if graph == "decoder":
+            assert dtypes["log_probs"] == dtypes[DECODER_TOP_K_OUTPUTS[0]] == "float32"
+            assert dtypes["prev_ids"] == "int64" and dtypes["src_pad_mask"] == "bool"
+    fp32 = StepGraphs(*(ort.InferenceSession(str(version / f"{g}.onnx")) for g in ("encoder", "decoder")),
+                      tuple(memory), tuple(state))  # fmt: skip
+    fp16 = StepGraphs(*(ort.InferenceSession(str(tmp_path / f"{g}.onnx")) for g in ("encoder", "decoder")),
+                      tuple(memory), tuple(state))  # fmt: skip
+    src_ids, pad_mask = (t.numpy() for t in example_source(3, 7, 12, seed=5))
+    ours = greedy_decode_onnx(fp16, src_ids, pad_mask, 10, manifest.special_tokens["decoder_start"],
+                              manifest.special_tokens["eos"], manifest.special_tokens["pad"])  # fmt: skip
+    reference = greedy_decode_onnx(fp32, src_ids, pad_mask, 10, manifest.special_tokens["decoder_start"],
+                                   manifest.special_tokens["eos"], manifest.special_tokens["pad"])  # fmt: skip
+    assert ours.shape == reference.shape and (ours == reference).mean() >= 0.9
