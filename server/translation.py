@@ -109,10 +109,7 @@ class OnnxStepModel:
 
     def encode(self, src_ids: np.ndarray, src_pad_mask: np.ndarray) -> tuple[list[Tensor], list[Tensor]]:
         feeds = {"src_ids": src_ids, "src_pad_mask": src_pad_mask}
-        if self.device_state:
-            outputs = self._run_bound(self.encoder, feeds, [], [*self.memory_names, *self.state_names])
-        else:
-            outputs = self.encoder.run(None, feeds)
+        outputs = self._run(self.encoder, feeds, [], [*self.memory_names, *self.state_names])
         n = len(self.memory_names)
         return list(outputs[:n]), list(outputs[n : n + len(self.state_names)])
 
@@ -123,10 +120,9 @@ class OnnxStepModel:
         little faster than fancy indexing: benchmarks/levers.py `gather`), the gather graph on the device."""
         if not self.device_state:
             return [np.take(x, rows, axis=0) for x in tensors]
-        session = self.gathers[group]
         names = self.state_names if group == "state" else self.memory_names
-        return self._run_bound(session, {GATHER_ROWS_INPUT: rows, **dict(zip(names, tensors))}, [],
-                               [GATHERED_PREFIX + n for n in names])  # fmt: skip
+        return self._run(self.gathers[group], {GATHER_ROWS_INPUT: rows, **dict(zip(names, tensors))}, [],
+                         [GATHERED_PREFIX + n for n in names])  # fmt: skip
 
     def to_host(self, tensors: list[Tensor]) -> list[np.ndarray]:
         """numpy copies of device tensors, for the rare reshaping a running batch needs (a sentence joins, padding
@@ -143,12 +139,15 @@ class OnnxStepModel:
     def shape(x: Tensor) -> tuple[int, ...]:
         return tuple(x.shape()) if isinstance(x, ort.OrtValue) else x.shape
 
-    def _run_bound(
-        self, session: ort.InferenceSession, feeds: dict[str, np.ndarray | ort.OrtValue], host_outputs: list[str],
-        device_outputs: list[str],
-    ) -> list[np.ndarray | ort.OrtValue]:  # fmt: skip
-        """One run with IO binding: OrtValue feeds stay where they are (numpy ones are copied in), `host_outputs`
-        come back as numpy arrays, `device_outputs` stay on the device as OrtValues; in that order."""
+    def _run(
+        self, session: ort.InferenceSession, feeds: dict[str, np.ndarray | Tensor], host_outputs: list[str],
+        kept_outputs: list[str],
+    ) -> list[np.ndarray | Tensor]:  # fmt: skip
+        """One run: `host_outputs` come back as numpy arrays, `kept_outputs` (state, memory) where this model keeps
+        its tensors; in that order. With device_state, through IO binding: OrtValue feeds stay where they are (numpy
+        ones are copied in) and the kept outputs stay on the device."""
+        if not self.device_state:
+            return session.run([*host_outputs, *kept_outputs], feeds)
         binding = session.io_binding()
         for name, value in feeds.items():
             if isinstance(value, ort.OrtValue):
@@ -157,16 +156,16 @@ class OnnxStepModel:
                 binding.bind_cpu_input(name, np.ascontiguousarray(value))
         for name in host_outputs:
             binding.bind_output(name, "cpu")
-        for name in device_outputs:
+        for name in kept_outputs:
             binding.bind_output(name, self.device, 0)
         session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
         return [x.numpy() for x in outputs[: len(host_outputs)]] + list(outputs[len(host_outputs) :])
 
     def _feeds(
-        self, prev_ids: np.ndarray, src_pad_mask: np.ndarray, memory: list[np.ndarray], state: list[np.ndarray],
+        self, prev_ids: np.ndarray, src_pad_mask: np.ndarray, memory: list[Tensor], state: list[Tensor],
         k: int = 1, cache_mask: np.ndarray | None = None,
-    ) -> dict[str, np.ndarray]:  # fmt: skip
+    ) -> dict[str, np.ndarray | Tensor]:  # fmt: skip
         feeds = {"prev_ids": prev_ids}
         if self._feeds_mask:
             feeds["src_pad_mask"] = src_pad_mask
@@ -179,25 +178,19 @@ class OnnxStepModel:
         return feeds
 
     def step(
-        self, prev_ids: np.ndarray, src_pad_mask: np.ndarray, memory: list[np.ndarray], state: list[np.ndarray],
+        self, prev_ids: np.ndarray, src_pad_mask: np.ndarray, memory: list[Tensor], state: list[Tensor],
         cache_mask: np.ndarray | None = None,
-    ) -> tuple[np.ndarray, list[np.ndarray]]:  # fmt: skip
+    ) -> tuple[np.ndarray, list[Tensor]]:  # fmt: skip
         feeds = self._feeds(prev_ids, src_pad_mask, memory, state, cache_mask=cache_mask)
-        if self.device_state:
-            outputs = self._run_bound(self.decoder, feeds, ["log_probs"], self._new_state)
-        else:
-            outputs = self.decoder.run(["log_probs", *self._new_state], feeds)
+        outputs = self._run(self.decoder, feeds, ["log_probs"], self._new_state)
         return outputs[0], list(outputs[1:])  # (R, V), state
 
     def step_top_k(
-        self, prev_ids: np.ndarray, src_pad_mask: np.ndarray, memory: list[np.ndarray], state: list[np.ndarray],
+        self, prev_ids: np.ndarray, src_pad_mask: np.ndarray, memory: list[Tensor], state: list[Tensor],
         k: int, cache_mask: np.ndarray | None = None,
-    ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:  # fmt: skip
+    ) -> tuple[np.ndarray, np.ndarray, list[Tensor]]:  # fmt: skip
         feeds = self._feeds(prev_ids, src_pad_mask, memory, state, k, cache_mask)
-        if self.device_state:
-            values, ids, *new_state = self._run_bound(self.decoder, feeds, list(DECODER_TOP_K_OUTPUTS), self._new_state)
-        else:
-            values, ids, *new_state = self.decoder.run([*DECODER_TOP_K_OUTPUTS, *self._new_state], feeds)
+        values, ids, *new_state = self._run(self.decoder, feeds, list(DECODER_TOP_K_OUTPUTS), self._new_state)
         return values, ids, new_state  # (R, k), (R, k), state
 
 

@@ -378,3 +378,29 @@ def test_fp16_conversion_keeps_float32_only_where_asked_and_the_spec_follows(tin
     reference = greedy_decode_onnx(fp32, src_ids, pad_mask, 10, manifest.special_tokens["decoder_start"],
                                    manifest.special_tokens["eos"], manifest.special_tokens["pad"])  # fmt: skip
     assert ours.shape == reference.shape and (ours == reference).mean() >= 0.9
+
+
+def test_the_row_gather_gate_fails_a_graph_that_gathers_wrong(tiny_repository, tmp_path):
+    """row_gather_check passes the exported gather graphs and names the tensor of one that does not gather as numpy's
+    take does (here: two same-shaped caches' outputs swapped)."""
+    import onnx
+
+    from seqserve.export.parity import row_gather_check
+
+    repo = ModelRepository(tiny_repository)
+    version, manifest = repo.version_dir("tiny-transformer"), repo.manifest("tiny-transformer")
+    graphs = StepGraphs(ort.InferenceSession(str(version / "encoder.onnx")),
+                        ort.InferenceSession(str(version / "decoder.onnx")),
+                        tuple(manifest.decoder["memory"]), tuple(manifest.decoder["state"]))  # fmt: skip
+    gathers = {group: ort.InferenceSession(str(version / f"gather_{group}.onnx")) for group in ("memory", "state")}
+    args = (graphs, manifest.special_tokens["decoder_start"],
+            manifest.config["config"]["src_vocab_size"], manifest.special_tokens["pad"])  # fmt: skip
+    assert row_gather_check(gathers, *args)["equal"]
+    wrong = onnx.load(str(version / "gather_state.onnx"))
+    first, second = wrong.graph.node[0], wrong.graph.node[1]
+    first.output[0], second.output[0] = second.output[0], first.output[0]
+    onnx.save(wrong, str(tmp_path / "gather_state.onnx"))
+    gathers["state"] = ort.InferenceSession(str(tmp_path / "gather_state.onnx"))
+    with pytest.raises(ParityError, match=r"gather_state.onnx: gathered_self_\w+ for rows \[2, 0, 0, 1, 2\] differs"):
+        row_gather_check(gathers, *args)
+
