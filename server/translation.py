@@ -25,6 +25,11 @@ from seqserve.server.text import TextCodec, token_limit
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOKENS = 512  # a model whose manifest names no token limit
+# On the host, a gather of state or memory tensors this large (all of a group's together) runs as the exported gather
+# graph: onnxruntime's arena and intra-op threads beat numpy's take there, whose fresh multi-MB outputs page-fault
+# (MarianMT small, batch 32 x beam 4, 2 threads: 1.12x the whole decode); smaller ones stay in numpy, where a
+# graph run's overhead costs more than it saves (batch 1-8 x beam 4: 0.96-0.99x). docs/benchmarks.md, seventh round.
+HOST_GATHER_GRAPH_BYTES = 4 << 20
 
 
 class OnnxStepModel:
@@ -52,6 +57,7 @@ class OnnxStepModel:
             )
         self.device_state = (on_cuda and complete) if device_state is None else device_state
         self.device = "cuda" if on_cuda else "cpu"
+        self.host_gather_graph_bytes = HOST_GATHER_GRAPH_BYTES
         # RNN exports since the greedy loop also carry greedy.onnx: a whole greedy decode in one run.
         self.loop = loaded.sessions.get("greedy")
         decoder = manifest.decoder or {}
@@ -116,11 +122,14 @@ class OnnxStepModel:
     # Tensors of the state and memory: numpy arrays, or OrtValues on the sessions' device (device_state).
 
     def gather_rows(self, group: str, tensors: list[Tensor], rows: np.ndarray) -> list[Tensor]:
-        """tensor[rows] for each state or memory (`group`) tensor, where the tensors are: numpy's take on the host (a
-        little faster than fancy indexing: benchmarks/levers.py `gather`), the gather graph on the device."""
-        if not self.device_state:
-            return [np.take(x, rows, axis=0) for x in tensors]
+        """tensor[rows] for each state or memory (`group`) tensor, where the tensors are: the gather graph on the
+        device; on the host, numpy's take (a little faster than fancy indexing: benchmarks/levers.py `gather`), or
+        the gather graph for tensors of HOST_GATHER_GRAPH_BYTES and more."""
         names = self.state_names if group == "state" else self.memory_names
+        if not self.device_state:
+            if group in self.gathers and sum(x.nbytes for x in tensors) >= self.host_gather_graph_bytes:
+                return self.gathers[group].run(None, {GATHER_ROWS_INPUT: rows, **dict(zip(names, tensors))})
+            return [np.take(x, rows, axis=0) for x in tensors]
         return self._run(self.gathers[group], {GATHER_ROWS_INPUT: rows, **dict(zip(names, tensors))}, [],
                          [GATHERED_PREFIX + n for n in names])  # fmt: skip
 

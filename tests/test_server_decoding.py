@@ -15,10 +15,12 @@ SENTENCES = ["the cat sat on the mat", "a dog", "we read a book in the park toda
 
 
 
-# Each decoding test runs twice: state and memory as numpy arrays on the host (the CPU path), and kept where the
-# sessions run as OrtValues, bound with IO binding and reordered by the exported gather graphs (the GPU path, here
-# on the CPU: the same code, only the device name differs).
-@pytest.fixture(scope="module", params=[(name, where) for name in TRANSLATORS for where in ("host", "device")],
+# Each decoding test runs three ways: state and memory as numpy arrays on the host reordered by numpy's take (the CPU
+# path for small batches), the same reordered by the exported gather graphs (the CPU path for large ones: here for
+# every gather), and kept where the sessions run as OrtValues, bound with IO binding and reordered by the gather
+# graphs (the GPU path, here on the CPU: the same code, only the device name differs).
+@pytest.fixture(scope="module", params=[(name, where) for name in TRANSLATORS
+                                        for where in ("host", "host-graph", "device")],
                 ids=lambda p: f"{p[0]}-{p[1]}")  # fmt: skip
 def translator(request, tiny_repository):
     name, where = request.param
@@ -28,6 +30,8 @@ def translator(request, tiny_repository):
     loaded = repo.load(name, options=SessionOptions(intra_op_threads=1))
     step_model = OnnxStepModel(loaded, device_state=where == "device")
     assert step_model.device_state == (where == "device")
+    if where == "host-graph":
+        step_model.host_gather_graph_bytes = 0
     return loaded, step_model
 
 
@@ -317,3 +321,28 @@ def test_device_state_needs_the_gather_graphs(tiny_repository):
     with pytest.raises(ValueError, match="gather graphs .* export it again"):
         OnnxStepModel(older, device_state=True)
     assert not OnnxStepModel(older).device_state
+
+
+def test_large_host_gathers_run_the_gather_graph_and_equal_numpys(tiny_repository):
+    """On the host a gather of HOST_GATHER_GRAPH_BYTES or more runs the exported gather graph (numpy in and out),
+    a smaller one numpy's take: the same arrays either way."""
+    from seqserve.server.translation import HOST_GATHER_GRAPH_BYTES
+
+    loaded = ModelRepository(tiny_repository).load("tiny-transformer", options=SessionOptions(intra_op_threads=1))
+    step_model = OnnxStepModel(loaded)
+    assert not step_model.device_state and step_model.host_gather_graph_bytes == HOST_GATHER_GRAPH_BYTES
+    src = np.asarray([_sources(loaded)[2]] * 3, dtype=np.int64)
+    memory, state = step_model.encode(src, np.zeros(src.shape, dtype=bool))
+    _, _, state = step_model.step_top_k(np.full((3,), step_model.bos_id), np.zeros(src.shape, dtype=bool), memory,
+                                        state, 2, cache_mask=np.zeros((3, 0), dtype=bool))  # fmt: skip
+    rows = np.asarray([2, 0, 0, 1], dtype=np.int64)
+    for group, tensors in (("state", state), ("memory", memory)):
+        step_model.gathers[group] = counting = _CountingSession(step_model.gathers[group])
+        step_model.host_gather_graph_bytes = HOST_GATHER_GRAPH_BYTES
+        small = step_model.gather_rows(group, tensors, rows)  # a tiny model's tensors: numpy
+        assert counting.runs == 0
+        step_model.host_gather_graph_bytes = 0
+        large = step_model.gather_rows(group, tensors, rows)
+        assert counting.runs == 1
+        for x, a, b in zip(tensors, small, large):
+            assert isinstance(b, np.ndarray) and b.shape == (4, *x.shape[1:]) and np.array_equal(a, b)
