@@ -347,7 +347,7 @@ def add_row_gather(decoder: GraphSpec, names: Sequence[str], path: Path) -> Expo
 
     A beam step reorders the state by parent row and a changed row layout moves the memory; on a GPU these run as
     this graph on the tensors where the decoder left them, so state and memory stay on the device between steps
-    (server/translation.py). The CPU path gathers with numpy and does not need it."""
+    (server/translation.py). On the CPU only large gathers run it (HOST_GATHER_GRAPH_BYTES); small ones use numpy."""
     import numpy as np
     import onnx
     from onnx import helper

@@ -125,11 +125,11 @@ class OnnxStepModel:
         """tensor[rows] for each state or memory (`group`) tensor, where the tensors are: the gather graph on the
         device; on the host, numpy's take (a little faster than fancy indexing: benchmarks/levers.py `gather`), or
         the gather graph for tensors of HOST_GATHER_GRAPH_BYTES and more."""
-        names = self.state_names if group == "state" else self.memory_names
-        if not self.device_state:
-            if group in self.gathers and sum(x.nbytes for x in tensors) >= self.host_gather_graph_bytes:
-                return self.gathers[group].run(None, {GATHER_ROWS_INPUT: rows, **dict(zip(names, tensors))})
+        if not self.device_state and (
+            group not in self.gathers or sum(x.nbytes for x in tensors) < self.host_gather_graph_bytes
+        ):
             return [np.take(x, rows, axis=0) for x in tensors]
+        names = self.state_names if group == "state" else self.memory_names
         return self._run(self.gathers[group], {GATHER_ROWS_INPUT: rows, **dict(zip(names, tensors))}, [],
                          [GATHERED_PREFIX + n for n in names])  # fmt: skip
 
