@@ -236,6 +236,7 @@ def _greedy_steps(
 
 
 GREEDY_LOOP_CASES = ((1, 4), (1, 12), (4, 11))  # (B, S)
+ROW_GATHER_CASES = ((2, 0, 0, 1, 2), ())  # rows of 3: reordered, repeated and dropped (a beam step); none (all done)
 
 
 def row_gather_check(
@@ -251,7 +252,7 @@ def row_gather_check(
         log_probs, state = graphs.step(prev, memory, pad_mask, state)
         prev = log_probs.argmax(axis=-1).astype(np.int64)
     tensors = {"memory": dict(zip(graphs.memory, memory)), "state": dict(zip(graphs.state, state))}
-    for index in ([2, 0, 0, 1, 2], []):
+    for index in ROW_GATHER_CASES:
         rows = np.asarray(index, dtype=np.int64)
         for group, session in gathers.items():
             names = [i.name for i in session.get_inputs()][1:]
@@ -261,10 +262,10 @@ def row_gather_check(
                 if value.shape != want.shape or not np.array_equal(value, want):
                     raise ParityError(
                         f"gather_{group}.onnx", None, 0.0,
-                        f"{GATHERED_PREFIX}{name} for rows {index} differs from numpy's take "
+                        f"{GATHERED_PREFIX}{name} for rows {list(index)} differs from numpy's take "
                         f"(shape {value.shape}, expected {want.shape})",
                     )  # fmt: skip
-    return {"groups": sorted(gathers), "rows_checked": [[2, 0, 0, 1, 2], []], "equal": True}
+    return {"groups": sorted(gathers), "rows_checked": [list(index) for index in ROW_GATHER_CASES], "equal": True}
 
 
 def greedy_loop_parity(
