@@ -20,9 +20,9 @@
   inline   batch-1 Encode over gRPC against two `seqserve serve` processes, small BERT batches on the event loop
            (--inline-max-ms, the default) and always in the worker pool (--inline-max-ms 0), in alternating rounds;
            and a health check's round trip to the same server, the floor any gRPC request pays
-  state    one translation in process (batch 1 greedy, batch 8 and 32 beam 4): decoder state as numpy between steps
-           reordered by numpy's take, as numpy reordered by the gather graphs from HOST_GATHER_GRAPH_BYTES (the CPU's
-           path), and as OrtValues with IO binding and the gather graphs (device_state, the GPU's path)
+  state    one translation in process (batch 1 greedy, batch 1, 8 and 32 beam 4): decoder state as numpy between
+           steps reordered by numpy's take, by the gather graphs always, by them from HOST_GATHER_GRAPH_BYTES (the
+           CPU's path), and as OrtValues with IO binding and the gather graphs (device_state, the GPU's path)
 
     python -m benchmarks.levers --threads 2 [--model WORK/encode_repository/minilm/1/model.onnx]
         [--repository WORK/encode_repository --bert minilm] [--rnn-repository WORK/rnn_repository --rnn NAME ...]
@@ -337,10 +337,11 @@ def greedy_loop(repository: Path, models: list[str], threads: int, runs: int, ro
 
 
 def decoder_state(repository: Path, model: str, threads: int, runs: int, rounds: int = 6) -> dict[str, float]:
-    """Median ms of one translation in process (the server's Translator) of `model`, batch 1 greedy, batch 8 and batch
+    """Median ms of one translation in process (the server's Translator) of `model`, batch 1 greedy and batch 1, 8 and
     32 beam 4, in `rounds` alternating rounds, with the decoder state: as numpy between steps, reordered by numpy's
-    take; as numpy, reordered by the gather graphs once a gather is HOST_GATHER_GRAPH_BYTES or more (the CPU's
-    default); as OrtValues bound with IO binding and reordered by the gather graphs (device_state, the GPU's)."""
+    take; as numpy, every reorder through the gather graphs; as numpy, through the gather graphs once a gather is
+    HOST_GATHER_GRAPH_BYTES or more (the CPU's default); as OrtValues bound with IO binding and reordered by the
+    gather graphs (device_state, the GPU's)."""
     from benchmarks.common import load_in_process
     from benchmarks.translate_transformer import InProcess
     from seqserve.models.synthetic import reversal_pairs
@@ -348,14 +349,15 @@ def decoder_state(repository: Path, model: str, threads: int, runs: int, rounds:
 
     loaded = load_in_process(ModelRepository(repository).version_dir(model), threads)
     try:
-        ours = {"numpy, take": InProcess(loaded, device_state=False), "numpy": InProcess(loaded, device_state=False),
-                "io binding": InProcess(loaded, device_state=True)}  # fmt: skip
+        ours = {label: InProcess(loaded, device_state=False) for label in ("numpy, take", "numpy, graph", "numpy")}
+        ours["io binding"] = InProcess(loaded, device_state=True)
     except ValueError as exc:  # an export that predates the gather graphs
         raise SystemExit(str(exc))
     ours["numpy, take"].translator.step_model.host_gather_graph_bytes = float("inf")
+    ours["numpy, graph"].translator.step_model.host_gather_graph_bytes = 0
     texts = [source for source, _ in reversal_pairs(32, seed=2, min_len=14, max_len=20)]
     out: dict[str, float] = {}
-    for batch, beam in ((1, 1), (8, 4), (32, 4)):
+    for batch, beam in ((1, 1), (1, 4), (8, 4), (32, 4)):
         work = texts[:batch]
         a, *others = [[r.tokens for r in o.translate(work, beam, 20)] for o in ours.values()]
         if any(a != b for b in others):
