@@ -24,15 +24,25 @@ SENTENCES = ["the cat sat on the mat", "a dog", "we read a book in the park toda
                 ids=lambda p: f"{p[0]}-{p[1]}")  # fmt: skip
 def translator(request, tiny_repository):
     name, where = request.param
-    repo = ModelRepository(tiny_repository)
-    if name not in repo.models():
-        pytest.fail(f"tiny_repository lacks {name}; it has {sorted(repo.models())}")
-    loaded = repo.load(name, options=SessionOptions(intra_op_threads=1))
+    loaded = _load(tiny_repository, name)
     step_model = OnnxStepModel(loaded, device_state=where == "device")
     assert step_model.device_state == (where == "device")
     if where == "host-graph":
         step_model.host_gather_graph_bytes = 0
     return loaded, step_model
+
+
+@pytest.fixture(scope="module", params=TRANSLATORS)
+def loaded(request, tiny_repository):
+    """One tiny translator's sessions, for tests that build their own translators over them."""
+    return _load(tiny_repository, request.param)
+
+
+def _load(tiny_repository, name: str):
+    repo = ModelRepository(tiny_repository)
+    if name not in repo.models():
+        pytest.fail(f"tiny_repository lacks {name}; it has {sorted(repo.models())}")
+    return repo.load(name, options=SessionOptions(intra_op_threads=1))
 
 
 def _sources(loaded) -> list[list[int]]:
@@ -185,7 +195,7 @@ def test_a_transformer_exported_without_the_cache_mask_joins_only_fresh_batches(
     """Repositories exported before cache_pad_mask existed: the caches share one length, so no joining mid-decode."""
     import dataclasses
 
-    loaded = ModelRepository(tiny_repository).load("tiny-transformer", options=SessionOptions(intra_op_threads=1))
+    loaded = _load(tiny_repository, "tiny-transformer")
     assert OnnxStepModel(loaded).joinable
     decoder = loaded.manifest.graphs["decoder"]
     older = dataclasses.replace(decoder, inputs=tuple(i for i in decoder.inputs if i.name != "cache_pad_mask"))
@@ -231,10 +241,9 @@ def _translate(translator, ids, options, refill=None):
 
 
 @pytest.mark.parametrize("max_tokens", [0, 3])
-def test_one_greedy_sentence_through_the_loop_equals_the_step_graph(translator, max_tokens):
+def test_one_greedy_sentence_through_the_loop_equals_the_step_graph(loaded, max_tokens):
     from seqserve.server.translation import DecodeOptions
 
-    loaded, _ = translator
     looping, stepping = _translator(loaded), _translator(loaded)
     stepping.step_model.loop = None
     assert looping.step_model.has_loop == (loaded.manifest.architecture != "transformer")
@@ -258,7 +267,7 @@ def test_one_greedy_sentence_through_the_loop_equals_the_step_graph(translator, 
 def test_a_sentence_waiting_when_a_greedy_decode_starts_joins_it_through_the_step_graph(tiny_repository):
     from seqserve.server.translation import DecodeOptions
 
-    loaded = ModelRepository(tiny_repository).load("tiny-gru", options=SessionOptions(intra_op_threads=1))
+    loaded = _load(tiny_repository, "tiny-gru")
     translator = _translator(loaded)
     first, second = _sources(loaded)[:2]
     alone = [_translate(translator, ids, DecodeOptions())[0][0].result for ids in (first, second)]
@@ -283,7 +292,7 @@ def test_state_kept_on_the_device_decodes_as_on_the_host(tiny_repository, name):
     state really is OrtValues between steps (reordered by the gather graphs, not numpy)."""
     import onnxruntime as ort
 
-    loaded = ModelRepository(tiny_repository).load(name, options=SessionOptions(intra_op_threads=1))
+    loaded = _load(tiny_repository, name)
     results, kinds = {}, {}
     for where in ("host", "device"):
         step_model = OnnxStepModel(loaded, device_state=where == "device")
@@ -312,7 +321,7 @@ def test_device_state_needs_the_gather_graphs(tiny_repository):
 
     from seqserve.server.repository import GATHER_GRAPHS
 
-    loaded = ModelRepository(tiny_repository).load("tiny-transformer", options=SessionOptions(intra_op_threads=1))
+    loaded = _load(tiny_repository, "tiny-transformer")
     assert set(GATHER_GRAPHS.values()) <= set(loaded.manifest.graphs)
     assert loaded.manifest.raw["row_gather_check"]["equal"]
     assert not OnnxStepModel(loaded).device_state  # the CPU keeps numpy state unless asked
@@ -328,7 +337,7 @@ def test_large_host_gathers_run_the_gather_graph_and_equal_numpys(tiny_repositor
     a smaller one numpy's take: the same arrays either way."""
     from seqserve.server.translation import HOST_GATHER_GRAPH_BYTES
 
-    loaded = ModelRepository(tiny_repository).load("tiny-transformer", options=SessionOptions(intra_op_threads=1))
+    loaded = _load(tiny_repository, "tiny-transformer")
     step_model = OnnxStepModel(loaded)
     assert not step_model.device_state and step_model.host_gather_graph_bytes == HOST_GATHER_GRAPH_BYTES
     src = np.asarray([_sources(loaded)[2]] * 3, dtype=np.int64)
