@@ -27,8 +27,9 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_TOKENS = 512  # a model whose manifest names no token limit
 # On the host, a gather of state or memory tensors this large (all of a group's together) runs as the exported gather
 # graph: onnxruntime's arena and intra-op threads beat numpy's take there, whose fresh multi-MB outputs page-fault
-# (MarianMT small, batch 32 x beam 4, 2 threads: 1.12x the whole decode); smaller ones stay in numpy, where a
-# graph run's overhead costs more than it saves (batch 1-8 x beam 4: 0.96-0.99x). docs/benchmarks.md, seventh round.
+# (MarianMT small, batch 32 x beam 4, 2 threads: 1.09-1.13x the whole decode); smaller ones stay in numpy, where a
+# graph run's overhead saves nothing (batch 1 x beam 4: 0.90x, batch 8: 1.04x). benchmarks/levers.py `state`,
+# docs/benchmarks.md seventh round.
 HOST_GATHER_GRAPH_BYTES = 4 << 20
 
 
