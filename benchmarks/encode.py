@@ -84,11 +84,10 @@ class RawOnnx:
 class InProcess:
     """server/bert.py's BertModel and server/text.py's codec, as one server worker runs them."""
 
-    def __init__(self, version_dir: Path, threads: int):
+    def __init__(self, loaded):
         from seqserve.server.bert import BertModel
         from seqserve.server.text import TextCodec
 
-        loaded = load_in_process(version_dir, threads)
         self.model = BertModel(loaded)
         self.codec = TextCodec(loaded.tokenizers["text"], int(loaded.manifest.limits.get("max_tokens", 256)))
 
@@ -124,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     with ServerProcess(repo, args.threads) as server, Client(server.address) as client:
         for precision, name in (("fp32", NAME), ("int8", f"{NAME}-int8")):
             version_dir = repo / name / "1"
-            raw, inproc = RawOnnx(version_dir, args.threads), InProcess(version_dir, args.threads)
+            raw, inproc = RawOnnx(version_dir, args.threads), InProcess(load_in_process(version_dir, args.threads))
             for label, batch, tokens in workloads:
                 texts = texts_of_length(tokenizer, batch, tokens, seed=batch * 1000 + tokens)
                 workload = f"{precision} {label}"

@@ -10,6 +10,9 @@
   mha past one decoder self-attention sublayer at batch 1 with 10 cached positions (MarianMT small's sizes): the
            exported form (projections, bias Adds, Reshape/Transpose/Concat onto the caches, MultiHeadAttention) vs
            MultiHeadAttention taking the bias and the caches itself (past/present)
+  cross    a beam search's cross-attention at MarianMT small's sizes (batch 32 x beam 4, 24 source positions): each of
+           the 128 beam rows one query over its own copy of the memory (the exported decoder) vs each sentence's 4
+           queries together over one copy
   open     opening every graph of a model repository with onnxruntime's optimisation `all` (the server's) vs none
            (the most that saving optimised graphs into the repository could spare at start-up)
   layernorm  a residual add and layer norm of (1024, 384) floats (MiniLM's batch 32 x 32) and of (1, 384): onnxruntime's
@@ -220,6 +223,35 @@ def mha_past(threads: int, runs: int, hidden: int = 256, heads: int = 4, cached:
     return {f"{name} us": median_us(lambda s=session: s.run(None, feeds), runs) for name, session in sessions.items()}
 
 
+def cross_attention(
+    threads: int, runs: int, sentences: int = 32, beam: int = 4, source: int = 24, hidden: int = 256, heads: int = 4,
+) -> dict[str, float]:  # fmt: skip
+    """A beam search's cross-attention at MarianMT small's sizes: every beam row as its own query over its own copy
+    of the sentence's memory (the exported decoder: batch x beam rows, one query each) against the beam's queries
+    together over one copy (batch rows of `beam` queries), as a decoder could if it knew the beam grouping."""
+    from onnx import TensorProto, helper
+
+    size = hidden // heads
+    inputs = [helper.make_tensor_value_info("q", TensorProto.FLOAT, ["b", "s", hidden]),
+              *(helper.make_tensor_value_info(k, TensorProto.FLOAT, ["b", heads, "t", size]) for k in "kv"),
+              helper.make_tensor_value_info("bias", TensorProto.FLOAT, ["b", 1, "s", "t"])]  # fmt: skip
+    node = helper.make_node("MultiHeadAttention", ["q", "k", "v", "", "", "bias"], ["out"], domain="com.microsoft",
+                            num_heads=heads, scale=1 / np.sqrt(size))  # fmt: skip
+    session = _session(_graph([node], inputs, [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)]), threads)
+    rng = np.random.default_rng(0)
+    memory = {k: rng.standard_normal((sentences, heads, source, size)).astype(np.float32) for k in "kv"}
+    bias = np.zeros((sentences, 1, 1, source), dtype=np.float32)
+    bias[::2, ..., -3:] = -10000.0  # every other sentence 3 positions shorter: padding
+    queries = rng.standard_normal((sentences, beam, hidden)).astype(np.float32)
+    rows = {"q": queries.reshape(sentences * beam, 1, hidden), "bias": np.repeat(bias, beam, axis=0),
+            **{k: np.repeat(m, beam, axis=0) for k, m in memory.items()}}  # fmt: skip
+    grouped = {"q": queries, "bias": np.repeat(bias, beam, axis=2), **memory}
+    (by_row,), (by_sentence,) = session.run(None, rows), session.run(None, grouped)
+    np.testing.assert_allclose(by_row.reshape(by_sentence.shape), by_sentence, rtol=1e-5, atol=1e-5)
+    return {f"{sentences * beam} rows x 1 query us": median_us(lambda: session.run(None, rows), runs),
+            f"{sentences} sentences x {beam} queries us": median_us(lambda: session.run(None, grouped), runs)}
+
+
 def open_graphs(repository: Path, threads: int, rounds: int = 3) -> dict[str, float]:
     """ms to open every graph of the repository's highest versions, best of `rounds`, at two optimisation levels."""
     from seqserve.server.repository import ModelRepository, SessionOptions
@@ -406,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         "topk": topk(args.threads, args.runs),
         "gather": gather(args.threads, args.runs),
         "mha past": mha_past(args.threads, args.runs),
+        "cross attention": cross_attention(args.threads, args.runs),
         "open (ms to open a repository's graphs)": open_graphs(args.open_repository, args.threads,
                                                                1 if args.quick else 3),  # fmt: skip
         "layernorm": layernorm(args.threads, args.runs),

@@ -359,15 +359,19 @@ class SessionOptions:
 
     def open(
         self, path: str | os.PathLike, *, log_severity_level: int | None = None,
-        optimized_model_filepath: str | os.PathLike | None = None,
+        optimized_model_filepath: str | os.PathLike | None = None, profile_file_prefix: str | None = None,
     ) -> ort.InferenceSession:  # fmt: skip
-        """An onnxruntime session on the graph at `path` with these options; `optimized_model_filepath` also saves the
-        graph as onnxruntime runs it (after its own optimisations), for inspection."""
+        """An onnxruntime session on the graph at `path` with these options; for inspection, `optimized_model_filepath`
+        also saves the graph as onnxruntime runs it (after its own optimisations) and `profile_file_prefix` turns on
+        onnxruntime's profiler (its JSON trace is written where `session.end_profiling()` says)."""
         so = self.ort_options()
         if log_severity_level is not None:
             so.log_severity_level = log_severity_level
         if optimized_model_filepath is not None:
             so.optimized_model_filepath = str(optimized_model_filepath)
+        if profile_file_prefix is not None:
+            so.enable_profiling = True
+            so.profile_file_prefix = profile_file_prefix
         providers = self.providers()
         session = ort.InferenceSession(
             str(path), sess_options=so, providers=providers, disabled_optimizers=self.disabled_optimizers()

@@ -113,11 +113,11 @@ def test_levers_benchmark_measures_every_lever(tmp_path, tiny_repository):
     pools = result["pool (ms a batch-1 run)"]
     assert set(pools) == {"session", "shared"}
     assert all(set(p) == {"gap 0 ms", "gap 1 ms", "gap 5 ms"} and min(p.values()) > 0 for p in pools.values())
-    for lever in ("topk", "gather", "mha past", "layernorm", "rank", "inline (ms a batch-1 Encode over gRPC)",
+    for lever in ("topk", "gather", "mha past", "cross attention", "layernorm", "rank", "inline (ms a batch-1 Encode over gRPC)",
                   "open (ms to open a repository's graphs)"):
         assert result[lever] and min(result[lever].values()) > 0
     assert len(result["layernorm"]) == 4  # fused and apart, at 1024 rows and at 1
-    assert len(result["gather"]) == 5 and len(result["mha past"]) == 2
+    assert len(result["gather"]) == 5 and len(result["mha past"]) == 2 and len(result["cross attention"]) == 2
     assert set(result["open (ms to open a repository's graphs)"]) == {
         f"{n} graphs, optimisation {level} ms" for level in ("all", "disable")
         for n in [sum(1 for _ in tiny_repository.glob("*/1/*.onnx"))]
@@ -129,6 +129,29 @@ def test_levers_benchmark_measures_every_lever(tmp_path, tiny_repository):
     assert min(state.values()) > 0
     loops = result["greedy loop (ms a batch-1 RNN translation)"]
     assert len(loops) == 4 and min(loops.values()) > 0  # two models, each through greedy.onnx and the step graph
+
+
+@pytest.mark.parametrize(("model", "graphs"), [("tiny-transformer", {"encoder", "decoder"}),
+                                               ("tiny-bert", {"model"})])  # fmt: skip
+def test_breakdown_splits_a_request_by_graph_and_operator(tmp_path, tiny_repository, model, graphs):
+    out = tmp_path / "breakdown.json"
+    command = [sys.executable, "-m", "benchmarks.breakdown", "--repository", str(tiny_repository), "--model", model,
+               "--batch", "3", "--beam", "2", "--tokens", "6", "--runs", "2", "--threads", "1", "--nodes", "2",
+               "--json", str(out)]  # fmt: skip
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    # Graphs that ran: a tiny beam's reorders are numpy's (the gather graphs take over from HOST_GATHER_GRAPH_BYTES).
+    assert graphs == set(result["graphs"])
+    for graph in result["graphs"].values():
+        assert graph["runs"] > 0 and graph["ms"] > 0
+        assert graph["ops_ms"] and sum(graph["ops_ms"].values()) <= graph["ms"] * 1.05
+        assert 0 < len(graph["top_nodes_ms"]) <= 16
+    if "decoder" in result["graphs"]:
+        assert result["graphs"]["decoder"]["runs"] >= 1  # one run a target token, up to 6
+    assert result["onnxruntime_ms"] == pytest.approx(sum(g["ms"] for g in result["graphs"].values()))
+    assert result["wall_ms"] > 0 and result["profiled_wall_ms"] > result["onnxruntime_ms"] * 0.95
+    assert f"{model}/1: " in done.stdout and "kernels (ms)" in done.stdout
 
 
 def test_contenders_are_timed_in_interleaved_rounds(monkeypatch):
