@@ -154,6 +154,24 @@ def test_breakdown_splits_a_request_by_graph_and_operator(tmp_path, tiny_reposit
     assert f"{model}/1: " in done.stdout and "kernels (ms)" in done.stdout
 
 
+def test_beam_search_operator_wraps_our_graphs_and_decodes_as_our_greedy_search(tmp_path, tiny_repository):
+    """The BeamSearch lever's model (our encoder.onnx and decoder.onnx as the T5 subgraphs) runs in onnxruntime and,
+    with one beam, gives exactly our greedy translations: the wrapping feeds the graphs right."""
+    out = tmp_path / "beam_search_op.json"
+    command = [sys.executable, "-m", "benchmarks.beam_search_op", "--repository", str(tiny_repository),
+               "--translator", "tiny-transformer", "--batches", "1", "4", "--beam", "1", "--max-new", "12",
+               "--runs", "1", "--rounds", "1", "--threads", "1", "--json", str(out)]  # fmt: skip
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["batch 1 beam 1"]["same best hypothesis"] == "1 of 1"
+    assert result["batch 4 beam 1"]["same best hypothesis"] == "4 of 4"
+    for workload in ("batch 1 beam 1", "batch 4 beam 1"):
+        row = result[workload]
+        assert row["seqserve Translator ms"] > 0 and row["BeamSearch operator ms"] > 0
+        assert row["operator / seqserve time"] == pytest.approx(row["BeamSearch operator ms"] / row["seqserve Translator ms"])
+
+
 def test_contenders_are_timed_in_interleaved_rounds(monkeypatch):
     sys.path.insert(0, str(ROOT))
     from benchmarks import common
