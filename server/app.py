@@ -43,8 +43,8 @@ def session_options(config: ServerConfig) -> SessionOptions:
     if config.device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
         raise DeviceUnavailable(config.device, ort.get_available_providers())
     instances, threads = config.resolved_threads()
-    return SessionOptions(provider=config.device, intra_op_threads=threads, inter_op_threads=1, allow_spinning=False,
-                          cpu_mem_arena=config.cpu_mem_arena)  # fmt: skip
+    return SessionOptions(provider=config.device, device_id=config.device_id, intra_op_threads=threads,
+                          inter_op_threads=1, allow_spinning=False, cpu_mem_arena=config.cpu_mem_arena)  # fmt: skip
 
 
 def shared_pool_size(instances: int, threads: int) -> int:
@@ -64,7 +64,8 @@ class SeqServer:
             shared_thread_pool(shared_pool_size(self.instances, self.threads), 1)
         log.info(
             "onnxruntime: device %s, %d concurrent runs x %d intra-op threads on %d cores, %s",
-            config.device, self.instances, self.threads, available_cores(),
+            f"cuda:{config.device_id}" if config.device == "cuda" else config.device, self.instances, self.threads,
+            available_cores(),
             "one shared thread pool" if config.shared_threads else "a non-spinning pool per session",
         )  # fmt: skip
         # The pool's size bounds concurrent onnxruntime runs across all models: instances x threads <= cores.

@@ -77,6 +77,7 @@ class BatchJob:
     block_lines: int = 256  # lines per block (the unit of work, of ordering and of resume)
     threads: int = 1  # onnxruntime intra-op threads per worker
     device: str = "cpu"  # "cpu" | "cuda"
+    device_id: int = 0  # with device "cuda": which GPU
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.block_lines < 1 or self.threads < 0:
@@ -84,6 +85,8 @@ class BatchJob:
                 f"batch size {self.batch_size} and block lines {self.block_lines} must be >= 1, "
                 f"threads {self.threads} >= 0"
             )
+        if self.device_id < 0 or (self.device_id and self.device != "cuda"):
+            raise BatchError(f"device id {self.device_id} picks a GPU (>= 0): it needs device cuda")
         if self.options.beam_size < 1 or self.options.max_output_tokens < 0 or self.options.max_output_ratio < 0:
             raise BatchError(
                 f"beam size {self.options.beam_size} must be >= 1, max output tokens "
@@ -103,7 +106,8 @@ class BlockTranslator:
     def __init__(self, job: BatchJob):
         self.job = job
         repository = ModelRepository(job.repository)
-        options = SessionOptions(provider=job.device, intra_op_threads=job.threads, inter_op_threads=1)
+        options = SessionOptions(provider=job.device, device_id=job.device_id, intra_op_threads=job.threads,
+                                 inter_op_threads=1)  # fmt: skip
         loaded = repository.load(job.model, job.version, options)
         manifest = loaded.manifest
         if manifest.task != "translation":
@@ -254,6 +258,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=d.threads, help="onnxruntime intra-op threads per worker")
     p.add_argument("--device", choices=("cpu", "cuda"), default=d.device,
                    help="onnxruntime execution provider; cuda needs onnxruntime-gpu ([cuda] extra)")
+    p.add_argument("--device-id", type=int, default=d.device_id, help="with --device cuda: which GPU")
     p.add_argument("--beam-size", type=int, default=1, help="beam width (1: greedy)")
     p.add_argument("--length-penalty", type=float, default=0.0, help="GNMT length penalty alpha of beam search")
     p.add_argument("--max-output-tokens", type=int, default=0, help="output tokens at most (0: the model's limit)")
@@ -275,6 +280,7 @@ def job_from_args(args: argparse.Namespace) -> BatchJob:
     return BatchJob(
         repository=args.repository, model=args.model, version=args.version, options=options,
         batch_size=args.batch_size, block_lines=args.block_lines, threads=args.threads, device=args.device,
+        device_id=args.device_id,
     )  # fmt: skip
 
 

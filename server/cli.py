@@ -24,6 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Prometheus /metrics HTTP port; -1 turns the endpoint off")  # fmt: skip
     parser.add_argument("--device", choices=("cpu", "cuda"), default=d.device,
                         help="onnxruntime execution provider; cuda needs onnxruntime-gpu ([cuda] extra)")  # fmt: skip
+    parser.add_argument("--device-id", type=int, default=d.device_id,
+                        help="with --device cuda: which GPU (as onnxruntime numbers them, after CUDA_VISIBLE_DEVICES)")
     parser.add_argument("--instances", type=int, default=d.instances,
                         help="concurrent onnxruntime runs across models (0: from the cores)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=d.threads,
@@ -71,7 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(
         host=args.host, port=args.port, metrics_port=None if args.metrics_port < 0 else args.metrics_port,
-        device=args.device, instances=args.instances, threads=args.threads, models=tuple(args.models),
+        device=args.device, device_id=args.device_id, instances=args.instances, threads=args.threads,
+        models=tuple(args.models),
         cpu_mem_arena=args.cpu_mem_arena, shared_threads=args.shared_threads,
         grace_period_s=args.grace_period,
         limits=Limits(
@@ -107,6 +110,9 @@ async def serve(config: ServerConfig, repository: ModelRepository) -> int:
 
 def run(args: argparse.Namespace) -> int:
     configure(args.log_format, args.log_level)
+    if args.device_id and args.device != "cuda":
+        log.error("--device-id %d picks a GPU: it needs --device cuda", args.device_id)
+        return 2
     try:
         repository = ModelRepository(args.repository)
         return asyncio.run(serve(config_from_args(args), repository))

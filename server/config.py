@@ -65,6 +65,7 @@ class ServerConfig:
     port: int = 50051
     metrics_port: int | None = 9090  # None: no metrics HTTP endpoint
     device: str = "cpu"  # "cpu" | "cuda"
+    device_id: int = 0  # with device "cuda": which GPU (onnxruntime's numbering, after CUDA_VISIBLE_DEVICES)
     instances: int = 0  # concurrent onnxruntime runs; 0: chosen from the cores
     threads: int = 0  # intra-op threads per run; 0: cores // instances
     cpu_mem_arena: bool = True  # onnxruntime's CPU memory arena: faster, more resident memory

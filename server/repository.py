@@ -318,6 +318,7 @@ class SessionOptions:
     """How onnxruntime runs a model: execution provider, threads, spinning, graph optimisation."""
 
     provider: str = "cpu"  # "cpu" | "cuda"
+    device_id: int = 0  # which GPU, with provider "cuda" (onnxruntime's numbering: CUDA_VISIBLE_DEVICES applies)
     intra_op_threads: int = 1
     inter_op_threads: int = 1
     # Per-session pools: spinning threads burn idle CPU between requests and the pools of several sessions spin
@@ -338,18 +339,27 @@ class SessionOptions:
             raise ValueError(
                 f"graph_optimization {self.graph_optimization!r} is not one of {sorted(_OPTIMIZATION_LEVELS)}"
             )
+        if self.device_id < 0 or (self.device_id and self.provider != "cuda"):
+            raise ValueError(f"device_id {self.device_id}: a GPU number (>= 0), for provider cuda only")
         if self.intra_op_threads < 0 or self.inter_op_threads < 0:
             raise ValueError(
                 f"thread counts must be >= 0 (0 = onnxruntime's default), got intra {self.intra_op_threads}, "
                 f"inter {self.inter_op_threads}"
             )
 
-    def providers(self) -> list[str]:
+    def providers(self) -> list[str | tuple[str, dict[str, str]]]:
+        """onnxruntime's providers argument for these options; raises ProviderUnavailable when this onnxruntime has
+        no such provider."""
         available = ort.get_available_providers()
-        wanted = _PROVIDERS[self.provider]
-        if wanted not in available:
+        if _PROVIDERS[self.provider] not in available:
             raise ProviderUnavailable(self.provider, available)
-        return [wanted, "CPUExecutionProvider"] if self.provider != "cpu" else [wanted]
+        return self.provider_entries()
+
+    def provider_entries(self) -> list[str | tuple[str, dict[str, str]]]:
+        """The providers argument, unchecked: CUDA with its device id, then the CPU for the operators it lacks."""
+        if self.provider == "cpu":
+            return [_PROVIDERS["cpu"]]
+        return [(_PROVIDERS[self.provider], {"device_id": str(self.device_id)}), "CPUExecutionProvider"]
 
     def disabled_optimizers(self) -> list[str]:
         """onnxruntime graph transformers these sessions skip. On CPU, SkipLayerNormFusion: onnxruntime's CPU
@@ -376,7 +386,7 @@ class SessionOptions:
         session = ort.InferenceSession(
             str(path), sess_options=so, providers=providers, disabled_optimizers=self.disabled_optimizers()
         )
-        if session.get_providers()[0] != providers[0]:  # onnxruntime fell back to the CPU: refuse, do not serve there
+        if session.get_providers()[0] != _PROVIDERS[self.provider]:  # onnxruntime fell back to the CPU: refuse
             raise ProviderFailed(self.provider, path, session.get_providers())
         return session
 

@@ -58,6 +58,9 @@ class OnnxStepModel:
             )
         self.device_state = (on_cuda and complete) if device_state is None else device_state
         self.device = "cuda" if on_cuda else "cpu"
+        # The GPU the sessions run on (SessionOptions.device_id): OrtValues and bound outputs are allocated there.
+        cuda_options = self.decoder.get_provider_options().get("CUDAExecutionProvider", {}) if on_cuda else {}
+        self.device_id = int(cuda_options.get("device_id", 0))
         self.host_gather_graph_bytes = HOST_GATHER_GRAPH_BYTES
         # RNN exports since the greedy loop also carry greedy.onnx: a whole greedy decode in one run.
         self.loop = loaded.sessions.get("greedy")
@@ -143,7 +146,7 @@ class OnnxStepModel:
         """The reverse of to_host: with device_state, OrtValues on the sessions' device."""
         if not self.device_state:
             return tensors
-        return [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(x), self.device, 0) for x in tensors]
+        return [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(x), self.device, self.device_id) for x in tensors]
 
     @staticmethod
     def shape(x: Tensor) -> tuple[int, ...]:
@@ -167,7 +170,7 @@ class OnnxStepModel:
         for name in host_outputs:
             binding.bind_output(name, "cpu")
         for name in kept_outputs:
-            binding.bind_output(name, self.device, 0)
+            binding.bind_output(name, self.device, self.device_id)
         session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
         return [x.numpy() for x in outputs[: len(host_outputs)]] + list(outputs[len(host_outputs) :])

@@ -134,3 +134,5 @@ def test_a_bert_model_is_refused_and_bad_options_are_named(tiny_repository: Path
         BlockTranslator(BatchJob(tiny_repository, "tiny-bert"))
     with pytest.raises(BatchError, match="batch size 0"):
         BatchJob(tiny_repository, MODEL, batch_size=0)
+    with pytest.raises(BatchError, match="device id 1 picks a GPU .*needs device cuda"):
+        BatchJob(tiny_repository, MODEL, device_id=1)

@@ -131,13 +131,14 @@ def test_cuda_decoder_keeps_its_state_on_the_gpu_or_is_refused_clearly(tiny_repo
         return
     repo = ModelRepository(request.getfixturevalue("cuda_repository"))
     for name in TRANSLATORS.values():
-        loaded = repo.load(name, options=SessionOptions(provider="cuda"))
+        loaded = repo.load(name, options=SessionOptions(provider="cuda", device_id=0))
         sources = [loaded.tokenizers["source"].encode(text).ids for text in LETTERS]
         results = {}
         for device_state in (True, False):
             step_model = OnnxStepModel(loaded, device_state=device_state)
             if device_state:
                 assert OnnxStepModel(loaded).device_state  # the default on CUDA
+                assert step_model.device_id == 0  # read from the session: the GPU its OrtValues are put on
                 memory, state = step_model.encode(np.asarray([sources[0]]), np.zeros((1, len(sources[0])), bool))
                 assert {(type(x), x.device_name()) for x in memory + state} == {(ort.OrtValue, "cuda")}, name
             for beam in (1, 3):

@@ -234,8 +234,20 @@ def test_cuda_provider_is_used_or_refused_clearly(tmp_path):
         with pytest.raises(ProviderFailed, match="lists CUDAExecutionProvider but did not start it.*--device cpu"):
             load_model(path, SessionOptions(provider="cuda"))
         return
-    loaded = load_model(path, SessionOptions(provider="cuda"))
-    assert loaded.sessions["model"].get_providers()[0] == "CUDAExecutionProvider"
+    loaded = load_model(path, SessionOptions(provider="cuda", device_id=0))
+    session = loaded.sessions["model"]
+    assert session.get_providers()[0] == "CUDAExecutionProvider"
+    assert session.get_provider_options()["CUDAExecutionProvider"]["device_id"] == "0"
+
+
+def test_device_id_picks_the_gpu_and_belongs_to_cuda_only():
+    assert SessionOptions(provider="cuda", device_id=1).provider_entries() == [
+        ("CUDAExecutionProvider", {"device_id": "1"}), "CPUExecutionProvider"]
+    assert SessionOptions(provider="cuda").provider_entries()[0] == ("CUDAExecutionProvider", {"device_id": "0"})
+    assert SessionOptions().provider_entries() == ["CPUExecutionProvider"]
+    for bad in ({"provider": "cpu", "device_id": 1}, {"provider": "cuda", "device_id": -1}):
+        with pytest.raises(ValueError, match="device_id .*cuda only"):
+            SessionOptions(**bad)
 
 
 def test_loader_imports_no_torch():

@@ -97,6 +97,14 @@ def test_device_cuda_uses_the_cuda_provider_or_is_refused_clearly(tiny_repositor
         assert "did not start it" in err and "ready: gRPC port" not in err
 
 
+def test_device_id_without_cuda_is_refused(tiny_repository):
+    root = tiny_repository if isinstance(tiny_repository, Path) else Path(tiny_repository.root)
+    proc = _serve(root, "--device", "cpu", "--device-id", "1")
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2
+    assert "--device-id 1 picks a GPU: it needs --device cuda" in err and "Traceback" not in err
+
+
 def test_json_log_lines_carry_extra_fields():
     import logging
 
