@@ -53,6 +53,23 @@ def _prune(nodes: list, outputs: set[str]) -> list:
     return kept[::-1]
 
 
+def contract(manifest: Any) -> tuple[list[str], list[str]]:
+    """The version's memory and state names (cross_key_i, cross_value_i, ... / self_key_i, ...); ValueError unless it
+    is a Transformer translator with the graph inputs this wrapping feeds."""
+    memory = list((manifest.decoder or {}).get("memory", []))
+    state = list((manifest.decoder or {}).get("state", []))
+    graphs = manifest.graphs
+    inputs = {g: sorted(spec.name for spec in graphs[g].inputs) if g in graphs else [] for g in ("encoder", "decoder")}
+    expected = {"encoder": ["src_ids", "src_pad_mask"],
+                "decoder": sorted({"prev_ids", "src_pad_mask", "cache_pad_mask", "topk", *memory, *state})}
+    if manifest.architecture != "transformer" or inputs != expected:
+        raise ValueError(
+            f"{manifest.name}: the wrapping takes a Transformer translator whose graphs take {expected} "
+            f"(docs/design.md); this is a {manifest.architecture!r} whose graphs take {inputs}"
+        )  # fmt: skip
+    return memory, state
+
+
 def beam_search_model(version_dir: Path) -> Any:
     """A model of one com.microsoft BeamSearch node over the version's encoder.onnx and decoder.onnx."""
     from onnx import TensorProto, helper
@@ -60,8 +77,7 @@ def beam_search_model(version_dir: Path) -> Any:
     from seqserve.server.repository import Manifest
 
     manifest = Manifest.read(version_dir)
-    memory = list(manifest.decoder["memory"])  # cross_key_i, cross_value_i, ...
-    state = list(manifest.decoder["state"])  # self_key_i, self_value_i, ...
+    memory, state = contract(manifest)
     special = manifest.special_tokens
     start = int(special.get("decoder_start", special.get("bos", 1)))
     vocab = next(s.shape[-1] for s in manifest.graphs["decoder"].outputs if s.name == "log_probs")
@@ -74,7 +90,7 @@ def beam_search_model(version_dir: Path) -> Any:
     def decoder_nodes(prefix: str, ids: str, mask: str, cached: str, inputs: dict[str, str]) -> list:
         """Our decoder step as nodes named `prefix`..., fed from `ids` (B, 1) int32, `mask` (B, S) int32, the cache
         length taken from `cached` and `inputs` (our input name -> value)."""
-        x = prefix + "in/"  # the values fed to the decoder's inputs
+        x = "bs/" + prefix + "in/"  # the values fed to the decoder's inputs ("bs/": no imported name starts so)
         nodes = [
             const(x + "axis1", [1]),
             helper.make_node("Squeeze", [ids, x + "axis1"], [x + "ids1"]),
@@ -98,16 +114,17 @@ def beam_search_model(version_dir: Path) -> Any:
     # The encoder subgraph: encode, then the first decoder step from the start token.
     encoder = _prefixed(version_dir / manifest.graphs["encoder"].file, "e/")
     nodes = [helper.make_node("Cast", ["encoder_input_ids"], ["e/src_ids"], to=TensorProto.INT64),
-             const("e/zero_i32", [0], i32),
-             helper.make_node("Equal", ["encoder_attention_mask", "e/zero_i32"], ["e/src_pad_mask"]),
+             const("bs/e/zero_i32", [0], i32),
+             helper.make_node("Equal", ["encoder_attention_mask", "bs/e/zero_i32"], ["e/src_pad_mask"]),
              *encoder.node]  # fmt: skip
     step, step_weights = decoder_nodes("d/", "decoder_input_ids", "encoder_attention_mask", f"e/{state[0]}",
                                        {n: f"e/{n}" for n in memory + state})  # fmt: skip
     nodes += step
-    nodes += [const("e/axis1", [1]), helper.make_node("Unsqueeze", ["d/log_probs", "e/axis1"], ["logits"]),
-              helper.make_node("Transpose", [f"e/{memory[0]}"], ["e/hidden_t"], perm=[0, 2, 1, 3]),
-              const("e/hidden_shape", [0, 0, -1]),
-              helper.make_node("Reshape", ["e/hidden_t", "e/hidden_shape"], ["encoder_hidden_states"])]  # fmt: skip
+    nodes += [const("bs/e/axis1", [1]), helper.make_node("Unsqueeze", ["d/log_probs", "bs/e/axis1"], ["logits"]),
+              helper.make_node("Transpose", [f"e/{memory[0]}"], ["bs/e/hidden_t"], perm=[0, 2, 1, 3]),
+              const("bs/e/hidden_shape", [0, 0, -1]),
+              helper.make_node("Reshape", ["bs/e/hidden_t", "bs/e/hidden_shape"],
+                               ["encoder_hidden_states"])]  # fmt: skip
     outputs = ["logits", "encoder_hidden_states"]
     for i in range(layers):
         for kind in ("key", "value"):
@@ -132,7 +149,7 @@ def beam_search_model(version_dir: Path) -> Any:
     inputs = {f"self_{kind}_{i}": f"past_{kind}_self_{i}" for i in range(layers) for kind in ("key", "value")}
     inputs.update({f"cross_{kind}_{i}": f"past_{kind}_cross_{i}" for i in range(layers) for kind in ("key", "value")})
     step, step_weights = decoder_nodes("d/", "input_ids", "encoder_attention_mask", "past_key_self_0", inputs)
-    step += [const("d/axis1_out", [1]), helper.make_node("Unsqueeze", ["d/log_probs", "d/axis1_out"], ["logits"])]
+    step += [const("bs/d/axis1", [1]), helper.make_node("Unsqueeze", ["d/log_probs", "bs/d/axis1"], ["logits"])]
     presents = [f"present_{kind}_self_{i}" for i in range(layers) for kind in ("key", "value")]
     step += [helper.make_node("Identity", [f"d/new_self_{kind}_{i}"], [f"present_{kind}_self_{i}"])
              for i in range(layers) for kind in ("key", "value")]  # fmt: skip
@@ -148,8 +165,8 @@ def beam_search_model(version_dir: Path) -> Any:
 
     search = helper.make_node(
         "BeamSearch",
-        ["input_ids", "max_length", "min_length", "num_beams", "num_return_sequences", "length_penalty", "repetition_penalty",
-         "", "", "attention_mask"],
+        ["input_ids", "max_length", "min_length", "num_beams", "num_return_sequences", "length_penalty",
+         "repetition_penalty", "", "", "attention_mask"],
         ["sequences"], domain="com.microsoft", model_type=1, encoder=encoder_graph, decoder=decoder_graph,
         eos_token_id=int(special.get("eos", 2)), pad_token_id=int(special.get("pad", 0)),
         decoder_start_token_id=start, vocab_size=vocab, early_stopping=0, no_repeat_ngram_size=0,
@@ -163,7 +180,8 @@ def beam_search_model(version_dir: Path) -> Any:
          helper.make_tensor_value_info("attention_mask", i32, ["batch", "S"])],
         [helper.make_tensor_value_info("sequences", i32, ["batch", "n", "T"])],
     )  # fmt: skip
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
     model.ir_version = 8
     return model
 
@@ -192,7 +210,8 @@ class OperatorSearch:
         feeds = {"input_ids": ids, "attention_mask": mask, "max_length": np.array([max_new + 1], np.int32),
                  "min_length": np.array([0], np.int32),
                  "num_beams": np.array([beam], np.int32), "num_return_sequences": np.array([1], np.int32),
-                 "length_penalty": np.array([1.0], np.float32), "repetition_penalty": np.array([1.0], np.float32)}
+                 # No length penalty: the server's default (DecodeOptions.length_penalty 0, a plain sum).
+                 "length_penalty": np.array([0.0], np.float32), "repetition_penalty": np.array([1.0], np.float32)}
         (sequences,) = self.session.run(None, feeds)  # (B, 1, T), the start token first
         out = []
         for row in sequences[:, 0, 1:].tolist():
@@ -232,7 +251,8 @@ def measure(version_dir: Path, threads: int, batches: list[int], beam: int, max_
         times: dict[str, list[float]] = {"seqserve Translator": [], "BeamSearch operator": []}
         for _ in range(rounds):
             times["seqserve Translator"].append(median_us(lambda: ours(work), runs) / 1000)
-            times["BeamSearch operator"].append(median_us(lambda: operator.translate_ids(work, beam, max_new), runs) / 1000)
+            times["BeamSearch operator"].append(
+                median_us(lambda: operator.translate_ids(work, beam, max_new), runs) / 1000)
         ms = {label: statistics.median(v) for label, v in times.items()}
         result[f"batch {batch} beam {beam}"] = {
             **{f"{label} ms": value for label, value in ms.items()},
@@ -254,9 +274,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=4, help="alternating rounds (median of the rounds' medians)")
     parser.add_argument("--json", type=Path, default=None, help="also write the result here")
     args = parser.parse_args(argv)
-    from seqserve.server.repository import ModelRepository
+    from seqserve.server.repository import Manifest, ModelRepository, RepositoryError
 
-    version_dir = ModelRepository(args.repository).version_dir(args.translator)
+    try:
+        version_dir = ModelRepository(args.repository).version_dir(args.translator)
+        contract(Manifest.read(version_dir))
+    except (RepositoryError, ValueError) as exc:
+        parser.error(str(exc))
     result = measure(version_dir, args.threads, args.batches, args.beam, args.max_new, args.runs, args.rounds)
     sys.stdout.write(json.dumps(result, indent=2) + "\n")
     if args.json:

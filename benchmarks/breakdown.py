@@ -95,12 +95,15 @@ def breakdown(version_dir: Path, threads: int, batch: int, beam: int, tokens: in
             # first 1/(runs + 1) of them.
             count = sum(1 for e in json.loads(Path(trace).read_text())
                         if e.get("cat") == "Session" and e.get("name") == "model_run")  # fmt: skip
+            if count % (runs + 1):
+                raise RuntimeError(f"{graph}: {count} runs in {runs + 1} requests: the requests did not make the "
+                                   f"same runs, so the warm-up's cannot be told apart")  # fmt: skip
             durations, ops, nodes = read_trace(trace, count // (runs + 1))
             if durations:
+                slowest = sorted(nodes.items(), key=lambda kv: -kv[1])[:TOP_NODES]
                 graphs[graph] = {"runs": len(durations) / runs, "ms": sum(durations) / runs,
                                  "ops_ms": {op: ms / runs for op, ms in sorted(ops.items(), key=lambda kv: -kv[1])},
-                                 "top_nodes_ms": {node: ms / runs for node, ms in
-                                                  sorted(nodes.items(), key=lambda kv: -kv[1])[:TOP_NODES]}}  # fmt: skip
+                                 "top_nodes_ms": {node: ms / runs for node, ms in slowest}}  # fmt: skip
     in_ort = sum(g["ms"] for g in graphs.values())
     return {"model": str(version_dir), "workload": label, "threads": threads, "runs": runs,
             "wall_ms": statistics.median(walls), "profiled_wall_ms": traced_wall, "graphs": graphs,
@@ -132,9 +135,12 @@ def main(argv: list[str] | None = None) -> int:
                         f"{TOP_NODES}; the JSON keeps {TOP_NODES})")  # fmt: skip
     parser.add_argument("--json", type=Path, default=None, help="also write the result here")
     args = parser.parse_args(argv)
-    from seqserve.server.repository import ModelRepository
+    from seqserve.server.repository import ModelRepository, RepositoryError
 
-    versions = ModelRepository(args.repository).models().get(args.model)
+    try:
+        versions = ModelRepository(args.repository).models().get(args.model)
+    except RepositoryError as exc:
+        parser.error(str(exc))
     if not versions:
         parser.error(f"no model {args.model!r} in {args.repository}")
     result = breakdown(args.repository / args.model / str(max(versions)), args.threads, args.batch, args.beam,

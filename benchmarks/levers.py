@@ -10,9 +10,9 @@
   mha past one decoder self-attention sublayer at batch 1 with 10 cached positions (MarianMT small's sizes): the
            exported form (projections, bias Adds, Reshape/Transpose/Concat onto the caches, MultiHeadAttention) vs
            MultiHeadAttention taking the bias and the caches itself (past/present)
-  cross    a beam search's cross-attention at MarianMT small's sizes (batch 32 x beam 4, 24 source positions): each of
-           the 128 beam rows one query over its own copy of the memory (the exported decoder) vs each sentence's 4
-           queries together over one copy
+  cross attention  a beam search's cross-attention at MarianMT small's sizes (batch 32 x beam 4, 24 source
+           positions): each of the 128 beam rows one query over its own copy of the memory (the exported decoder) vs
+           each sentence's 4 queries together over one copy
   open     opening every graph of a model repository with onnxruntime's optimisation `all` (the server's) vs none
            (the most that saving optimised graphs into the repository could spare at start-up)
   layernorm  a residual add and layer norm of (1024, 384) floats (MiniLM's batch 32 x 32) and of (1, 384): onnxruntime's

@@ -86,7 +86,7 @@ class BatchJob:
                 f"threads {self.threads} >= 0"
             )
         if self.device_id < 0 or (self.device_id and self.device != "cuda"):
-            raise BatchError(f"device id {self.device_id} picks a GPU (>= 0): it needs device cuda")
+            raise BatchError(f"device id {self.device_id}: a GPU's number (0 or more), with device cuda")
         if self.options.beam_size < 1 or self.options.max_output_tokens < 0 or self.options.max_output_ratio < 0:
             raise BatchError(
                 f"beam size {self.options.beam_size} must be >= 1, max output tokens "

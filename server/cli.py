@@ -25,7 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default=d.device,
                         help="onnxruntime execution provider; cuda needs onnxruntime-gpu ([cuda] extra)")  # fmt: skip
     parser.add_argument("--device-id", type=int, default=d.device_id,
-                        help="with --device cuda: which GPU (as onnxruntime numbers them, after CUDA_VISIBLE_DEVICES)")
+                        help="with --device cuda: which GPU (as onnxruntime numbers them, after "
+                             "CUDA_VISIBLE_DEVICES)")  # fmt: skip
     parser.add_argument("--instances", type=int, default=d.instances,
                         help="concurrent onnxruntime runs across models (0: from the cores)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=d.threads,
@@ -110,8 +111,8 @@ async def serve(config: ServerConfig, repository: ModelRepository) -> int:
 
 def run(args: argparse.Namespace) -> int:
     configure(args.log_format, args.log_level)
-    if args.device_id and args.device != "cuda":
-        log.error("--device-id %d picks a GPU: it needs --device cuda", args.device_id)
+    if args.device_id < 0 or (args.device_id and args.device != "cuda"):
+        log.error("--device-id %d: a GPU's number (0 or more), with --device cuda", args.device_id)
         return 2
     try:
         repository = ModelRepository(args.repository)

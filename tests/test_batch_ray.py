@@ -134,5 +134,6 @@ def test_a_bert_model_is_refused_and_bad_options_are_named(tiny_repository: Path
         BlockTranslator(BatchJob(tiny_repository, "tiny-bert"))
     with pytest.raises(BatchError, match="batch size 0"):
         BatchJob(tiny_repository, MODEL, batch_size=0)
-    with pytest.raises(BatchError, match="device id 1 picks a GPU .*needs device cuda"):
-        BatchJob(tiny_repository, MODEL, device_id=1)
+    for device, device_id in (("cpu", 1), ("cuda", -1)):
+        with pytest.raises(BatchError, match=f"device id {device_id}: a GPU's number .*with device cuda"):
+            BatchJob(tiny_repository, MODEL, device=device, device_id=device_id)

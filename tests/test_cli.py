@@ -49,3 +49,18 @@ def test_serve_help_imports_no_torch() -> None:
     code = "import sys; from seqserve.cli import build_command_parser; build_command_parser('serve'); " \
            "assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_device_id_reaches_the_server_config_and_the_batch_job() -> None:
+    from seqserve.server.batch import job_from_args
+    from seqserve.server.cli import config_from_args
+
+    parser, _ = build_command_parser("serve")
+    args = parser.parse_args(["--repository", "repo", "--device", "cuda", "--device-id", "1"])
+    config = config_from_args(args)
+    assert (config.device, config.device_id) == ("cuda", 1)
+    assert config_from_args(parser.parse_args(["--repository", "repo"])).device_id == 0
+    parser, _ = build_command_parser("batch")
+    args = parser.parse_args(["translate", "in.txt", "out.txt", "--repository", "repo", "--model", "m",
+                              "--device", "cuda", "--device-id", "2"])  # fmt: skip
+    assert job_from_args(args).device_id == 2

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import grpc
 import onnxruntime as ort
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conftest import cuda_starts
@@ -97,12 +98,14 @@ def test_device_cuda_uses_the_cuda_provider_or_is_refused_clearly(tiny_repositor
         assert "did not start it" in err and "ready: gRPC port" not in err
 
 
-def test_device_id_without_cuda_is_refused(tiny_repository):
+@pytest.mark.parametrize(("device", "device_id"), [("cpu", "1"), ("cuda", "-1")])
+def test_a_device_id_without_cuda_or_below_zero_is_refused(tiny_repository, device, device_id):
     root = tiny_repository if isinstance(tiny_repository, Path) else Path(tiny_repository.root)
-    proc = _serve(root, "--device", "cpu", "--device-id", "1")
+    proc = _serve(root, "--device", device, "--device-id", device_id)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 2
-    assert "--device-id 1 picks a GPU: it needs --device cuda" in err and "Traceback" not in err
+    assert f"--device-id {device_id}: a GPU's number (0 or more), with --device cuda" in err
+    assert "Traceback" not in err
 
 
 def test_json_log_lines_carry_extra_fields():
