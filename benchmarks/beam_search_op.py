@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import load_in_process, session_options
+from benchmarks.common import load_in_process, machine, session_options
 
 
 def _prefixed(path: Path, prefix: str) -> Any:
@@ -243,7 +243,8 @@ def measure(version_dir: Path, threads: int, batches: list[int], beam: int, max_
         translator.run_batch(jobs, stopped=lambda i: False, on_step=lambda rows: None, on_done=lambda i: None)
         return [list(job.result[0].tokens) for job in jobs]
 
-    result: dict[str, Any] = {"model": str(version_dir), "beam": beam, "max_new": max_new, "threads": threads}
+    result: dict[str, Any] = {"model": str(version_dir), "beam": beam, "max_new": max_new, "threads": threads,
+                              "machine": machine()}  # fmt: skip
     for batch in batches:
         work = sources[:batch]
         a, b = ours(work), operator.translate_ids(work, beam, max_new)

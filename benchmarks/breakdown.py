@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from benchmarks.common import load_in_process, session_options
+from benchmarks.common import load_in_process, machine, session_options
 
 TOP_NODES = 16  # slowest nodes kept per graph
 
@@ -105,7 +105,7 @@ def breakdown(version_dir: Path, threads: int, batch: int, beam: int, tokens: in
                                  "ops_ms": {op: ms / runs for op, ms in sorted(ops.items(), key=lambda kv: -kv[1])},
                                  "top_nodes_ms": {node: ms / runs for node, ms in slowest}}  # fmt: skip
     in_ort = sum(g["ms"] for g in graphs.values())
-    return {"model": str(version_dir), "workload": label, "threads": threads, "runs": runs,
+    return {"model": str(version_dir), "workload": label, "threads": threads, "runs": runs, "machine": machine(),
             "wall_ms": statistics.median(walls), "profiled_wall_ms": traced_wall, "graphs": graphs,
             "onnxruntime_ms": in_ort, "outside_onnxruntime_ms": traced_wall - in_ort}  # fmt: skip
 
