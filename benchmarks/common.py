@@ -12,7 +12,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -133,6 +133,14 @@ class Results:
         self.title = title
         self.reference = reference  # the contender the ratios are taken from (a seqserve row)
         self.rows: list[Row] = []
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Results:
+        """Results as `finish` wrote them to JSON."""
+        results = cls(data["title"], data["reference"])
+        names = [f.name for f in fields(Row)]
+        results.rows = [Row(**{k: row[k] for k in names if k in row}) for row in data["rows"]]
+        return results
 
     def add(self, row: Row) -> Row:
         self.rows.append(row)

@@ -20,6 +20,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from benchmarks.common import ServerProcess, base_arguments, machine, setup
 
@@ -89,6 +90,23 @@ async def _drive(address: str, clients: int, duration: float, call) -> tuple[int
     finally:
         await asyncio.gather(*(c.close() for c in connections))
     return len(latencies), latencies, errors[0]
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """The markdown table of load rows (LoadRow fields and throughput, as the JSON holds them)."""
+    lines = ["## Under load (single-sentence requests, mixed lengths)", "",
+             "| task | setting | clients | requests/s | vs 1 client | p50 ms | p99 ms | p99/p50 | errors | "
+             "server CPU cores | server peak RSS MiB | ready s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for row in rows:
+        single = next((r for r in rows if (r["task"], r["setting"], r["clients"]) ==
+                       (row["task"], row["setting"], 1)), None)  # fmt: skip
+        ratio = f"{row['throughput'] / single['throughput']:.2f}x" if single and single["throughput"] else ""
+        lines.append(f"| {row['task']} | {row['setting']} | {row['clients']} | {row['throughput']:,.1f} | {ratio} | "
+                     f"{row['p50_ms']:.1f} | {row['p99_ms']:.1f} | {row['p99_ms'] / row['p50_ms']:.2f} | "
+                     f"{row['errors']} | {row['server_cpu_cores']:.2f} | {row['server_peak_rss_mib']:.0f} | "
+                     f"{row['ready_s']:.2f} |")  # fmt: skip
+    return "\n".join(lines)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -170,22 +188,13 @@ def main(argv: list[str] | None = None) -> int:
         notes.append(f"repository {everything} ({', '.join(served)}): ready in {server.ready_seconds:.2f} s, "
                      f"resident memory {start_up['rss_mib']:.0f} MiB")  # fmt: skip
 
-    lines = ["## Under load (single-sentence requests, mixed lengths)", "",
-             "| task | setting | clients | requests/s | vs 1 client | p50 ms | p99 ms | p99/p50 | errors | "
-             "server CPU cores | server peak RSS MiB | ready s |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
-    for row in rows:
-        single = next((r for r in rows if (r.task, r.setting, r.clients) == (row.task, row.setting, 1)), None)
-        ratio = f"{row.throughput / single.throughput:.2f}x" if single and single.throughput else ""
-        lines.append(f"| {row.task} | {row.setting} | {row.clients} | {row.throughput:,.1f} | {ratio} | "
-                     f"{row.p50_ms:.1f} | {row.p99_ms:.1f} | {row.p99_ms / row.p50_ms:.2f} | {row.errors} | "
-                     f"{row.server_cpu_cores:.2f} | {row.server_peak_rss_mib:.0f} | {row.ready_s:.2f} |")  # fmt: skip
-    text = "\n".join(lines) + "".join(f"\n\n{n}" for n in notes)
+    table_rows = [{**asdict(r), "throughput": r.throughput} for r in rows]
+    text = table(table_rows) + "".join(f"\n\n{n}" for n in notes)
     sys.stdout.write(text + "\n")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         data = {"machine": machine(), "duration_s": args.duration, "notes": notes, "repository": start_up,
-                "rows": [{**asdict(r), "throughput": r.throughput} for r in rows]}  # fmt: skip
+                "rows": table_rows}  # fmt: skip
         args.json.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     return 0
 

@@ -1,6 +1,7 @@
 """`python -m benchmarks.report benchmarks/results`: the issue's targets checked against the JSON results of one run.
 
-Prints a markdown table: target, measured value (from the same run's rows), met or not.
+Prints a markdown table: target, measured value (from the same run's rows), met or not. With --tables, the run's
+result tables instead, rebuilt from its JSON files as each benchmark printed them.
 """
 
 from __future__ import annotations
@@ -97,16 +98,40 @@ def load_targets(data: dict[str, Any]) -> list[str]:
     return out
 
 
+def tables(folder: Path) -> str:
+    """Each benchmark's table and notes from the run's JSON files, as the benchmark printed them."""
+    from benchmarks.common import Results
+    from benchmarks.load import table
+
+    order = ["encode.json", *sorted(p.name for p in folder.glob("translate_*.json") if p.name != "translate_rnn.json"),
+             "translate_rnn.json", "load.json"]  # fmt: skip
+    parts = []
+    for name in order:
+        path = folder / name
+        if not path.is_file():
+            continue
+        data = json.loads(path.read_text())
+        text = table(data["rows"]) if name == "load.json" else Results.from_dict(data).table()
+        parts.append(text + "".join(f"\n\n{note}" for note in data.get("notes", [])))
+    return "\n\n".join(parts)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path, help="folder with encode.json, translate_*.json, translate_rnn.json, "
                                                   "load.json")  # fmt: skip
+    parser.add_argument("--tables", action="store_true",
+                        help="print the run's result tables (each benchmark's, with its notes) instead of the targets")
     args = parser.parse_args(argv)
     lines = ["| target | measured | |", "|---|---:|---|"]
 
     def read(name: str) -> dict[str, Any] | None:
         path = args.folder / name
         return json.loads(path.read_text()) if path.is_file() else None
+
+    if args.tables:
+        sys.stdout.write(tables(args.folder) + "\n")
+        return 0
 
     if (data := read("encode.json")) is not None:
         lines += encode_targets(data)

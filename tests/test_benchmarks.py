@@ -176,6 +176,28 @@ def test_beam_search_operator_wraps_our_graphs_and_decodes_as_our_greedy_search(
         assert row["operator / seqserve time"] == pytest.approx(ratio)
 
 
+def test_report_rebuilds_a_runs_tables_from_its_json():
+    """`benchmarks.report --tables` on a recorded run (benchmarks/results/run-seventh): every row of every JSON file,
+    under its benchmark's heading, with the ratios the benchmark printed."""
+    run = ROOT / "benchmarks" / "results" / "run-seventh"
+    done = subprocess.run([sys.executable, "-m", "benchmarks.report", "--tables", str(run)], cwd=ROOT,
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    data = {p.name: json.loads(p.read_text()) for p in run.glob("*.json")}
+    lines = done.stdout.splitlines()
+    headings = [line for line in lines if line.startswith("## ")]
+    assert headings == [f"## {data[n]['title']}" for n in ("encode.json", "translate_base.json",
+                                                            "translate_small.json", "translate_rnn.json")] + [
+        "## Under load (single-sentence requests, mixed lengths)"]  # fmt: skip
+    rows = [line for line in lines if line.startswith("| ") and not line.startswith(("| workload", "| task"))]
+    assert len(rows) == sum(len(d["rows"]) for d in data.values())
+    first = data["encode.json"]["rows"][3]  # sentence-transformers at batch 1: seqserve-grpc / it
+    assert f"| {first['workload']} | {first['contender']} |" in done.stdout
+    assert any(line.startswith(f"| {first['workload']} | {first['contender']} |") and
+               line.endswith(f"| {first['ratio']:.2f}x |") for line in rows)  # fmt: skip
+    assert all(note in done.stdout for d in data.values() for note in d.get("notes", []))
+
+
 def test_contenders_are_timed_in_interleaved_rounds(monkeypatch):
     sys.path.insert(0, str(ROOT))
     from benchmarks import common
