@@ -1,8 +1,10 @@
 """A request that protobuf cannot parse gets INVALID_ARGUMENT naming the message type, not gRPC's bare UNKNOWN.
 
-gRPC deserializes before any servicer code runs and reports a parse failure as UNKNOWN. This interceptor swaps the
-deserializer of unary methods for one that returns a marker instead of raising, and the marker is answered with
-INVALID_ARGUMENT. Streaming methods keep gRPC's behaviour (the stream ends with UNKNOWN; the process is unaffected).
+gRPC deserializes before any servicer code runs and reports a parse failure as UNKNOWN (for an item of a request
+stream it never reports it: the stream hangs). This interceptor swaps the deserializer of unary and stream-stream
+methods for one that returns a marker instead of raising: a unary request that is the marker is answered with
+INVALID_ARGUMENT, and a stream that reaches one ends with INVALID_ARGUMENT (the responses to the items before it
+were sent).
 """
 
 from __future__ import annotations
@@ -18,6 +20,14 @@ class _Unparsable:
         self.message = f"request is not a valid {what}: {error}"
 
 
+class _UnparsableItem(Exception):
+    """Raised into a streaming servicer from its request iterator at an item protobuf could not parse."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
 class ParseErrorsInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self) -> None:
         # The wrapped handler of each unary method, built once (the servicers' handlers never change while serving).
@@ -29,17 +39,21 @@ class ParseErrorsInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        if handler is None or handler.request_streaming or handler.response_streaming or not handler.unary_unary:
+        if handler is None:
             return handler
-        key = (handler_call_details.method, handler.unary_unary)
+        behaviour = handler.unary_unary or handler.stream_stream
+        if behaviour is None:  # unary-stream and stream-unary: none in our API; gRPC's own behaviour
+            return handler
+        key = (handler_call_details.method, behaviour)
         wrapped = self._wrapped.get(key)
         if wrapped is None:
-            wrapped = self._wrapped[key] = self._wrap(handler, handler_call_details.method)
+            wrap = self._wrap if handler.unary_unary else self._wrap_stream
+            wrapped = self._wrapped[key] = wrap(handler, handler_call_details.method)
         return wrapped
 
     @staticmethod
-    def _wrap(handler: grpc.RpcMethodHandler, what: str) -> grpc.RpcMethodHandler:
-        parse, behaviour = handler.request_deserializer, handler.unary_unary
+    def _safe(handler: grpc.RpcMethodHandler, what: str) -> Callable[[bytes], Any]:
+        parse = handler.request_deserializer
 
         def safe_parse(data: bytes) -> Any:
             try:
@@ -47,11 +61,38 @@ class ParseErrorsInterceptor(grpc.aio.ServerInterceptor):
             except (DecodeError, UnicodeDecodeError, ValueError) as exc:
                 return _Unparsable(f"request of {what}", exc)
 
+        return safe_parse
+
+    @classmethod
+    def _wrap_stream(cls, handler: grpc.RpcMethodHandler, what: str) -> grpc.RpcMethodHandler:
+        behaviour = handler.stream_stream
+
+        async def checked(requests: Any) -> Any:
+            async for request in requests:
+                if isinstance(request, _Unparsable):
+                    raise _UnparsableItem(request.message.replace("request of", "stream item of", 1))
+                yield request
+
+        async def guarded(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                async for response in behaviour(checked(requests), context):
+                    yield response
+            except _UnparsableItem as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, exc.message)
+
+        return grpc.stream_stream_rpc_method_handler(
+            guarded, request_deserializer=cls._safe(handler, what), response_serializer=handler.response_serializer
+        )
+
+    @classmethod
+    def _wrap(cls, handler: grpc.RpcMethodHandler, what: str) -> grpc.RpcMethodHandler:
+        behaviour = handler.unary_unary
+
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
             if isinstance(request, _Unparsable):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
             return await behaviour(request, context)
 
         return grpc.unary_unary_rpc_method_handler(
-            guarded, request_deserializer=safe_parse, response_serializer=handler.response_serializer
+            guarded, request_deserializer=cls._safe(handler, what), response_serializer=handler.response_serializer
         )

@@ -187,14 +187,16 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             await done.put(response)
 
         async def read() -> None:
-            async for item in request_iterator:
-                await slots.acquire()
-                task = asyncio.get_running_loop().create_task(one(item))
-                in_flight.add(task)
-                task.add_done_callback(in_flight.discard)
-            while in_flight:
-                await asyncio.gather(*list(in_flight), return_exceptions=True)
-            await done.put(None)
+            try:
+                async for item in request_iterator:
+                    await slots.acquire()
+                    task = asyncio.get_running_loop().create_task(one(item))
+                    in_flight.add(task)
+                    task.add_done_callback(in_flight.discard)
+                while in_flight:
+                    await asyncio.gather(*list(in_flight), return_exceptions=True)
+            finally:  # also when the request stream breaks: the responses end, and `await reader` raises its error
+                await done.put(None)
 
         reader = asyncio.get_running_loop().create_task(read())
         try:

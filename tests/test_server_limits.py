@@ -172,6 +172,21 @@ def test_garbage_bytes_are_refused_without_crashing(channel):
     assert info.value.code() == INVALID and "Encode" in info.value.details()
 
 
+@pytest.mark.parametrize("bad", [b"\x1a\x02\xff\xfe", b"\xff\xff\xff"])  # text not UTF-8; not a message
+def test_an_unparsable_stream_item_ends_the_stream_with_invalid_argument_not_a_hang(channel, bad):
+    good = pb.TranslateStreamRequest(id="1", model=pb.ModelSpec(name="tiny-lstm"), text="a b c").SerializeToString()
+    call = channel.stream_stream("/seqserve.v1.Inference/TranslateStream",
+                                 response_deserializer=pb.TranslateStreamResponse.FromString)  # fmt: skip
+    responses = call(iter([good, bad]), timeout=30)
+    got = []
+    with pytest.raises(grpc.RpcError) as info:
+        for response in responses:
+            got.append(response)
+    assert info.value.code() == INVALID, info.value.details()  # not DEADLINE_EXCEEDED: the stream ended at once
+    assert "stream item of" in info.value.details() and "TranslateStream" in info.value.details()
+    assert [r.id for r in got] in ([], ["1"])  # the item before it may have been answered first
+
+
 def test_server_still_serves_after_every_bad_request(inference):
     # Runs last in this module: the same server has refused every request above.
     after = inference.Translate(_translate(texts=["a b c"]))
