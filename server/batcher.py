@@ -6,8 +6,11 @@ Without dispatch_when_idle, the first sequence to arrive opens a collection wind
 Everything queued by then (or until the budget is full) is sorted by length and cut into batches whose padded
 size (sequences x longest x beam) stays within `max_batch_tokens`, so similar lengths travel together. Batches run in
 the shared worker pool (onnxruntime releases the GIL); the pool's size is the number of concurrent runs across all
-models. A sequence whose request was cancelled or whose deadline passed is dropped before its batch runs, and inside a
-translation batch it leaves the running decode at the next step (see decoding.py).
+models. A sequence whose request was cancelled or whose deadline passed is dropped before its batch runs (when the
+batch is cut, and again when a worker takes it up: under load a batch may wait for a worker while its clients give
+up), and inside a translation batch it leaves the running decode at the next step (see decoding.py). The queue limit
+(`max_queue`) counts what waits in the queue and in batches not yet taken up by a worker; abandoned sequences are
+cleared from the queue before a request is refused for it.
 
 A batcher made `inline` (BERT models) runs a small batch that found its model idle on the event loop itself, skipping
 the two thread hand-offs of the worker pool, as long as its small batches have been taking at most
@@ -129,6 +132,8 @@ class Batcher:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._running: set[asyncio.Task] = set()
+        # Started batches that no worker has taken up yet, by id (under self._lock): their sequences count as queued.
+        self._waiting: dict[int, list[WorkItem]] = {}
         self._closed = False
         self._loop_ref: asyncio.AbstractEventLoop | None = None
         self._local = threading.local()  # per worker thread: the sequences its running batch pulled in
@@ -139,14 +144,17 @@ class Batcher:
 
     @property
     def queued(self) -> int:
-        return len(self._queue)
+        """Sequences waiting: in the queue, and in batches no worker has taken up yet."""
+        return len(self._queue) + sum(len(batch) for batch in self._waiting.values())
 
     async def submit(self, jobs: list[tuple[Any, int, int]], deadline: float | None) -> list[Any]:
         """Queue (job, length, cost) triples and wait for all; cancellation of the caller drops them from work."""
         if self._closed:
             raise ModelUnavailable(self.name, self.version, "UNLOADING")
-        if len(self._queue) + len(jobs) > self.max_queue:
-            raise QueueFull(self.name, len(self._queue) + len(jobs), self.max_queue)
+        if self.queued + len(jobs) > self.max_queue:
+            live = self._clear_abandoned()
+            if live + len(jobs) > self.max_queue:
+                raise QueueFull(self.name, live + len(jobs), self.max_queue)
         loop = asyncio.get_running_loop()
         items = [WorkItem(job, length, cost, deadline, loop.create_future()) for job, length, cost in jobs]
         if self.config.dispatch_when_idle and len(self._running) < self.workers and not self._queue:
@@ -210,11 +218,25 @@ class Batcher:
                 self._queue.clear()
             self._start(loop, items)
 
+    def _clear_abandoned(self) -> int:
+        """Drop queued sequences whose request was cancelled or is past its deadline (their clients are gone); returns
+        the sequences still waiting, those of batches waiting for a worker included (which drop theirs when taken up)."""
+        with self._lock:
+            kept = [it for it in self._queue if not (it.stopped() or it.future.done())]
+            gone = [it for it in self._queue if it.stopped() or it.future.done()]
+            self._queue = deque(kept)
+            waiting = sum(1 for batch in self._waiting.values() for it in batch if not it.stopped())
+        for it in gone:
+            self._refuse(it)
+        return len(kept) + waiting
+
     def _start(self, loop: asyncio.AbstractEventLoop, items: list[WorkItem], idle: bool = False) -> None:
         """Start the items that may still run (not cancelled, not past their deadline), cut into batches; `idle`: the
         model had nothing running or queued."""
         live = [it for it in items if not self._refuse(it)]
         for batch in cut_batches(live, self.config.max_batch_tokens, self.config.max_batch_size):
+            with self._lock:
+                self._waiting[id(batch)] = batch
             task = loop.create_task(self._run(batch, idle))
             self._running.add(task)
             task.add_done_callback(self._run_done)
@@ -263,6 +285,8 @@ class Batcher:
             else:
                 await loop.run_in_executor(self.executor, self._execute, batch)
         except BaseException as exc:  # a failed batch fails its requests, never the loop
+            with self._lock:  # if it never reached a worker (cancelled while it waited)
+                self._waiting.pop(id(batch), None)
             if not isinstance(exc, asyncio.CancelledError):
                 log.exception("batch of %d for %s failed", len(batch), self.name)
             for it in batch:
@@ -276,7 +300,13 @@ class Batcher:
     # Worker thread side (BatchContext)
 
     def _execute(self, batch: list[WorkItem]) -> None:
-        """Run a batch; if it fails, the sequences it pulled in fail with it (the batch's own fail in `_run`)."""
+        """Run a batch; if it fails, the sequences it pulled in fail with it (the batch's own fail in `_run`). The
+        sequences whose clients gave up while the batch waited for this worker are left out (`_run` refuses them)."""
+        with self._lock:
+            self._waiting.pop(id(batch), None)
+        batch = [it for it in batch if not it.stopped()]
+        if not batch:
+            return
         self._local.pulled = []
         try:
             started = time.perf_counter()

@@ -11,7 +11,7 @@ import pytest
 
 from seqserve.server.batcher import Batcher, WorkItem, cut_batches
 from seqserve.server.config import BatchingConfig
-from seqserve.server.errors import DeadlineExceeded
+from seqserve.server.errors import DeadlineExceeded, QueueFull
 
 
 def _item(length: int, cost: int = 1) -> WorkItem:
@@ -113,6 +113,75 @@ def test_a_cancelled_request_never_runs():
 
     _run(scenario())
     assert ran == ["ok"]
+
+
+def test_a_batch_waiting_for_a_worker_drops_the_sequences_whose_clients_gave_up():
+    """Under load a batch can wait for the worker while its requests' deadlines pass: when the worker takes it up,
+    those sequences are left out (their callers already have DEADLINE_EXCEEDED), and a batch of only such runs not."""
+    ran: list[list[str]] = []
+    release = threading.Event()
+
+    def run(items, context):
+        ran.append([it.job for it in items])
+        if items[0].job == "blocker":
+            release.wait(10)
+
+    async def scenario():
+        with ThreadPoolExecutor(1) as pool:
+            config = BatchingConfig(max_batch_tokens=1, max_batch_size=1)  # one sequence a batch
+            batcher = Batcher("m", 1, run, pool, config, 100)
+            batcher.start()
+            blocker = asyncio.ensure_future(batcher.submit([("blocker", 1, 1)], None))
+            await asyncio.sleep(0.05)  # the worker is busy with it
+            soon = time.monotonic() + 0.05
+            late = [asyncio.ensure_future(batcher.submit([(f"late{i}", 1, 1)], soon)) for i in range(3)]
+            ok = asyncio.ensure_future(batcher.submit([("ok", 1, 1)], None))
+            await asyncio.sleep(0.02)
+            assert batcher.queued == 4  # in started batches that wait for the worker: they count against max_queue
+            await asyncio.sleep(0.1)  # the deadlines pass while the batches wait
+            release.set()
+            for future in late:
+                with pytest.raises(DeadlineExceeded):
+                    await future
+            await asyncio.gather(blocker, ok)
+            assert batcher.queued == 0
+            await batcher.close()
+
+    _run(scenario())
+    assert ran == [["blocker"], ["ok"]]
+
+
+def test_the_queue_limit_counts_waiting_batches_and_forgets_abandoned_sequences():
+    release = threading.Event()
+
+    def run(items, context):
+        release.wait(10)
+
+    async def scenario():
+        with ThreadPoolExecutor(1) as pool:
+            config = BatchingConfig(max_batch_tokens=1, max_batch_size=1, dispatch_when_idle=False,
+                                    max_queue_delay_ms=0.0)  # fmt: skip
+            batcher = Batcher("m", 1, run, pool, config, max_queue=2)
+            batcher.start()
+            first = [asyncio.ensure_future(batcher.submit([("a0", 1, 1)], None))]
+            await asyncio.sleep(0.05)  # a0 runs (and holds the worker)
+            first += [asyncio.ensure_future(batcher.submit([(f"a{i}", 1, 1)], None)) for i in (1, 2)]
+            await asyncio.sleep(0.05)
+            assert batcher.queued == 2  # a1 and a2 wait for the worker in batches of their own
+            with pytest.raises(QueueFull):  # 2 waiting + 1 > 2
+                await batcher.submit([("b", 1, 1)], None)
+            for future in first:
+                future.cancel()  # their clients give up
+            await asyncio.sleep(0.01)
+            gone = asyncio.ensure_future(batcher.submit([("c", 1, 1)], time.monotonic() + 0.01))
+            await asyncio.sleep(0.05)
+            release.set()
+            with pytest.raises(DeadlineExceeded):
+                await gone
+            await asyncio.wait_for(batcher.submit([("d", 1, 1)], None), 5)  # served: nothing abandoned is counted
+            await batcher.close()
+
+    _run(scenario())
 
 
 def test_a_failing_batch_fails_the_sequences_it_pulled_in():
