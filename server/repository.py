@@ -44,6 +44,7 @@ GATHERED_PREFIX = "gathered_"
 MANIFEST_FILE = "manifest.json"
 SERVING_CONFIG_FILE = "config.json"
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]*\Z")
+NAME_MAX_CHARS = 255  # a folder name: longer is no model (and the file system would refuse to look it up)
 VERSION_PATTERN = re.compile(r"[1-9][0-9]*\Z")
 TASKS = ("translation", "bert")
 
@@ -64,12 +65,22 @@ class RepositoryError(Exception):
     """A model repository, model or version that cannot be read or trusted."""
 
 
+def shown_name(name: str, limit: int = 80) -> str:
+    """A client-given model name as messages and logs show it: as it is when it could be a model name, else quoted
+    with its control characters escaped, and cut to `limit` characters (a client can send 4 MB of name)."""
+    if NAME_PATTERN.match(name) and len(name) <= limit:
+        return name
+    clipped = repr(name[:limit])
+    return clipped + f"... ({len(name)} characters)" if len(name) > limit else clipped
+
+
 class ModelNotFound(RepositoryError):
     """No such model or version; the message lists what exists."""
 
     def __init__(self, name: str, version: int | None, available: dict[str, list[int]]):
         self.name, self.version, self.available = name, version, available
-        what = name if version is None else f"{name} version {version}"
+        shown = shown_name(name)
+        what = shown if version is None else f"{shown} version {version}"
         listing = "; ".join(
             f"{n} (versions {', '.join(map(str, v))})" for n, v in sorted(available.items())
         ) or "none"
@@ -464,7 +475,7 @@ class ModelRepository:
     def versions(self, name: str) -> list[int]:
         """Complete versions of a model (those with a manifest), ascending."""
         folder = self.root / name
-        if not NAME_PATTERN.match(name) or not folder.is_dir():
+        if len(name) > NAME_MAX_CHARS or not NAME_PATTERN.match(name) or not folder.is_dir():
             return []
         return sorted(
             int(p.name) for p in folder.iterdir() if VERSION_PATTERN.match(p.name) and (p / MANIFEST_FILE).is_file()

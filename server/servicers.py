@@ -19,6 +19,7 @@ from seqserve.protos.v1 import seqserve_pb2_grpc as pb_grpc
 from seqserve.server.errors import Draining, InvalidRequest, status_of
 from seqserve.server.manager import ModelManager, VersionStatus
 from seqserve.server.metrics import Metrics
+from seqserve.server.repository import shown_name
 from seqserve.server.served import ServedModel, TranslationResult
 from seqserve.server.translation import DecodeOptions
 
@@ -47,9 +48,10 @@ def _rpc(method: Callable[..., Awaitable]) -> Callable[..., Awaitable]:
     @functools.wraps(method)
     async def wrapper(self, request, context: grpc.aio.ServicerContext):
         state: ServingState = self.state
-        model = request.model.name if hasattr(request, "model") else ""
+        asked = request.model.name if hasattr(request, "model") else ""
+        model = shown_name(asked) if asked else ""  # for the logs: a client-given name, cut and escaped
         # Label only with names being served: client-chosen strings must not create unbounded metric series.
-        state.metrics.requests.labels(name, model if state.manager.serves(model) else "other").inc()
+        state.metrics.requests.labels(name, asked if state.manager.serves(asked) else "other").inc()
         started = time.monotonic()
         try:
             if state.draining:

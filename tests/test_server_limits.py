@@ -149,6 +149,19 @@ def test_unknown_version_is_not_found_listing_versions(inference):
     assert code == NOT_FOUND and "version 7" in details and "tiny-lstm" in details
 
 
+@pytest.mark.parametrize("name", ["a" * 256, "A" * 3000, "tiny-lstm\n", "x\x00y"])
+def test_an_impossible_model_name_is_not_found_cut_and_escaped(inference, channel, name):
+    # Over the file system's name length (it raised OSError: INTERNAL), larger than gRPC's metadata limit when echoed
+    # whole (the client got RESOURCE_EXHAUSTED), or with control characters (written raw into the log).
+    code, details = _error(inference.Translate, _translate(model=pb.ModelSpec(name=name), texts=["a"]))
+    assert code == NOT_FOUND and "tiny-lstm (versions" in details
+    assert len(details) < 1000 and "\n" not in details.split(";")[0] and "\x00" not in details
+    models = pb_grpc.ModelsStub(channel)
+    with pytest.raises(grpc.RpcError) as info:
+        models.LoadModel(pb.LoadModelRequest(model=pb.ModelSpec(name=name)), timeout=10)
+    assert info.value.code() == NOT_FOUND and len(info.value.details()) < 1000
+
+
 def test_model_in_the_repository_but_not_loaded_is_unavailable(inference):
     request = _translate(model=pb.ModelSpec(name="tiny-gru"), texts=["a"])
     code, details = _error(inference.Translate, request)
