@@ -61,6 +61,7 @@ class ModelManager:
         self._served: dict[tuple[str, int], ServedModel] = {}
         self._status: dict[tuple[str, int], VersionStatus] = {}
         self._locks: dict[tuple[str, int], asyncio.Lock] = {}
+        self._unloading: set[asyncio.Task] = set()  # unloads that outlive their callers (see unload)
 
     # ---------------------------------------------------------------------------------------------------------
     # Lookup
@@ -173,9 +174,17 @@ class ModelManager:
         return ServedModel(loaded, self.executor, batching, self.config.limits, self.metrics, workers)
 
     async def unload(self, name: str, version: int = 0) -> VersionStatus:
-        """Stop taking requests for a version, finish its queued and running work, drop its sessions."""
+        """Stop taking requests for a version, finish its queued and running work, drop its sessions. The unload runs
+        to its end even when the caller stops waiting (an UnloadModel past its deadline): a half-done one left the
+        version UNLOADING for good."""
         served = self.get(name, version)
-        key = (served.name, served.version)
+        task = asyncio.ensure_future(self._unload(served))
+        self._unloading.add(task)
+        task.add_done_callback(self._unloading.discard)
+        return await asyncio.shield(task)
+
+    async def _unload(self, served: ServedModel) -> VersionStatus:
+        name, key = served.name, (served.name, served.version)
         async with self._locks.setdefault(key, asyncio.Lock()):
             self._served.pop(key, None)
             self._status[key] = VersionStatus(key[0], key[1], UNLOADING, manifest=served.manifest)
@@ -186,6 +195,7 @@ class ModelManager:
             return self.status(*key)
 
     async def close(self) -> None:
+        await asyncio.gather(*self._unloading, return_exceptions=True)
         for key in list(self._served):
             served = self._served.pop(key)
             await served.batcher.close()

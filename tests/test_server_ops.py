@@ -104,6 +104,30 @@ def test_unload_finishes_requests_already_queued(models, inference):
     models.LoadModel(pb.LoadModelRequest(model=spec))
 
 
+def test_an_unload_whose_caller_gives_up_still_completes(models, inference):
+    """UnloadModel past its deadline while the version drains: the caller gets DEADLINE_EXCEEDED, the unload goes on
+    to the end (it stayed UNLOADING for good, refusing requests, until someone loaded it again)."""
+    spec = pb.ModelSpec(name="tiny-birnn")
+    long = pb.TranslateRequest(model=spec, texts=LONG_TEXTS[:32], options=pb.DecodingOptions(beam_size=4))
+    with ThreadPoolExecutor(3) as pool:
+        busy = [pool.submit(inference.Translate, long) for _ in range(3)]
+        time.sleep(0.05)
+        try:
+            models.UnloadModel(pb.UnloadModelRequest(model=spec), timeout=0.02)
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert all(len(b.result(timeout=60).translations) == 32 for b in busy)
+    deadline = time.monotonic() + 30
+    while (state := _state(models, "tiny-birnn")) == pb.MODEL_STATE_UNLOADING and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert state == pb.MODEL_STATE_AVAILABLE
+    assert models.LoadModel(pb.LoadModelRequest(model=spec)).state == pb.MODEL_STATE_READY
+
+
+def _state(models, name: str) -> int:
+    return next(s.state for s in models.ListModels(pb.ListModelsRequest()).models if s.name == name)
+
+
 def test_load_of_an_unknown_model_is_not_found(models):
     with pytest.raises(grpc.RpcError) as info:
         models.LoadModel(pb.LoadModelRequest(model=pb.ModelSpec(name="nope")))
