@@ -176,8 +176,14 @@ class ModelManager:
     async def unload(self, name: str, version: int = 0) -> VersionStatus:
         """Stop taking requests for a version, finish its queued and running work, drop its sessions. The unload runs
         to its end even when the caller stops waiting (an UnloadModel past its deadline): a half-done one left the
-        version UNLOADING for good."""
-        served = self.get(name, version)
+        version UNLOADING for good. A version that is not loaded (AVAILABLE, or FAILED) is left as it is and its status
+        returned: unloading is idempotent."""
+        try:
+            served = self.get(name, version)
+        except ModelUnavailable as exc:
+            if exc.state in (AVAILABLE, FAILED):
+                return self.status(exc.name, exc.version)
+            raise  # LOADING or UNLOADING: the client may retry
         task = asyncio.ensure_future(self._unload(served))
         self._unloading.add(task)
         task.add_done_callback(self._unloading.discard)

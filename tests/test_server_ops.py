@@ -124,6 +124,13 @@ def test_an_unload_whose_caller_gives_up_still_completes(models, inference):
     assert models.LoadModel(pb.LoadModelRequest(model=spec)).state == pb.MODEL_STATE_READY
 
 
+def test_unloading_a_version_that_is_not_loaded_leaves_it_as_it_is(models):
+    spec = pb.ModelSpec(name="tiny-lstm-int8")
+    unloads = [models.UnloadModel(pb.UnloadModelRequest(model=spec)) for _ in range(3)]  # the first one unloads
+    assert [s.state for s in unloads] == [pb.MODEL_STATE_AVAILABLE] * 3 and unloads[-1].version == 1
+    assert models.LoadModel(pb.LoadModelRequest(model=spec)).state == pb.MODEL_STATE_READY
+
+
 def _state(models, name: str) -> int:
     return next(s.state for s in models.ListModels(pb.ListModelsRequest()).models if s.name == name)
 
