@@ -74,6 +74,19 @@ class QueueFull(ServeError):
         )
 
 
+class AnswerTooLarge(ServeError):
+    """A request whose answer could not be sent (over max_message_bytes), refused before any work is done."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, what: str, estimate: int, limit: int, advice: str):
+        self.estimate, self.limit = estimate, limit
+        super().__init__(
+            f"the answer to {what} would take at least {estimate} bytes, over the {limit}-byte message limit "
+            f"(max_message_bytes); {advice}"
+        )
+
+
 class ModelUnavailable(ServeError):
     """The model exists in the repository but is not ready (not loaded, loading, failed, unloading)."""
 

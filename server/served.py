@@ -19,7 +19,7 @@ from seqserve.server.batcher import BatchContext, Batcher, WorkItem
 from seqserve.server.bert import BertJob, BertModel
 from seqserve.server.config import BatchingConfig, Limits
 from seqserve.server.decoding import Hypothesis
-from seqserve.server.errors import InvalidRequest, OptionOutOfRange, WrongTask
+from seqserve.server.errors import AnswerTooLarge, InvalidRequest, OptionOutOfRange, WrongTask
 from seqserve.server.metrics import Metrics
 from seqserve.server.repository import LoadedModel
 from seqserve.server.text import Encoded, TextCodec, check_chars, check_count, token_limit
@@ -28,6 +28,8 @@ from seqserve.server.translation import DEFAULT_MAX_TOKENS, DecodeOptions, Trans
 log = logging.getLogger(__name__)
 
 INLINE_TOKENIZE_CHARS = 4096
+# The least one fill-mask candidate takes in the answer (a one-character token, its id and probability, framing).
+FILL_MASK_ENTRY_BYTES = 12
 
 
 @dataclass(frozen=True)
@@ -247,5 +249,12 @@ class ServedModel:
         for i, e in enumerate(encoded):
             if self.bert.mask_id not in e.ids:
                 raise InvalidRequest(f"text {i} has no {self.bert.mask_token} token to fill")
+        # Each (text, mask, candidate) costs at least FILL_MASK_ENTRY_BYTES of the answer: refuse an answer that
+        # could not be sent before computing it.
+        masks = sum(e.ids.count(self.bert.mask_id) for e in encoded)
+        estimate = masks * top_k * FILL_MASK_ENTRY_BYTES
+        if estimate > self.limits.max_message_bytes:
+            raise AnswerTooLarge(f"{masks} masks x top_k {top_k}", estimate, self.limits.max_message_bytes,
+                                 "send fewer masks a request or ask a smaller top_k")  # fmt: skip
         jobs = await self._bert([BertJob("fill_mask", e, top_k=top_k) for e in encoded], deadline)
         return [[[(self.codec.token(t), t, p) for t, p in mask] for mask in j.result] for j in jobs]

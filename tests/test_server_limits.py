@@ -113,6 +113,22 @@ def test_top_k_over_the_limit_is_invalid_argument(inference):
     assert code == INVALID and "top_k = 11" in details and "10" in details
 
 
+def test_a_fill_mask_answer_over_the_message_limit_is_refused_before_the_work(tiny_repository):
+    """masks x top_k candidates that could not be sent back: RESOURCE_EXHAUSTED naming both, before the model runs (it
+    ran, then the server failed to send: a wasted batch and a traceback in the log)."""
+    root = tiny_repository if isinstance(tiny_repository, Path) else Path(tiny_repository.root)
+    limits = Limits(max_message_bytes=2048, max_top_k=10)
+    config = ServerConfig(port=0, metrics_port=None, instances=1, threads=1, limits=limits, models=("tiny-bert",))
+    with ServerThread(config, ModelRepository(root)) as running, grpc.insecure_channel(running.address) as ch:
+        stub = pb_grpc.InferenceStub(ch)
+        request = pb.FillMaskRequest(model=pb.ModelSpec(name="tiny-bert"), texts=["[MASK] " * 8] * 4, top_k=10)
+        code, details = _error(stub.FillMask, request)
+        assert code == EXHAUSTED and "32 masks x top_k 10" in details and "2048-byte message limit" in details
+        small = stub.FillMask(pb.FillMaskRequest(model=pb.ModelSpec(name="tiny-bert"), texts=["forest [MASK]"],
+                                                 top_k=3))  # fmt: skip
+        assert len(small.results[0].masks[0].candidates) == 3
+
+
 def test_fill_mask_without_a_mask_is_invalid_argument(inference):
     request = pb.FillMaskRequest(model=pb.ModelSpec(name="tiny-bert"), texts=["forest five"])
     code, details = _error(inference.FillMask, request)
