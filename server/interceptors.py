@@ -9,6 +9,7 @@ were sent).
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Awaitable, Callable
 
 import grpc
@@ -42,8 +43,8 @@ class ParseErrorsInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         behaviour = handler.unary_unary or handler.stream_stream
-        if behaviour is None:  # unary-stream and stream-unary: none in our API; gRPC's own behaviour
-            return handler
+        if behaviour is None or (handler.stream_stream and not inspect.isasyncgenfunction(behaviour)):
+            return handler  # unary-stream, stream-unary, or a stream written with context.write: gRPC's own behaviour
         key = (handler_call_details.method, behaviour)
         wrapped = self._wrapped.get(key)
         if wrapped is None:
