@@ -24,7 +24,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
-from seqserve.server.repository import ModelRepository, RepositoryError, SessionOptions
+from seqserve.server.repository import ModelRepository, RepositoryError, SessionOptions, device_id_error
 from seqserve.server.translation import DecodeOptions, Translator
 
 log = logging.getLogger(__name__)
@@ -85,8 +85,8 @@ class BatchJob:
                 f"batch size {self.batch_size} and block lines {self.block_lines} must be >= 1, "
                 f"threads {self.threads} >= 0"
             )
-        if self.device_id < 0 or (self.device_id and self.device != "cuda"):
-            raise BatchError(f"device id {self.device_id}: a GPU's number (0 or more), with device cuda")
+        if (error := device_id_error(self.device, self.device_id)) is not None:
+            raise BatchError(error)
         if self.options.beam_size < 1 or self.options.max_output_tokens < 0 or self.options.max_output_ratio < 0:
             raise BatchError(
                 f"beam size {self.options.beam_size} must be >= 1, max output tokens "

@@ -10,7 +10,7 @@ import signal
 from seqserve.server.app import DeviceUnavailable, create_server
 from seqserve.server.config import BatchingConfig, Limits, ServerConfig
 from seqserve.server.logs import configure
-from seqserve.server.repository import ModelRepository, RepositoryError
+from seqserve.server.repository import ModelRepository, RepositoryError, device_id_error
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +111,8 @@ async def serve(config: ServerConfig, repository: ModelRepository) -> int:
 
 def run(args: argparse.Namespace) -> int:
     configure(args.log_format, args.log_level)
-    if args.device_id < 0 or (args.device_id and args.device != "cuda"):
-        log.error("--device-id %d: a GPU's number (0 or more), with --device cuda", args.device_id)
+    if (error := device_id_error(args.device, args.device_id)) is not None:
+        log.error("--device-id: %s", error)
         return 2
     try:
         repository = ModelRepository(args.repository)

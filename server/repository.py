@@ -324,6 +324,13 @@ def shared_thread_pool(intra_op_threads: int, inter_op_threads: int) -> tuple[in
         return _shared_pool_sizes
 
 
+def device_id_error(device: str, device_id: int) -> str | None:
+    """Why `device_id` cannot go with `device` ("cpu" | "cuda"), or None: a GPU's number, 0 or more, for cuda only."""
+    if device_id < 0 or (device_id and device != "cuda"):
+        return f"device id {device_id}: a GPU's number (0 or more), with device cuda"
+    return None
+
+
 @dataclass(frozen=True)
 class SessionOptions:
     """How onnxruntime runs a model: execution provider, threads, spinning, graph optimisation."""
@@ -350,8 +357,8 @@ class SessionOptions:
             raise ValueError(
                 f"graph_optimization {self.graph_optimization!r} is not one of {sorted(_OPTIMIZATION_LEVELS)}"
             )
-        if self.device_id < 0 or (self.device_id and self.provider != "cuda"):
-            raise ValueError(f"device_id {self.device_id}: a GPU number (>= 0), for provider cuda only")
+        if (error := device_id_error(self.provider, self.device_id)) is not None:
+            raise ValueError(error)
         if self.intra_op_threads < 0 or self.inter_op_threads < 0:
             raise ValueError(
                 f"thread counts must be >= 0 (0 = onnxruntime's default), got intra {self.intra_op_threads}, "

@@ -104,7 +104,7 @@ def test_a_device_id_without_cuda_or_below_zero_is_refused(tiny_repository, devi
     proc = _serve(root, "--device", device, "--device-id", device_id)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 2
-    assert f"--device-id {device_id}: a GPU's number (0 or more), with --device cuda" in err
+    assert f"--device-id: device id {device_id}: a GPU's number (0 or more), with device cuda" in err
     assert "Traceback" not in err
 
 
