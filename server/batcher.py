@@ -220,11 +220,13 @@ class Batcher:
 
     def _clear_abandoned(self) -> int:
         """Drop queued sequences whose request was cancelled or is past its deadline (their clients are gone); returns
-        the sequences still waiting, those of batches waiting for a worker included (which drop theirs when taken up)."""
+        the sequences still waiting, those of batches waiting for a worker included (they drop theirs when taken up)."""
+        kept: deque[WorkItem] = deque()
+        gone: list[WorkItem] = []
         with self._lock:
-            kept = [it for it in self._queue if not (it.stopped() or it.future.done())]
-            gone = [it for it in self._queue if it.stopped() or it.future.done()]
-            self._queue = deque(kept)
+            for it in self._queue:
+                (gone if it.stopped() or it.future.done() else kept).append(it)
+            self._queue = kept
             waiting = sum(1 for batch in self._waiting.values() for it in batch if not it.stopped())
         for it in gone:
             self._refuse(it)
