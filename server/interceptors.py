@@ -24,10 +24,6 @@ class _Unparsable:
 class _UnparsableItem(Exception):
     """Raised into a streaming servicer from its request iterator at an item protobuf could not parse."""
 
-    def __init__(self, message: str):
-        super().__init__(message)
-        self.message = message
-
 
 class ParseErrorsInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self) -> None:
@@ -54,13 +50,14 @@ class ParseErrorsInterceptor(grpc.aio.ServerInterceptor):
 
     @staticmethod
     def _safe(handler: grpc.RpcMethodHandler, what: str) -> Callable[[bytes], Any]:
+        """The handler's deserializer, returning an _Unparsable (`what` could not be parsed) instead of raising."""
         parse = handler.request_deserializer
 
         def safe_parse(data: bytes) -> Any:
             try:
                 return parse(data) if parse else data
             except (DecodeError, UnicodeDecodeError, ValueError) as exc:
-                return _Unparsable(f"request of {what}", exc)
+                return _Unparsable(what, exc)
 
         return safe_parse
 
@@ -71,7 +68,7 @@ class ParseErrorsInterceptor(grpc.aio.ServerInterceptor):
         async def checked(requests: Any) -> Any:
             async for request in requests:
                 if isinstance(request, _Unparsable):
-                    raise _UnparsableItem(request.message.replace("request of", "stream item of", 1))
+                    raise _UnparsableItem(request.message)
                 yield request
 
         async def guarded(requests: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -79,11 +76,12 @@ class ParseErrorsInterceptor(grpc.aio.ServerInterceptor):
                 async for response in behaviour(checked(requests), context):
                     yield response
             except _UnparsableItem as exc:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, exc.message)
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
         return grpc.stream_stream_rpc_method_handler(
-            guarded, request_deserializer=cls._safe(handler, what), response_serializer=handler.response_serializer
-        )
+            guarded, request_deserializer=cls._safe(handler, f"stream item of {what}"),
+            response_serializer=handler.response_serializer,
+        )  # fmt: skip
 
     @classmethod
     def _wrap(cls, handler: grpc.RpcMethodHandler, what: str) -> grpc.RpcMethodHandler:
@@ -95,5 +93,6 @@ class ParseErrorsInterceptor(grpc.aio.ServerInterceptor):
             return await behaviour(request, context)
 
         return grpc.unary_unary_rpc_method_handler(
-            guarded, request_deserializer=cls._safe(handler, what), response_serializer=handler.response_serializer
-        )
+            guarded, request_deserializer=cls._safe(handler, f"request of {what}"),
+            response_serializer=handler.response_serializer,
+        )  # fmt: skip
