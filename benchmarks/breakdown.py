@@ -54,12 +54,17 @@ def profiled(loaded: Any, threads: int, folder: Path) -> Any:
     return LoadedModel(loaded.manifest, sessions, loaded.tokenizers, loaded.path)
 
 
-def read_trace(path: str, skip_runs: int) -> tuple[list[float], dict[str, float], dict[str, float]]:
-    """A session's profile: each run's duration (ms), kernel time by operator type and by node (ms), after its first
-    `skip_runs` runs (the warm-up)."""
+def read_trace(path: str, requests: int) -> tuple[list[float], dict[str, float], dict[str, float]]:
+    """A session's profile over `requests` identical requests, the first a warm-up: each later run's duration (ms),
+    kernel time by operator type and by node (ms). Identical requests make the same runs, so the warm-up's are the
+    first 1/`requests` of them (checked)."""
     events = json.loads(Path(path).read_text())
     runs = sorted((e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"),
                   key=lambda e: e["ts"])  # fmt: skip
+    if len(runs) % requests:
+        raise RuntimeError(f"{path}: {len(runs)} runs in {requests} requests: the requests did not make the same "
+                           f"runs, so the warm-up's cannot be told apart")  # fmt: skip
+    skip_runs = len(runs) // requests
     start = runs[skip_runs]["ts"] if len(runs) > skip_runs else float("inf")
     ops: dict[str, float] = collections.Counter()
     nodes: dict[str, float] = collections.Counter()
@@ -90,15 +95,7 @@ def breakdown(version_dir: Path, threads: int, batch: int, beam: int, tokens: in
         traced_wall = (time.perf_counter() - start) * 1e3 / runs
         graphs = {}
         for graph, session in traced.sessions.items():
-            trace = session.end_profiling()
-            # Every request makes the same runs of each graph (same inputs, same decode): the warm-up's are the
-            # first 1/(runs + 1) of them.
-            count = sum(1 for e in json.loads(Path(trace).read_text())
-                        if e.get("cat") == "Session" and e.get("name") == "model_run")  # fmt: skip
-            if count % (runs + 1):
-                raise RuntimeError(f"{graph}: {count} runs in {runs + 1} requests: the requests did not make the "
-                                   f"same runs, so the warm-up's cannot be told apart")  # fmt: skip
-            durations, ops, nodes = read_trace(trace, count // (runs + 1))
+            durations, ops, nodes = read_trace(session.end_profiling(), runs + 1)
             if durations:
                 slowest = sorted(nodes.items(), key=lambda kv: -kv[1])[:TOP_NODES]
                 graphs[graph] = {"runs": len(durations) / runs, "ms": sum(durations) / runs,
