@@ -87,9 +87,13 @@ def beam_search_model(version_dir: Path) -> Any:
     def const(name: str, values: list[int], dtype: int = TensorProto.INT64) -> Any:
         return helper.make_node("Constant", [], [name], value=helper.make_tensor(name, dtype, [len(values)], values))
 
-    def decoder_nodes(prefix: str, ids: str, mask: str, cached: str, inputs: dict[str, str]) -> list:
-        """Our decoder step as nodes named `prefix`..., fed from `ids` (B, 1) int32, `mask` (B, S) int32, the cache
+    # Our decoder step, its names prefixed "d/", read once: both subgraphs run it (make_graph copies the nodes).
+    decoder = _prefixed(version_dir / manifest.graphs["decoder"].file, "d/")
+
+    def decoder_nodes(ids: str, mask: str, cached: str, inputs: dict[str, str]) -> tuple[list, list]:
+        """The decoder step's nodes (and its weights), fed from `ids` (B, 1) int32, `mask` (B, S) int32, the cache
         length taken from `cached` and `inputs` (our input name -> value)."""
+        prefix = "d/"
         x = "bs/" + prefix + "in/"  # the values fed to the decoder's inputs ("bs/": no imported name starts so)
         nodes = [
             const(x + "axis1", [1]),
@@ -106,10 +110,9 @@ def beam_search_model(version_dir: Path) -> Any:
         ]
         wiring = {name: x + name for name in ("prev_ids", "src_pad_mask", "cache_pad_mask", "topk")}
         wiring.update(inputs)
-        graph = _prefixed(version_dir / manifest.graphs["decoder"].file, prefix)
         nodes += [helper.make_node("Identity", [value], [prefix + name]) for name, value in wiring.items()]
         wanted = {prefix + "log_probs", *(prefix + f"new_{n}" for n in state)}
-        return nodes + _prune(list(graph.node), wanted), list(graph.initializer)
+        return nodes + _prune(list(decoder.node), wanted), list(decoder.initializer)
 
     # The encoder subgraph: encode, then the first decoder step from the start token.
     encoder = _prefixed(version_dir / manifest.graphs["encoder"].file, "e/")
@@ -117,7 +120,7 @@ def beam_search_model(version_dir: Path) -> Any:
              const("bs/e/zero_i32", [0], i32),
              helper.make_node("Equal", ["encoder_attention_mask", "bs/e/zero_i32"], ["e/src_pad_mask"]),
              *encoder.node]  # fmt: skip
-    step, step_weights = decoder_nodes("d/", "decoder_input_ids", "encoder_attention_mask", f"e/{state[0]}",
+    step, step_weights = decoder_nodes("decoder_input_ids", "encoder_attention_mask", f"e/{state[0]}",
                                        {n: f"e/{n}" for n in memory + state})  # fmt: skip
     nodes += step
     nodes += [const("bs/e/axis1", [1]), helper.make_node("Unsqueeze", ["d/log_probs", "bs/e/axis1"], ["logits"]),
@@ -148,7 +151,7 @@ def beam_search_model(version_dir: Path) -> Any:
     past = [f"past_{kind}_{side}_{i}" for side in ("self", "cross") for i in range(layers) for kind in ("key", "value")]
     inputs = {f"self_{kind}_{i}": f"past_{kind}_self_{i}" for i in range(layers) for kind in ("key", "value")}
     inputs.update({f"cross_{kind}_{i}": f"past_{kind}_cross_{i}" for i in range(layers) for kind in ("key", "value")})
-    step, step_weights = decoder_nodes("d/", "input_ids", "encoder_attention_mask", "past_key_self_0", inputs)
+    step, step_weights = decoder_nodes("input_ids", "encoder_attention_mask", "past_key_self_0", inputs)
     step += [const("bs/d/axis1", [1]), helper.make_node("Unsqueeze", ["d/log_probs", "bs/d/axis1"], ["logits"])]
     presents = [f"present_{kind}_self_{i}" for i in range(layers) for kind in ("key", "value")]
     step += [helper.make_node("Identity", [f"d/new_self_{kind}_{i}"], [f"present_{kind}_self_{i}"])
