@@ -28,7 +28,8 @@ from seqserve.server.translation import DEFAULT_MAX_TOKENS, DecodeOptions, Trans
 log = logging.getLogger(__name__)
 
 INLINE_TOKENIZE_CHARS = 4096
-# The least one fill-mask candidate takes in the answer (a one-character token, its id and probability, framing).
+# The least a fill-mask candidate takes in the answer: a one-character token (3 bytes), an id under 128 (2), a
+# non-zero probability (5) and its framing (2); tests/test_server_limits.py checks real answers against it.
 FILL_MASK_ENTRY_BYTES = 12
 
 

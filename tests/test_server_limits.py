@@ -11,6 +11,7 @@ from seqserve.protos.v1 import seqserve_pb2 as pb
 from seqserve.protos.v1 import seqserve_pb2_grpc as pb_grpc
 from seqserve.server.config import Limits, ServerConfig
 from seqserve.server.repository import ModelRepository
+from seqserve.server.served import FILL_MASK_ENTRY_BYTES
 from seqserve.server.testing import ServerThread
 
 LIMITS = Limits(max_texts=4, max_chars_per_text=100, max_tokens_per_text=12, max_message_bytes=16 * 1024,
@@ -125,8 +126,11 @@ def test_a_fill_mask_answer_over_the_message_limit_is_refused_before_the_work(ti
         code, details = _error(stub.FillMask, request)
         assert code == EXHAUSTED and "32 masks x top_k 10" in details and "2048-byte message limit" in details
         small = stub.FillMask(pb.FillMaskRequest(model=pb.ModelSpec(name="tiny-bert"), texts=["forest [MASK]"],
-                                                 top_k=3))  # fmt: skip
-        assert len(small.results[0].masks[0].candidates) == 3
+                                                 top_k=10))  # fmt: skip
+        candidates = small.results[0].masks[0].candidates
+        assert len(candidates) == 10
+        # The estimate is a floor: every real candidate (with its 2 bytes of framing) takes at least that much.
+        assert min(c.ByteSize() + 2 for c in candidates) >= FILL_MASK_ENTRY_BYTES
 
 
 def test_fill_mask_without_a_mask_is_invalid_argument(inference):
