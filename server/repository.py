@@ -123,14 +123,41 @@ class ProviderFailed(RepositoryError):
     """onnxruntime lists the provider but started the session without it (it falls back to CPU when, say, the CUDA
     provider's libraries do not load), which would serve on the CPU while the operator asked for a GPU."""
 
-    def __init__(self, provider: str, path: str | os.PathLike, got: list[str]):
+    def __init__(self, provider: str, path: str | os.PathLike, got: list[str], reason: str = ""):
         self.provider, self.path, self.got = provider, Path(path), got
-        super().__init__(
+        super().__init__(reason or (
             f"{path}: onnxruntime {ort.__version__} lists {_PROVIDERS[provider]} but did not start it for this graph "
             f"(the session runs on {', '.join(got)}; onnxruntime's log above says why, usually CUDA or cuDNN libraries "
             f"missing or of another major version than the onnxruntime-gpu build links); install the CUDA that this "
             f"onnxruntime-gpu was built for, or serve with --device cpu"
-        )
+        ))
+
+
+def placement_error(
+    options: SessionOptions, path: str | os.PathLike, providers: list[str], provider_options: dict[str, dict[str, str]]
+) -> ProviderFailed | None:
+    """Why a session that onnxruntime started (its `get_providers()` and `get_provider_options()`) does not run where
+    `options` asked, or None. onnxruntime retries a session it could not start with fallback providers and says so
+    only on standard output: the CPU (onnxruntime-gpu 1.31 on a one-GPU H100 asked for GPU 99), or, in some versions
+    whose build has TensorRT, CUDA with default options, that is GPU 0."""
+    asked = _PROVIDERS[options.provider]
+    if providers[0] != asked and options.device_id:  # GPU 0 is there wherever CUDA runs at all
+        return ProviderFailed(options.provider, path, providers, reason=(
+            f"{path}: onnxruntime {ort.__version__} could not start {asked} on GPU {options.device_id} (the session "
+            f"runs on {', '.join(providers)}; onnxruntime's output above says why: a GPU number this machine lacks "
+            f"(GPUs are numbered from 0, after CUDA_VISIBLE_DEVICES), or CUDA libraries missing); give --device-id a "
+            f"GPU this machine has"
+        ))  # fmt: skip
+    if providers[0] != asked:
+        return ProviderFailed(options.provider, path, providers)
+    got_id = provider_options.get(asked, {}).get("device_id", "0") if options.provider == "cuda" else "0"
+    if got_id != str(options.device_id):
+        return ProviderFailed(options.provider, path, providers, reason=(
+            f"{path}: onnxruntime {ort.__version__} could not start {asked} on GPU {options.device_id} and fell back "
+            f"to GPU {got_id} (onnxruntime's output above says why, usually a GPU number this machine lacks: GPUs are "
+            f"numbered from 0, after CUDA_VISIBLE_DEVICES); give --device-id a GPU this machine has"
+        ))  # fmt: skip
+    return None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -404,8 +431,9 @@ class SessionOptions:
         session = ort.InferenceSession(
             str(path), sess_options=so, providers=providers, disabled_optimizers=self.disabled_optimizers()
         )
-        if session.get_providers()[0] != _PROVIDERS[self.provider]:  # onnxruntime fell back to the CPU: refuse
-            raise ProviderFailed(self.provider, path, session.get_providers())
+        # onnxruntime fell back to the CPU, or to another GPU: refuse rather than serve elsewhere than asked
+        if (error := placement_error(self, path, session.get_providers(), session.get_provider_options())) is not None:
+            raise error
         return session
 
     def ort_options(self) -> ort.SessionOptions:

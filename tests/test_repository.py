@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +29,7 @@ from seqserve.server.repository import (
     TamperedFile,
     UnknownFormatVersion,
     load_model,
+    placement_error,
 )
 
 INPUTS = ["input_ids", "attention_mask", "token_type_ids"]
@@ -248,6 +250,30 @@ def test_device_id_picks_the_gpu_and_belongs_to_cuda_only():
     for bad in ({"provider": "cpu", "device_id": 1}, {"provider": "cuda", "device_id": -1}):
         with pytest.raises(ValueError, match="device id -?1: a GPU.s number .*with device cuda"):
             SessionOptions(**bad)
+
+
+def test_a_session_started_elsewhere_than_asked_is_refused():
+    """onnxruntime retries a session it cannot start with fallback providers and says so only on standard output: the
+    CPU (onnxruntime-gpu 1.31 asked for GPU 99 on a one-GPU H100), or, in some builds with TensorRT, CUDA with default
+    options, GPU 0. What a session reports is checked against what was asked: here on the providers and options a
+    session reports, on a real GPU session in tests/test_cuda.py."""
+    gpu, cpu = ["CUDAExecutionProvider", "CPUExecutionProvider"], ["CPUExecutionProvider"]
+    cuda = {"CUDAExecutionProvider": {"device_id": "0", "arena_extend_strategy": "kNextPowerOfTwo"}}
+    assert placement_error(SessionOptions(), "m.onnx", cpu, {"CPUExecutionProvider": {}}) is None
+    assert placement_error(SessionOptions(provider="cuda"), "m.onnx", gpu, cuda) is None
+    on_cpu = placement_error(SessionOptions(provider="cuda"), "m.onnx", cpu, {"CPUExecutionProvider": {}})
+    assert isinstance(on_cpu, ProviderFailed) and "lists CUDAExecutionProvider but did not start it" in str(on_cpu)
+    lacks = placement_error(SessionOptions(provider="cuda", device_id=99), "m.onnx", cpu, {"CPUExecutionProvider": {}})
+    assert isinstance(lacks, ProviderFailed)
+    assert re.search(r"m\.onnx: .*could not start CUDAExecutionProvider on GPU 99 \(the session runs on "
+                     r"CPUExecutionProvider.*a GPU number this machine lacks.*give --device-id a GPU this machine has",
+                     str(lacks)), str(lacks)  # fmt: skip
+    elsewhere = placement_error(SessionOptions(provider="cuda", device_id=7), "m.onnx", gpu, cuda)
+    assert isinstance(elsewhere, ProviderFailed)
+    assert re.search(r"m\.onnx: .*could not start CUDAExecutionProvider on GPU 7 and fell back to GPU 0.*"
+                     r"give --device-id a GPU this machine has", str(elsewhere)), str(elsewhere)  # fmt: skip
+    asked_one = {"CUDAExecutionProvider": {"device_id": "1"}}
+    assert placement_error(SessionOptions(provider="cuda", device_id=1), "m.onnx", gpu, asked_one) is None
 
 
 def test_loader_imports_no_torch():
