@@ -121,7 +121,8 @@ class ModelManager:
 
     async def start(self) -> None:
         """Load the configured models (all, highest version each, when none are named); failures are logged, except
-        a device that cannot run (ProviderFailed: every model would fall back to the CPU), which stops the start."""
+        a device that cannot run (ProviderFailed: every model would fall back to the CPU or another GPU), which
+        stops the start."""
         names = list(self.config.models) or list(self.repository.models())
         for name in self.repository.models():  # known but not (yet) loaded: NOT_SERVING rather than unknown
             await self.health.set(name, NOT_SERVING)

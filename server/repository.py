@@ -120,8 +120,9 @@ class ProviderUnavailable(RepositoryError):
 
 
 class ProviderFailed(RepositoryError):
-    """onnxruntime lists the provider but started the session without it (it falls back to CPU when, say, the CUDA
-    provider's libraries do not load), which would serve on the CPU while the operator asked for a GPU."""
+    """onnxruntime lists the provider but started the session without it, or on another GPU than asked (it falls back
+    to the CPU when, say, the CUDA provider's libraries do not load or the GPU asked for is not there), which would
+    serve elsewhere than the operator asked (placement_error)."""
 
     def __init__(self, provider: str, path: str | os.PathLike, got: list[str], reason: str = ""):
         self.provider, self.path, self.got = provider, Path(path), got
