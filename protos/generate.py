@@ -1,11 +1,12 @@
-"""Generate the Python gRPC modules from protos/v1/seqserve.proto (the one script the build, CI and Docker use).
+"""Generate the Python gRPC modules from the protos (the one script the build, CI and Docker use): seqserve's own API,
+protos/v1/seqserve.proto, and the Open Inference Protocol (KServe v2), protos/inference/open_inference.proto.
 
-    python protos/generate.py           write seqserve_pb2.py, seqserve_pb2.pyi, seqserve_pb2_grpc.py into protos/v1/
-    python protos/generate.py --check   exit 1 when the committed modules differ from what the proto generates
+    python protos/generate.py           write NAME_pb2.py, NAME_pb2.pyi, NAME_pb2_grpc.py beside each proto
+    python protos/generate.py --check   exit 1 when the committed modules differ from what the protos generate
 
-The proto is copied into a temporary include tree at ``seqserve/protos/v1/`` so that the generated grpc module imports
-``seqserve.protos.v1.seqserve_pb2`` (the installed package path) and the descriptor is registered under
-``seqserve/protos/v1/seqserve.proto``. Only this script needs grpcio-tools; the generated code needs grpcio and
+Each proto is copied into a temporary include tree at ``seqserve/protos/...`` so that the generated grpc modules import
+``seqserve.protos.v1.seqserve_pb2`` (the installed package path) and the descriptors are registered under
+``seqserve/protos/v1/seqserve.proto`` and ``seqserve/protos/inference/open_inference.proto``. Only this script needs grpcio-tools; the generated code needs grpcio and
 protobuf alone.
 """
 
@@ -23,7 +24,7 @@ log = logging.getLogger("seqserve.protos.generate")
 
 HERE = Path(__file__).resolve().parent
 PACKAGE_PATH = Path("seqserve/protos")  # where protos/ sits in the installed package
-PROTOS = ("v1/seqserve.proto",)
+PROTOS = ("v1/seqserve.proto", "inference/open_inference.proto")
 SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
 
 
