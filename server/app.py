@@ -1,4 +1,5 @@
-"""The server object: gRPC (grpc.aio) with the two seqserve services, health, reflection and metrics, and its drain.
+"""The server object: gRPC (grpc.aio) with the two seqserve services, the Open Inference Protocol (KServe v2), health,
+reflection and metrics, and its drain.
 
     server, port = create_server(config, ModelRepository(root))   # inside the event loop that will run it
     await server.start()                                           # loads the models, then serves
@@ -17,12 +18,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from seqserve.protos.inference import open_inference_pb2 as open_inference
+from seqserve.protos.inference import open_inference_pb2_grpc as open_inference_grpc
 from seqserve.protos.v1 import seqserve_pb2 as pb
 from seqserve.protos.v1 import seqserve_pb2_grpc as pb_grpc
 from seqserve.server.config import ServerConfig, available_cores
 from seqserve.server.interceptors import ParseErrorsInterceptor
 from seqserve.server.manager import SERVING, ModelManager
 from seqserve.server.metrics import Metrics
+from seqserve.server.open_inference import OpenInferenceServicer
 from seqserve.server.repository import ModelRepository, SessionOptions, shared_thread_pool
 from seqserve.server.servicers import InferenceServicer, ModelsServicer, ServingState
 
@@ -82,10 +86,12 @@ class SeqServer:
         pb_grpc.add_InferenceServicer_to_server(InferenceServicer(self.state), self.grpc)
         pb_grpc.add_ModelsServicer_to_server(ModelsServicer(self.state), self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        open_inference_grpc.add_GRPCInferenceServiceServicer_to_server(OpenInferenceServicer(self.state), self.grpc)
         services = (
             pb.DESCRIPTOR.services_by_name["Inference"].full_name,
             pb.DESCRIPTOR.services_by_name["Models"].full_name,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            open_inference.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
             reflection.SERVICE_NAME,
         )
         reflection.enable_server_reflection(services, self.grpc)

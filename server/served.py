@@ -219,11 +219,11 @@ class ServedModel:
         else:
             encoded = await self._tokenize(texts, truncate)
         jobs = await self._bert([BertJob("encode", e, pooling, normalize) for e in encoded], deadline)
-        hidden = self._hidden_size()
+        hidden = self.hidden_size()
         vectors = np.stack([j.result for j in jobs]) if jobs else np.zeros((0, hidden), np.float32)  # (N, H)
         return vectors.astype(np.float32), [len(e) for e in encoded]
 
-    def _hidden_size(self) -> int:
+    def hidden_size(self) -> int:
         for spec in self.manifest.graphs["model"].outputs:
             if spec.name == "sequence_output" and isinstance(spec.shape[-1], int):
                 return spec.shape[-1]

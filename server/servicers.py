@@ -10,7 +10,7 @@ import asyncio
 import functools
 import logging
 import time
-from typing import AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import grpc
 
@@ -42,13 +42,24 @@ class ServingState:
         self.draining = False
 
 
+def _asked(request: Any) -> str:
+    """The model a request names: seqserve.v1's `model.name`, the Open Inference Protocol's `model_name` or `name`."""
+    fields = request.DESCRIPTOR.fields_by_name
+    if "model" in fields:
+        return request.model.name
+    for field in ("model_name", "name"):
+        if field in fields:
+            return getattr(request, field)
+    return ""
+
+
 def _rpc(method: Callable[..., Awaitable]) -> Callable[..., Awaitable]:
     name = method.__name__
 
     @functools.wraps(method)
     async def wrapper(self, request, context: grpc.aio.ServicerContext):
         state: ServingState = self.state
-        asked = request.model.name if hasattr(request, "model") else ""
+        asked = _asked(request)
         model = shown_name(asked) if asked else ""  # for the logs: a client-given name, cut and escaped
         # Label only with names being served: client-chosen strings must not create unbounded metric series.
         state.metrics.requests.labels(name, asked if state.manager.serves(asked) else "other").inc()

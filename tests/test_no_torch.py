@@ -9,7 +9,8 @@ import sys
 PROBE = """
 import importlib, json, pkgutil, sys
 import seqserve.server, seqserve.clients, seqserve.protos.v1
-names = ["seqserve.protos.v1.seqserve_pb2", "seqserve.protos.v1.seqserve_pb2_grpc"]
+names = ["seqserve.protos.v1.seqserve_pb2", "seqserve.protos.v1.seqserve_pb2_grpc",
+         "seqserve.protos.inference.open_inference_pb2", "seqserve.protos.inference.open_inference_pb2_grpc"]
 for package in (seqserve.server, seqserve.clients):
     names += [f"{package.__name__}.{m.name}" for m in pkgutil.iter_modules(package.__path__)]
 for name in names:
