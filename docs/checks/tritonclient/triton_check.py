@@ -14,7 +14,7 @@ repo = Path(sys.argv[1]); venv_python = sys.argv[2]
 with ServerProcess(repo, 2) as s, Client(s.address) as c:
     got = json.loads(subprocess.run([venv_python, str(Path(__file__).with_name("triton_side.py")), s.address], capture_output=True, text=True, check=True).stdout)
     texts = ["Click the Save button.", "Opens the Print dialog."]
-    ref = c.translate("en-de", texts, DecodingOptions(beam_size=4))
+    ref = c.translate("en-de", texts, DecodingOptions(beam_size=4, length_penalty=0.6))
     print("status", got["live"], got["ready"], got["model_ready"], got["unknown_ready"], got["server"])
     print("metadata sotu-bert", got["meta"])
     print("translation", got["translation"], "same as v1:", got["translation"] == [t.hypotheses[0].text for t in ref],

@@ -9,7 +9,7 @@ out = {"live": c.is_server_live(), "ready": c.is_server_ready(), "model_ready": 
        "meta": c.get_model_metadata("sotu-bert", as_json=True)}
 texts = ["Click the Save button.", "Opens the Print dialog."]
 t = triton.InferInput("text", [2], "BYTES"); t.set_data_from_numpy(np.array([s.encode() for s in texts], dtype=object))
-r = c.infer("en-de", [t], parameters={"beam_size": 4}, request_id="r1")
+r = c.infer("en-de", [t], parameters={"beam_size": 4, "length_penalty": 0.6}, request_id="r1")  # an int and a float
 out["translation"] = [x.decode() for x in r.as_numpy("translation")]
 out["score"] = r.as_numpy("score").tolist()
 out["id"] = r.get_response().id
