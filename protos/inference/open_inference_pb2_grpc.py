@@ -77,7 +77,7 @@ class GRPCInferenceServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ServerReady(self, request, context):
-        """Ready while not draining and at least one model version is ready.
+        """Ready while at least one model version is ready (while draining, every call is refused UNAVAILABLE).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
