@@ -124,9 +124,9 @@ class ProviderFailed(RepositoryError):
     to the CPU when, say, the CUDA provider's libraries do not load or the GPU asked for is not there), which would
     serve elsewhere than the operator asked (placement_error)."""
 
-    def __init__(self, provider: str, path: str | os.PathLike, got: list[str], reason: str = ""):
+    def __init__(self, provider: str, path: str | os.PathLike, got: list[str], message: str = ""):
         self.provider, self.path, self.got = provider, Path(path), got
-        super().__init__(reason or (
+        super().__init__(message or (
             f"{path}: onnxruntime {ort.__version__} lists {_PROVIDERS[provider]} but did not start it for this graph "
             f"(the session runs on {', '.join(got)}; onnxruntime's log above says why, usually CUDA or cuDNN libraries "
             f"missing or of another major version than the onnxruntime-gpu build links); install the CUDA that this "
@@ -139,24 +139,24 @@ def placement_error(
 ) -> ProviderFailed | None:
     """Why a session that onnxruntime started (its `get_providers()` and `get_provider_options()`) does not run where
     `options` asked, or None. onnxruntime retries a session it could not start with fallback providers and says so
-    only on standard output: the CPU (onnxruntime-gpu 1.31 on a one-GPU H100 asked for GPU 99), or, in some versions
-    whose build has TensorRT, CUDA with default options, that is GPU 0."""
+    only on standard output: onnxruntime-gpu 1.31 on a one-GPU H100 asked for GPU 99 fell back to the CPU. A session
+    on CUDA but on another GPU than asked (a fallback to CUDA's default options would be GPU 0) is refused too."""
     asked = _PROVIDERS[options.provider]
-    if providers[0] != asked and options.device_id:  # GPU 0 is there wherever CUDA runs at all
-        return ProviderFailed(options.provider, path, providers, reason=(
-            f"{path}: onnxruntime {ort.__version__} could not start {asked} on GPU {options.device_id} (the session "
-            f"runs on {', '.join(providers)}; onnxruntime's output above says why: a GPU number this machine lacks "
-            f"(GPUs are numbered from 0, after CUDA_VISIBLE_DEVICES), or CUDA libraries missing); give --device-id a "
-            f"GPU this machine has"
-        ))  # fmt: skip
+    gpu = options.device_id
+    advice = "GPUs are numbered from 0, after CUDA_VISIBLE_DEVICES; give --device-id a GPU this machine has"
     if providers[0] != asked:
-        return ProviderFailed(options.provider, path, providers)
-    got_id = provider_options.get(asked, {}).get("device_id", "0") if options.provider == "cuda" else "0"
-    if got_id != str(options.device_id):
-        return ProviderFailed(options.provider, path, providers, reason=(
-            f"{path}: onnxruntime {ort.__version__} could not start {asked} on GPU {options.device_id} and fell back "
-            f"to GPU {got_id} (onnxruntime's output above says why, usually a GPU number this machine lacks: GPUs are "
-            f"numbered from 0, after CUDA_VISIBLE_DEVICES); give --device-id a GPU this machine has"
+        if not gpu:  # GPU 0 is there wherever CUDA runs at all: the libraries are the likely cause
+            return ProviderFailed(options.provider, path, providers)
+        return ProviderFailed(options.provider, path, providers, message=(
+            f"{path}: onnxruntime {ort.__version__} could not start {asked} on GPU {gpu} (the session runs on "
+            f"{', '.join(providers)}; onnxruntime's output above says why: a GPU number this machine lacks, or CUDA "
+            f"libraries missing); {advice}"
+        ))  # fmt: skip
+    got = provider_options.get(asked, {}).get("device_id", "0") if options.provider == "cuda" else "0"
+    if got != str(gpu):
+        return ProviderFailed(options.provider, path, providers, message=(
+            f"{path}: onnxruntime {ort.__version__} started {asked} on GPU {got}, not on GPU {gpu} as asked "
+            f"(onnxruntime's output above says why); {advice}"
         ))  # fmt: skip
     return None
 

@@ -16,7 +16,7 @@ from seqserve.export.pipeline import FP16_RTOL, FP16_TOLERANCE, ExportError
 from seqserve.server.app import DeviceUnavailable
 from seqserve.server.batch import BatchJob, translate_file
 from seqserve.server.config import ServerConfig
-from seqserve.server.repository import ModelRepository, ProviderFailed, ProviderUnavailable
+from seqserve.server.repository import ModelRepository, ProviderFailed, ProviderUnavailable, SessionOptions
 from seqserve.server.testing import ServerThread
 
 HAS_CUDA = gpu_available()
@@ -122,7 +122,6 @@ def test_cuda_decoder_keeps_its_state_on_the_gpu_or_is_refused_clearly(tiny_repo
     import onnxruntime as ort
 
     from seqserve.server.decoding import BeamSearch, GreedySearch, decode_batch
-    from seqserve.server.repository import SessionOptions
     from seqserve.server.translation import OnnxStepModel
 
     if not HAS_CUDA:
@@ -159,8 +158,6 @@ def test_cuda_a_gpu_this_machine_lacks_is_refused_not_served_on_another(tiny_rep
     """--device-id of a GPU the machine lacks: onnxruntime cannot start CUDA there and retries on the CPU (1.31 on a
     one-GPU H100), saying so only on standard output. The load is refused with a message naming the GPU asked for,
     and a server asked to serve there does not start (ProviderFailed stops the start), rather than serve elsewhere."""
-    from seqserve.server.repository import SessionOptions
-
     if not HAS_CUDA:
         with pytest.raises(ProviderUnavailable, match="CUDAExecutionProvider.*onnxruntime-gpu"):
             ModelRepository(tiny_repository).load("tiny-gru", options=SessionOptions(provider="cuda", device_id=99))
