@@ -1,7 +1,7 @@
 """The gRPC servicers: thin translation between protobuf messages and the model manager's typed methods.
 
-Every unary method runs under `_rpc`, the one place where exceptions become status codes (errors.status_of), metrics
-are counted and draining is refused. TranslateStream reports per-item errors in its responses instead.
+Every unary method runs under `rpc_method`, the one place where exceptions become status codes (errors.status_of),
+metrics are counted and draining is refused. TranslateStream reports per-item errors in its responses instead.
 """
 
 from __future__ import annotations
@@ -43,18 +43,28 @@ class ServingState:
 
 
 def _asked(request: Any) -> str:
-    """The model a request names: seqserve.v1's `model.name`, the Open Inference Protocol's `model_name` or `name`."""
+    """The model a request names: seqserve.v1's `model.name`; the Open Inference Protocol's `model_name` (ModelInfer)
+    or `name` (ModelReady, ModelMetadata). ListModels' `name` is a filter, not a model asked for."""
     fields = request.DESCRIPTOR.fields_by_name
     if "model" in fields:
         return request.model.name
-    for field in ("model_name", "name"):
-        if field in fields:
-            return getattr(request, field)
+    if request.DESCRIPTOR.file.package == "inference":
+        for field in ("model_name", "name"):
+            if field in fields:
+                return getattr(request, field)
     return ""
 
 
-def _rpc(method: Callable[..., Awaitable]) -> Callable[..., Awaitable]:
+def answers_while_draining(method: Callable[..., Awaitable]) -> Callable[..., Awaitable]:
+    """Mark a method rpc_method lets through while the server drains (liveness and readiness probes)."""
+    method.answers_while_draining = True  # type: ignore[attr-defined]
+    return method
+
+
+def rpc_method(method: Callable[..., Awaitable]) -> Callable[..., Awaitable]:
+    """A unary method's one place for status codes (errors.status_of), metrics and refusing work while draining."""
     name = method.__name__
+    while_draining = getattr(method, "answers_while_draining", False)
 
     @functools.wraps(method)
     async def wrapper(self, request, context: grpc.aio.ServicerContext):
@@ -65,7 +75,7 @@ def _rpc(method: Callable[..., Awaitable]) -> Callable[..., Awaitable]:
         state.metrics.requests.labels(name, asked if state.manager.serves(asked) else "other").inc()
         started = time.monotonic()
         try:
-            if state.draining:
+            if state.draining and not while_draining:
                 raise Draining()
             return await method(self, request, context)
         except asyncio.CancelledError:
@@ -86,7 +96,7 @@ def _rpc(method: Callable[..., Awaitable]) -> Callable[..., Awaitable]:
     return wrapper
 
 
-def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
     remaining = context.time_remaining()
     return None if remaining is None else time.monotonic() + remaining
 
@@ -123,39 +133,39 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     def __init__(self, state: ServingState):
         self.state = state
 
-    @_rpc
+    @rpc_method
     async def Encode(self, request: pb.EncodeRequest, context) -> pb.EncodeResponse:
         served = self.state.manager.get(request.model.name, request.model.version)
         if request.pooling not in _POOLING:
             raise InvalidRequest(f"unknown pooling {request.pooling}; known: {sorted(_POOLING)}")
         vectors, counts = await served.encode(
             list(request.texts), [(p.first, p.second) for p in request.pairs], _POOLING[request.pooling],
-            request.normalize, _truncate(request.truncation), _deadline(context),
+            request.normalize, _truncate(request.truncation), deadline_of(context),
         )  # fmt: skip
         tensor = pb.Tensor(dtype="float32", shape=list(vectors.shape), data=vectors.astype("<f4").tobytes())
         return pb.EncodeResponse(model=_ref(served), embeddings=tensor, token_counts=counts)
 
-    @_rpc
+    @rpc_method
     async def Translate(self, request: pb.TranslateRequest, context) -> pb.TranslateResponse:
         served = self.state.manager.get(request.model.name, request.model.version)
         results = await served.translate(
-            list(request.texts), _options(request.options), _truncate(request.truncation), _deadline(context)
+            list(request.texts), _options(request.options), _truncate(request.truncation), deadline_of(context)
         )
         return pb.TranslateResponse(model=_ref(served), translations=[_translation(r) for r in results])
 
-    @_rpc
+    @rpc_method
     async def ScoreNextSentence(self, request: pb.ScoreNextSentenceRequest, context) -> pb.ScoreNextSentenceResponse:
         served = self.state.manager.get(request.model.name, request.model.version)
         probs = await served.next_sentence(
-            [(p.first, p.second) for p in request.pairs], _truncate(request.truncation), _deadline(context)
+            [(p.first, p.second) for p in request.pairs], _truncate(request.truncation), deadline_of(context)
         )
         return pb.ScoreNextSentenceResponse(model=_ref(served), is_next_probability=probs)
 
-    @_rpc
+    @rpc_method
     async def FillMask(self, request: pb.FillMaskRequest, context) -> pb.FillMaskResponse:
         served = self.state.manager.get(request.model.name, request.model.version)
         results = await served.fill_mask(
-            list(request.texts), request.top_k, _truncate(request.truncation), _deadline(context)
+            list(request.texts), request.top_k, _truncate(request.truncation), deadline_of(context)
         )
         return pb.FillMaskResponse(
             model=_ref(served),
@@ -188,7 +198,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 served = state.manager.get(item.model.name, item.model.version)
                 response.model.CopyFrom(_ref(served))
                 [result] = await served.translate(
-                    [item.text], _options(item.options), _truncate(item.truncation), _deadline(context)
+                    [item.text], _options(item.options), _truncate(item.truncation), deadline_of(context)
                 )
                 response.translation.CopyFrom(_translation(result))
             except asyncio.CancelledError:
@@ -243,14 +253,14 @@ class ModelsServicer(pb_grpc.ModelsServicer):
     def __init__(self, state: ServingState):
         self.state = state
 
-    @_rpc
+    @rpc_method
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(models=[_status(s) for s in self.state.manager.statuses(request.name)])
 
-    @_rpc
+    @rpc_method
     async def LoadModel(self, request: pb.LoadModelRequest, context) -> pb.ModelStatus:
         return _status(await self.state.manager.load(request.model.name, request.model.version))
 
-    @_rpc
+    @rpc_method
     async def UnloadModel(self, request: pb.UnloadModelRequest, context) -> pb.ModelStatus:
         return _status(await self.state.manager.unload(request.model.name, request.model.version))

@@ -197,10 +197,13 @@ def test_draining_not_ready_and_metrics(stub, running, tiny_repository):
     before = requests("seqserve_requests_total", {"method": "ModelInfer", "model": "tiny-gru"}) or 0.0
     stub.ModelInfer(_raw_request("tiny-gru", {"text": ["a b"]}))
     assert requests("seqserve_requests_total", {"method": "ModelInfer", "model": "tiny-gru"}) == before + 1
-    running.server.state.draining = True  # what drain() sets first: every call refused, as the rest of the API
+    running.server.state.draining = True  # what drain() sets first: no new work, probes still answered
     try:
-        _refused(lambda: stub.ServerLive(v2.ServerLiveRequest()), grpc.StatusCode.UNAVAILABLE, "shutting down")
-        _refused(lambda: stub.ModelInfer(_raw_request("tiny-gru", {"text": ["a"]})), grpc.StatusCode.UNAVAILABLE)
+        assert stub.ServerLive(v2.ServerLiveRequest()).live  # a restart would not help
+        assert not stub.ServerReady(v2.ServerReadyRequest()).ready  # send no more work here
+        _refused(lambda: stub.ModelInfer(_raw_request("tiny-gru", {"text": ["a"]})), grpc.StatusCode.UNAVAILABLE,
+                 "shutting down")  # fmt: skip
+        _refused(lambda: stub.ModelReady(v2.ModelReadyRequest(name="tiny-gru")), grpc.StatusCode.UNAVAILABLE)
     finally:
         running.server.state.draining = False
     config = ServerConfig(port=0, metrics_port=None, instances=1, threads=1, limits=LIMITS, models=["tiny-gru"])
@@ -242,7 +245,7 @@ def test_bad_requests_are_refused_with_what_was_wrong(stub, running):
     _refused(infer(**gru, inputs=[_text("text", ["a"])], parameters={"beam_size": v2.InferParameter(
         string_param="4")}), invalid, "beam_size is an integer (int64_param), 1..8")  # fmt: skip
     _refused(infer(**gru, inputs=[_text("text", ["a"])], parameters={"beam_size": v2.InferParameter(
-        int64_param=-1)}), invalid, "beam_size = -1 is out of range (limit: 1..8)")  # fmt: skip
+        int64_param=-1)}), invalid, "beam_size = -1 is out of range (limit: 1..8; 0 is taken as 1)")  # fmt: skip
     _refused(infer(**gru, inputs=[_text("text", ["a"])], parameters={"max_output_tokens": v2.InferParameter(
         int64_param=2**40)}), invalid, "max_output_tokens = 1099511627776 is out of range (limit: 0..")  # fmt: skip
     for bad in ("long", " 1_0 ", "nan"):

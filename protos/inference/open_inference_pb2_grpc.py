@@ -70,14 +70,14 @@ class GRPCInferenceServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def ServerLive(self, request, context):
-        """Live while the process answers.
+        """Live while the process answers, draining included.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ServerReady(self, request, context):
-        """Ready while at least one model version is ready (while draining, every call is refused UNAVAILABLE).
+        """Ready while at least one model version is ready and the server is not draining (other calls are then refused).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
