@@ -1,26 +1,44 @@
-"""Runs in a venv with tritonclient[grpc] only: Triton's own client against seqserve's port; prints JSON."""
-import json, sys
+"""Runs in a venv with tritonclient[grpc] only: Triton's own client against seqserve's port; prints JSON.
+
+    /tmp/tcenv/bin/python docs/checks/tritonclient/triton_side.py HOST:PORT
+"""
+
+import json
+import sys
+from importlib import metadata
+
 import numpy as np
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
-c = triton.InferenceServerClient(sys.argv[1])
-out = {"live": c.is_server_live(), "ready": c.is_server_ready(), "model_ready": c.is_model_ready("en-de"),
-       "unknown_ready": c.is_model_ready("nope"), "server": c.get_server_metadata(as_json=True),
-       "meta": c.get_model_metadata("sotu-bert", as_json=True)}
-texts = ["Click the Save button.", "Opens the Print dialog."]
-t = triton.InferInput("text", [2], "BYTES"); t.set_data_from_numpy(np.array([s.encode() for s in texts], dtype=object))
-r = c.infer("en-de", [t], parameters={"beam_size": 4, "length_penalty": 0.6}, request_id="r1")  # an int and a float
-out["translation"] = [x.decode() for x in r.as_numpy("translation")]
-out["score"] = r.as_numpy("score").tolist()
-out["id"] = r.get_response().id
-r = c.infer("minilm-l6", [t], outputs=[triton.InferRequestedOutput("embedding")])
-out["embedding"] = r.as_numpy("embedding").tolist()
-p = triton.InferInput("text_pair", [2], "BYTES"); p.set_data_from_numpy(np.array([b"The deficit grew.", b"We act."], dtype=object))
-a = triton.InferInput("text", [2], "BYTES"); a.set_data_from_numpy(np.array([b"We must balance the budget.", b"Thank you."], dtype=object))
-r = c.infer("sotu-bert", [a, p], outputs=[triton.InferRequestedOutput("is_next_probability")])
-out["nsp"] = r.as_numpy("is_next_probability").tolist()
+
+
+def strings(name: str, values: list[str]) -> triton.InferInput:
+    tensor = triton.InferInput(name, [len(values)], "BYTES")
+    tensor.set_data_from_numpy(np.array([v.encode() for v in values], dtype=object))
+    return tensor
+
+
+client = triton.InferenceServerClient(sys.argv[1])
+out = {
+    "tritonclient": metadata.version("tritonclient"),
+    "live": client.is_server_live(), "ready": client.is_server_ready(), "model_ready": client.is_model_ready("en-de"),
+    "unknown_ready": client.is_model_ready("nope"), "server": client.get_server_metadata(as_json=True),
+    "meta": client.get_model_metadata("sotu-bert", as_json=True),
+}
+texts = strings("text", ["Click the Save button.", "Opens the Print dialog."])
+# parameters as tritonclient sends them: an int as int64_param, a float as double_param
+result = client.infer("en-de", [texts], parameters={"beam_size": 4, "length_penalty": 0.6}, request_id="r1")
+out["translation"] = [x.decode() for x in result.as_numpy("translation")]
+out["score"] = result.as_numpy("score").tolist()
+out["id"] = result.get_response().id
+result = client.infer("minilm-l6", [texts], outputs=[triton.InferRequestedOutput("embedding")])
+out["embedding"] = result.as_numpy("embedding").tolist()
+pairs = [strings("text", ["We must balance the budget.", "Thank you."]),
+         strings("text_pair", ["The deficit grew.", "We act."])]
+result = client.infer("sotu-bert", pairs, outputs=[triton.InferRequestedOutput("is_next_probability")])
+out["nsp"] = result.as_numpy("is_next_probability").tolist()
 try:
-    c.infer("en-de", [t], parameters={"beam_size": 99})
+    client.infer("en-de", [texts], parameters={"beam_size": 99})
 except InferenceServerException as e:
     out["error"] = [e.status(), e.message()]
 print(json.dumps(out))
