@@ -1,13 +1,13 @@
-"""Generate the Python gRPC modules from the protos (the one script the build, CI and Docker use): seqserve's own API,
-protos/v1/seqserve.proto, and the Open Inference Protocol (KServe v2), protos/inference/open_inference.proto.
+"""Generate the Python gRPC modules from the protos (the one script the build, CI and Docker use): seqserve's own
+API, protos/v1/seqserve.proto, and the Open Inference Protocol (KServe v2), protos/inference/open_inference.proto.
 
     python protos/generate.py           write NAME_pb2.py, NAME_pb2.pyi, NAME_pb2_grpc.py beside each proto
     python protos/generate.py --check   exit 1 when the committed modules differ from what the protos generate
 
 Each proto is copied into a temporary include tree at ``seqserve/protos/...`` so that the generated grpc modules import
 ``seqserve.protos.v1.seqserve_pb2`` (the installed package path) and the descriptors are registered under
-``seqserve/protos/v1/seqserve.proto`` and ``seqserve/protos/inference/open_inference.proto``. Only this script needs grpcio-tools; the generated code needs grpcio and
-protobuf alone.
+``seqserve/protos/v1/seqserve.proto`` and ``seqserve/protos/inference/open_inference.proto``. Only this script needs
+grpcio-tools; the generated code needs grpcio and protobuf alone.
 """
 
 from __future__ import annotations
