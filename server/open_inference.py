@@ -17,6 +17,7 @@ Fill-mask stays on seqserve.v1 (its answer is not one tensor).
 
 from __future__ import annotations
 
+import functools
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -99,6 +100,15 @@ def _token_limit(pairs: list[str] | None) -> Iterator[None]:
         ) from None
 
 
+@functools.cache
+def _package_version() -> str:
+    """The installed package's version, read from its metadata once (not on every ServerMetadata)."""
+    try:
+        return metadata.version("seqserve")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def _output(response: pb.ModelInferResponse, name: str, datatype: str, shape: list[int], raw: bytes) -> None:
     response.outputs.add(name=name, datatype=datatype, shape=shape)
     response.raw_output_contents.append(raw)
@@ -130,11 +140,7 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @rpc_method
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context) -> pb.ServerMetadataResponse:
-        try:
-            version = metadata.version("seqserve")
-        except metadata.PackageNotFoundError:
-            version = "unknown"
-        return pb.ServerMetadataResponse(name="seqserve", version=version)
+        return pb.ServerMetadataResponse(name="seqserve", version=_package_version())
 
     @rpc_method
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context) -> pb.ModelMetadataResponse:

@@ -10,6 +10,7 @@ import struct
 from seqserve.protos.inference import open_inference_pb2 as pb
 from seqserve.server.config import Limits
 from seqserve.server.errors import InvalidRequest, OptionOutOfRange
+from seqserve.server.repository import VERSION_PATTERN
 from seqserve.server.served import ServedModel
 from seqserve.server.translation import DecodeOptions
 
@@ -21,7 +22,6 @@ PARAMETERS = {
     "bert": ("pooling", "normalize", "truncate"),
 }
 _DECIMAL = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
-_VERSION = re.compile(r"[1-9][0-9]{0,8}")
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -200,24 +200,22 @@ def check_parameters(request: pb.ModelInferRequest, kind: str) -> None:
 def decode_options(request: pb.ModelInferRequest, served: ServedModel) -> DecodeOptions:
     """The request's decoding parameters; their upper limits are checked where seqserve.v1's are (DecodeOptions)."""
     beam = max(int_parameter(request, "beam_size", 1, f"1..{served.limits.max_beam_size}; 0 is taken as 1"), 1)
+    n_best = max(int_parameter(request, "n_best", 1, f"1..beam_size {beam}; 0 is taken as 1"), 1)
+    max_tokens = int_parameter(
+        request, "max_output_tokens", 0, f"0..{served.translator.max_target_tokens} (0: the model's own limit)"
+    )
     return DecodeOptions(
-        beam_size=beam, n_best=max(int_parameter(request, "n_best", 1, f"1..beam_size {beam}; 0 is taken as 1"), 1),
-        max_output_tokens=int_parameter(request, "max_output_tokens", 0,
-                               f"0..{served.translator.max_target_tokens} (0: the model's own limit)"),
+        beam_size=beam, n_best=n_best, max_output_tokens=max_tokens,
         max_output_ratio=float_parameter(request, "max_output_ratio", 0.0),
         length_penalty=float_parameter(request, "length_penalty", 0.0),
     )  # fmt: skip
 
 
-# ------------------------------------------------------------------------------------------------------------------
-# The servicer
-
-
 def version_number(text: str) -> int:
     """A request's version string: "" for the highest ready (0), else a version number as the repository's folders
-    name them (1, 2, ...)."""
+    name them (1, 2, ...; at most 9 digits, so that a refusal naming it stays short)."""
     if not text:
         return 0
-    if not _VERSION.fullmatch(text):
+    if len(text) > 9 or not VERSION_PATTERN.match(text):
         raise InvalidRequest(f"model version {text[:20]!r} is not a version number (1, 2, ...; empty for the latest)")
     return int(text)
