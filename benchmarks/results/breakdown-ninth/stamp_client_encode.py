@@ -9,7 +9,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 repo = Path("/tmp/seqserve-bench/encode_repository"); name = sys.argv[1]
 texts = ["the quick brown fox jumps over the lazy dog"]
 port = free_port()
-p = subprocess.Popen([sys.executable, "benchmarks/results/breakdown-ninth/stamp_server_encode.py", "/tmp/stamps_enc.json", "serve", "--repository", str(repo), "--port", str(port),
+p = subprocess.Popen([sys.executable, "benchmarks/results/breakdown-ninth/stamp_server.py", "/tmp/stamps_enc.json", "serve", "--repository", str(repo), "--port", str(port),
     "--metrics-port", "-1", "--threads", "2", "--instances", "1", "--log-level", "WARNING", "--models", name], env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
 time.sleep(6)
 client = Client(f"127.0.0.1:{port}")
