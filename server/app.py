@@ -23,7 +23,7 @@ from seqserve.protos.inference import open_inference_pb2_grpc as open_inference_
 from seqserve.protos.v1 import seqserve_pb2 as pb
 from seqserve.protos.v1 import seqserve_pb2_grpc as pb_grpc
 from seqserve.server.config import ServerConfig, available_cores
-from seqserve.server.interceptors import ParseErrorsInterceptor
+from seqserve.server.interceptors import server_interceptors
 from seqserve.server.manager import SERVING, ModelManager
 from seqserve.server.metrics import Metrics
 from seqserve.server.open_inference import OpenInferenceServicer
@@ -80,7 +80,7 @@ class SeqServer:
         self.state = ServingState(self.manager, self.metrics)
         limit = config.limits.max_message_bytes
         self.grpc = grpc.aio.server(
-            interceptors=[ParseErrorsInterceptor()],
+            interceptors=server_interceptors(config, self.metrics),
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
         )
         pb_grpc.add_InferenceServicer_to_server(InferenceServicer(self.state), self.grpc)
@@ -104,7 +104,7 @@ class SeqServer:
     async def start(self) -> None:
         """Load the models, start metrics and gRPC; overall health SERVING."""
         if self.config.metrics_port is not None:
-            self.metrics_port = self.metrics.serve(self.config.metrics_port)
+            self.metrics_port = self.metrics.serve(self.config.metrics_port, _http_host(self.config.host))
         await self.manager.start()
         await self.grpc.start()
         await self.health.set("", SERVING)
@@ -125,6 +125,11 @@ class SeqServer:
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
+
+
+def _http_host(grpc_host: str) -> str:
+    """The metrics endpoint listens where gRPC does: gRPC's "[::]" or "[::1]" is an HTTP server's "::" or "::1"."""
+    return grpc_host[1:-1] if grpc_host.startswith("[") and grpc_host.endswith("]") else grpc_host
 
 
 def create_server(config: ServerConfig, repository: ModelRepository) -> tuple[SeqServer, int]:

@@ -10,10 +10,14 @@ were sent).
 from __future__ import annotations
 
 import inspect
-from typing import Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import grpc
 from google.protobuf.message import DecodeError
+
+if TYPE_CHECKING:
+    from seqserve.server.config import ServerConfig
+    from seqserve.server.metrics import Metrics
 
 
 class _Unparsable:
@@ -96,3 +100,8 @@ class ParseErrorsInterceptor(grpc.aio.ServerInterceptor):
             guarded, request_deserializer=cls._safe(handler, f"request of {what}"),
             response_serializer=handler.response_serializer,
         )  # fmt: skip
+
+
+def server_interceptors(config: "ServerConfig", metrics: "Metrics") -> list[grpc.aio.ServerInterceptor]:
+    """The interceptors every seqserve gRPC server runs, outermost first."""
+    return [ParseErrorsInterceptor()]
