@@ -3,11 +3,37 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+MAX_PORT = 65535
+# gRPC's message limits are C ints; a limit under 1 KiB refuses ordinary requests (a model name and one sentence).
+MIN_MESSAGE_BYTES, MAX_MESSAGE_BYTES = 1024, 2**31 - 1
+ADMIN_TOKEN_ENV = "SEQSERVE_ADMIN_TOKEN"
+
+
+class ConfigError(ValueError):
+    """A setting outside its valid range; names the setting as `seqserve serve` spells it, the value and the range."""
+
+    def __init__(self, option: str, value: object, valid: str):
+        self.option, self.value, self.valid = option, value, valid
+        super().__init__(f"{option} {value!r} is not valid: {valid}")
+
+
+def _check_int(option: str, value: object, low: int, high: int | None = None, note: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        valid = f"an integer from {low} to {high}" if high is not None else f"an integer of at least {low}"
+        raise ConfigError(option, value, valid + note)
+
+
+def _check_float(option: str, value: object, low: float, note: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < low:
+        raise ConfigError(option, value, f"a finite number of at least {low:g}{note}")
 
 
 def available_cores() -> int:
@@ -30,6 +56,19 @@ class Limits:
     max_top_k: int = 100
     max_queue: int = 4096  # sequences waiting per model
     stream_read_ahead: int = 32  # TranslateStream requests in flight per stream before flow control pushes back
+
+    def validate(self) -> "Limits":
+        """Raise ConfigError for a limit that would refuse every request (or hang every stream); returns self."""
+        _check_int("--max-texts", self.max_texts, 1)
+        _check_int("--max-chars-per-text", self.max_chars_per_text, 1)
+        _check_int("--max-tokens-per-text", self.max_tokens_per_text, 0, note=" (0: the model's own limit)")
+        _check_int("--max-message-bytes", self.max_message_bytes, MIN_MESSAGE_BYTES, MAX_MESSAGE_BYTES)
+        _check_int("--max-beam-size", self.max_beam_size, 1)
+        _check_int("--max-top-k", self.max_top_k, 1)
+        _check_int("--max-queue", self.max_queue, 1)
+        # 0 would leave TranslateStream no slot for its first item: every stream would wait for its deadline.
+        _check_int("--stream-read-ahead", self.stream_read_ahead, 1)
+        return self
 
 
 @dataclass(frozen=True)
@@ -56,7 +95,18 @@ class BatchingConfig:
         keys = ("max_batch_tokens", "max_queue_delay_ms", "max_batch_size", "max_join_ms", "dispatch_when_idle",
                 "inline_max_ms")
         known = {k: overrides[k] for k in keys if k in overrides}
-        return replace(self, **known)
+        return replace(self, **known).validate()
+
+    def validate(self) -> "BatchingConfig":
+        """Raise ConfigError for a setting outside its range; returns self."""
+        _check_int("--max-batch-tokens", self.max_batch_tokens, 1)
+        _check_int("--max-batch-size", self.max_batch_size, 1)
+        _check_float("--max-queue-delay-ms", self.max_queue_delay_ms, 0.0)
+        _check_float("--max-join-ms", self.max_join_ms, 0.0)
+        _check_float("--inline-max-ms", self.inline_max_ms, 0.0, " (0: never inline)")
+        if not isinstance(self.dispatch_when_idle, bool):
+            raise ConfigError("dispatch_when_idle (--always-wait)", self.dispatch_when_idle, "true or false")
+        return self
 
 
 @dataclass(frozen=True)
@@ -76,6 +126,34 @@ class ServerConfig:
     grace_period_s: float = 10.0
     limits: Limits = field(default_factory=Limits)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
+    # Model management (LoadModel, UnloadModel): with admin_token set, only calls sending
+    # "authorization: Bearer <admin_token>" may use it; admin False refuses it to everyone. Other RPCs stay open.
+    admin_token: str | None = field(default=None, repr=False)
+    admin: bool = True
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> "ServerConfig":
+        """Raise ConfigError for a setting outside its range (the nested limits and batching included); returns self."""
+        if not isinstance(self.host, str) or not self.host:
+            raise ConfigError("--host", self.host, "an address to listen on, such as [::] or 127.0.0.1")
+        _check_int("--port", self.port, 0, MAX_PORT, " (0: any free port)")
+        if self.metrics_port is not None:
+            _check_int("--metrics-port", self.metrics_port, 0, MAX_PORT, " (0: any free port; -1 or None: none)")
+        if self.device not in ("cpu", "cuda"):
+            raise ConfigError("--device", self.device, "cpu or cuda")
+        _check_int("--device-id", self.device_id, 0)
+        _check_int("--instances", self.instances, 0, note=" (0: chosen from the cores)")
+        _check_int("--threads", self.threads, 0, note=" (0: cores // instances)")
+        _check_float("--grace-period", self.grace_period_s, 0.0, " seconds")
+        if self.admin_token is not None and not _valid_token(self.admin_token):
+            # The token itself is never put in the message: it may be shown in logs.
+            raise ConfigError("--admin-token-file", "<hidden>",
+                              "a non-empty token of printable ASCII without spaces (it is sent as a header value)")
+        self.limits.validate()
+        self.batching.validate()
+        return self
 
     def resolved_threads(self, cores: int | None = None) -> tuple[int, int]:
         """(instances, intra-op threads) with instances x threads <= cores unless both were set explicitly."""
@@ -88,3 +166,19 @@ class ServerConfig:
                 instances, threads, instances * threads, cores,
             )  # fmt: skip
         return instances, threads
+
+
+def _valid_token(token: str) -> bool:
+    return bool(token) and all(33 <= ord(c) <= 126 for c in token)
+
+
+def read_admin_token(path: str | os.PathLike[str] | None, environ: dict[str, str] | None = None) -> str | None:
+    """The admin token from the file at `path` (surrounding whitespace stripped) or else from $SEQSERVE_ADMIN_TOKEN;
+    None when neither is given. Raises ConfigError for an empty file and OSError for an unreadable one."""
+    if path is not None:
+        token = Path(path).read_text(encoding="utf-8").strip()
+        if not token:
+            raise ConfigError("--admin-token-file", str(path), "a file holding the token (this one is empty)")
+        return token
+    token = (os.environ if environ is None else environ).get(ADMIN_TOKEN_ENV, "").strip()
+    return token or None

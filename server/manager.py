@@ -166,8 +166,9 @@ class ModelManager:
             return self._status[key]
 
     def _build(self, version_dir: Any) -> ServedModel:
-        from seqserve.server.repository import load_model
+        from seqserve.server.repository import check_location, load_model
 
+        check_location(Manifest.read(version_dir), version_dir)  # before any session is opened
         loaded = load_model(version_dir, self.session_options)
         overrides = self.repository.serving_config(loaded.manifest.name)
         batching = self.config.batching.with_overrides(overrides)

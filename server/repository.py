@@ -237,6 +237,8 @@ class Manifest:
     @classmethod
     def from_dict(cls, d: dict[str, Any], path: Path | None = None) -> "Manifest":
         where = path or Path(MANIFEST_FILE)
+        if not isinstance(d, dict):
+            raise RepositoryError(f"{where}: malformed manifest (a JSON {type(d).__name__}, not an object)")
         if d.get("format_version") != FORMAT_VERSION:
             raise UnknownFormatVersion(where, d.get("format_version"))
         try:
@@ -262,7 +264,7 @@ class Manifest:
                 created=d.get("created", ""),
                 raw=d,
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:  # AttributeError: a list where an object goes
             raise RepositoryError(f"{where}: malformed manifest ({type(exc).__name__}: {exc})") from exc
         if manifest.task not in TASKS:
             raise RepositoryError(f"{where}: unknown task {manifest.task!r}; known: {', '.join(TASKS)}")
@@ -496,6 +498,19 @@ def load_model(version_dir: str | os.PathLike, options: SessionOptions | None = 
     return LoadedModel(manifest, sessions, tokenizers, root)
 
 
+def check_location(manifest: Manifest, version_dir: str | os.PathLike) -> None:
+    """A version is served under its folder's name and number (REPO/NAME/VERSION), and answers name the manifest's:
+    the two must agree. A copied folder (`cp -r en-de/1 en-de/2`) that kept its manifest is refused, not served as a
+    second copy of another version (its answers naming that version, and unloading one taking down the other)."""
+    folder = Path(version_dir)
+    if (manifest.name, str(manifest.version)) != (folder.parent.name, folder.name):
+        raise RepositoryError(
+            f"{folder}: its manifest says model {manifest.name!r} version {manifest.version}, the folder is "
+            f"{folder.parent.name}/{folder.name}; a version must be exported into its own folder (seqserve export "
+            "--version), or its manifest's name and version set to the folder's"
+        )
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Repository
 
@@ -533,10 +548,15 @@ class ModelRepository:
         return self.root / name / str(version or versions[-1])
 
     def manifest(self, name: str, version: int | None = None) -> Manifest:
-        return Manifest.read(self.version_dir(name, version))
+        version_dir = self.version_dir(name, version)
+        manifest = Manifest.read(version_dir)
+        check_location(manifest, version_dir)
+        return manifest
 
     def load(self, name: str, version: int | None = None, options: SessionOptions | None = None) -> LoadedModel:
-        return load_model(self.version_dir(name, version), options)
+        version_dir = self.version_dir(name, version)
+        check_location(Manifest.read(version_dir), version_dir)
+        return load_model(version_dir, options)
 
     def serving_config(self, name: str) -> dict[str, Any]:
         """REPO/NAME/config.json (batching budget, queue delay, instances, threads), or {} when absent."""

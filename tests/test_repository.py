@@ -122,6 +122,27 @@ def test_unknown_format_version_is_refused(tmp_path):
         load_model(path)
 
 
+@pytest.mark.parametrize("content", ["[]", "3", '"manifest"', "null"])
+def test_a_manifest_that_is_not_a_json_object_is_a_repository_error(tmp_path, content):
+    path = _publish(tmp_path)
+    (path / "manifest.json").write_text(content)
+    with pytest.raises(RepositoryError, match="malformed manifest"):
+        Manifest.read(path)
+
+
+def test_a_copied_version_folder_is_refused_naming_both(tmp_path):
+    import shutil
+
+    shutil.copytree(_publish(tmp_path, "toy"), tmp_path / "toy" / "2")  # cp -r toy/1 toy/2: its manifest says 1
+    shutil.copytree(tmp_path / "toy" / "1", tmp_path / "alias" / "1")  # a model folder copied under another name
+    repo = ModelRepository(tmp_path)
+    assert repo.load("toy", 1).manifest.version == 1
+    with pytest.raises(RepositoryError, match=r"says model 'toy' version 1, the folder is toy/2"):
+        repo.load("toy", 2)
+    with pytest.raises(RepositoryError, match=r"says model 'toy' version 1, the folder is alias/1"):
+        repo.manifest("alias")
+
+
 def test_half_written_version_is_never_visible(tmp_path):
     _publish(tmp_path, "toy")
     with pytest.raises(RuntimeError, match="export failed"):

@@ -166,6 +166,30 @@ def test_a_model_that_fails_to_load_is_failed_and_the_others_serve(tiny_reposito
         assert health.Check(health_pb2.HealthCheckRequest(service="broken")).status == NOT_SERVING
 
 
+def test_copied_version_folders_are_failed_and_leave_their_original_serving(tiny_repository, tmp_path):
+    root = tmp_path / "repo"
+    shutil.copytree(tiny_repository / "tiny-lstm" / "1", root / "tiny-lstm" / "1")
+    shutil.copytree(tiny_repository / "tiny-lstm" / "1", root / "tiny-lstm" / "2")  # its manifest says version 1
+    shutil.copytree(tiny_repository / "tiny-lstm" / "1", root / "alias" / "1")  # its manifest says tiny-lstm
+    (root / "odd" / "1").mkdir(parents=True)
+    (root / "odd" / "1" / "manifest.json").write_text("[]")  # JSON, but not an object
+    config = ServerConfig(port=0, metrics_port=None, instances=1, threads=1, models=("alias",))
+    with ServerThread(config, ModelRepository(root)) as running, grpc.insecure_channel(running.address) as ch:
+        admin, stub = pb_grpc.ModelsStub(ch), pb_grpc.InferenceStub(ch)
+        with pytest.raises(grpc.RpcError) as info:
+            admin.LoadModel(pb.LoadModelRequest(model=pb.ModelSpec(name="tiny-lstm", version=2)))
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "manifest says model 'tiny-lstm' version 1, the folder is tiny-lstm/2" in info.value.details()
+        admin.LoadModel(pb.LoadModelRequest(model=pb.ModelSpec(name="tiny-lstm", version=1)))
+        listed = {(s.name, s.version): s for s in admin.ListModels(pb.ListModelsRequest()).models}
+        assert listed[("alias", 1)].state == pb.MODEL_STATE_FAILED and "folder is alias/1" in listed[("alias", 1)].reason
+        assert listed[("tiny-lstm", 2)].state == pb.MODEL_STATE_FAILED
+        assert listed[("odd", 1)].state == pb.MODEL_STATE_FAILED and "malformed manifest" in listed[("odd", 1)].reason
+        admin.UnloadModel(pb.UnloadModelRequest(model=pb.ModelSpec(name="alias")))
+        request = pb.TranslateRequest(model=pb.ModelSpec(name="tiny-lstm"), texts=["a b"])
+        assert stub.Translate(request).model.version == 1  # untouched by anything done to its copies
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Health, reflection, metrics
 
