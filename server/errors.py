@@ -74,6 +74,19 @@ class QueueFull(ServeError):
         )
 
 
+class LargerThanQueue(ServeError):
+    """A request with more sequences than the model's whole queue holds: no retry can make it fit."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, model: str, sequences: int, limit: int):
+        self.model, self.sequences, self.limit = model, sequences, limit
+        super().__init__(
+            f"request has {sequences} sequences for model {model}, more than its queue holds ({limit}, max_queue); "
+            f"send at most {limit} a request"
+        )
+
+
 class AnswerTooLarge(ServeError):
     """A request whose answer could not be sent (over max_message_bytes), refused before any work is done."""
 
@@ -95,7 +108,16 @@ class ModelUnavailable(ServeError):
     def __init__(self, name: str, version: int, state: str, reason: str = ""):
         self.name, self.version, self.state, self.reason = name, version, state, reason
         why = f": {reason}" if reason else ""
-        super().__init__(f"model {name} version {version} is not ready (state {state}{why}); LoadModel loads it")
+        advice = _UNAVAILABLE_ADVICE.get(state, "retry later")
+        super().__init__(f"model {name} version {version} is not ready (state {state}{why}); {advice}")
+
+
+_UNAVAILABLE_ADVICE = {  # what may help, by the version's state
+    "AVAILABLE": "LoadModel loads it",
+    "LOADING": "it is loading; retry shortly",
+    "UNLOADING": "it is being unloaded; LoadModel loads it again once it is AVAILABLE",
+    "FAILED": "fix what the reason names in the repository, then LoadModel it again",
+}
 
 
 class WrongTask(ServeError):

@@ -80,9 +80,11 @@ def test_oversized_message_is_resource_exhausted(inference):
     assert code == EXHAUSTED and "16384" in details
 
 
-def test_more_sequences_than_the_queue_holds_is_resource_exhausted(inference):
+def test_a_request_larger_than_the_whole_queue_is_invalid_argument(inference):
+    """No retry can make it fit, so not RESOURCE_EXHAUSTED's "retry later" (nothing else was queued)."""
     code, details = _error(inference.Translate, _translate(texts=["a", "b", "c", "d"]))
-    assert code == EXHAUSTED and "4 sequences queued" in details and "limit is 3" in details and "max_queue" in details
+    assert code == INVALID and "request has 4 sequences" in details and "holds (3, max_queue)" in details
+    assert "retry" not in details
 
 
 def test_beam_over_the_limit_is_invalid_argument(inference):

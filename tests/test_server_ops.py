@@ -180,6 +180,7 @@ def test_copied_version_folders_are_failed_and_leave_their_original_serving(tiny
             admin.LoadModel(pb.LoadModelRequest(model=pb.ModelSpec(name="tiny-lstm", version=2)))
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "manifest says model 'tiny-lstm' version 1, the folder is tiny-lstm/2" in info.value.details()
+        assert "fix what the reason names" in info.value.details()  # not "LoadModel loads it": it just failed to
         admin.LoadModel(pb.LoadModelRequest(model=pb.ModelSpec(name="tiny-lstm", version=1)))
         listed = {(s.name, s.version): s for s in admin.ListModels(pb.ListModelsRequest()).models}
         assert listed[("alias", 1)].state == pb.MODEL_STATE_FAILED and "folder is alias/1" in listed[("alias", 1)].reason
