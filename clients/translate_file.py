@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import stat
 import threading
 import time
 from dataclasses import dataclass, field
@@ -44,6 +45,10 @@ class OutputNotAPrefix(ValueError):
     def __init__(self, out_lines: int, in_lines: int):
         self.out_lines, self.in_lines = out_lines, in_lines
         super().__init__(f"OUT already holds {out_lines} lines but IN has only {in_lines}: not a partial run of IN")
+
+
+class UnusablePath(ValueError):
+    """IN or OUT cannot take part in a resumable job (the same file, or not a regular file); nothing was changed."""
 
 
 @dataclass
@@ -75,6 +80,24 @@ def count_lines(path: Path) -> int:
             count += chunk.count(b"\n")
             last = chunk[-1:]
     return count + (last != b"\n")
+
+
+def check_paths(source: Path, target: Path) -> None:
+    """Refuse IN and OUT that a job could not use safely, before anything is read from or written to them.
+
+    IN is read twice (counted, then translated) and OUT is counted, cut and appended to: both must be regular files,
+    and distinct. A device or FIFO as OUT (/dev/stdout, /dev/full) would be read forever or read from our own pipe.
+    """
+    if not source.exists():
+        raise UnusablePath(f"IN {source} does not exist")
+    if not stat.S_ISREG(source.stat().st_mode):
+        raise UnusablePath(f"IN {source} is not a regular file (it is read twice: counted, then translated)")
+    if not target.exists():
+        return
+    if not stat.S_ISREG(target.stat().st_mode):
+        raise UnusablePath(f"OUT {target} is not a regular file: translate-file appends to a file it can count")
+    if os.path.samefile(source, target):
+        raise UnusablePath(f"IN and OUT are the same file ({source}): OUT must be a different file")
 
 
 def complete_lines(path: Path) -> int:
@@ -123,11 +146,20 @@ def translate_file(
     """
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+    if window < 1:
+        raise ValueError(f"window must be at least 1, got {window}")
+    if max_lines is not None and max_lines < 0:
+        raise ValueError(f"max_lines must be 0 or more, got {max_lines}")
+    if reorder_limit is not None and reorder_limit < 1:
+        raise ValueError(f"reorder_limit must be at least 1, got {reorder_limit}")
     source, target = Path(source), Path(target)
+    check_paths(source, target)
     total = count_lines(source)
+    # Validate OUT before changing it: a partial last line counts here, so a file that is not ours is refused
+    # whole (only a run of this job leaves a partial line, and never past IN's last line).
+    if target.exists() and (held := count_lines(target)) > total:
+        raise OutputNotAPrefix(held, total)
     start = complete_lines(target)
-    if start > total:
-        raise OutputNotAPrefix(start, total)
     end = total if max_lines is None else min(total, start + max_lines)
     report = TranslateFileReport(total_lines=total, resumed_from=start)
     if start:
