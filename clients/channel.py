@@ -1,7 +1,10 @@
 """Channels, call metadata and the retry loop shared by the sync and asyncio clients.
 
-Retries: only UNAVAILABLE is retried (server not up yet, restarting, draining, model not ready), with exponential
-backoff and jitter, inside the call's deadline: the timeout bounds all attempts together, not each one. A small
+Retries: only UNAVAILABLE is retried (server not up yet, restarting, draining, model not ready), with capped
+exponential backoff and jitter, until the call's deadline: the timeout bounds all attempts together, not each one,
+and by default it is the only bound, so a client started a few seconds before its server still gets its answer.
+Near the deadline the waits shrink so that a last attempt uses the time left instead of giving up early. A call
+without a deadline makes at most ATTEMPTS_WITHOUT_DEADLINE attempts unless the policy sets its own cap. A small
 explicit loop rather than grpc's service-config retry policy, because that policy caps attempts at 5 and gives
 a client started before its server no say over the window. INVALID_ARGUMENT and every other code fail at once.
 """
@@ -24,6 +27,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TARGET = "localhost:50051"
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
+ATTEMPTS_WITHOUT_DEADLINE = 5  # the cap when neither a deadline nor RetryPolicy.attempts bounds the retries
+LAST_ATTEMPT_MIN_S = 0.05  # less time than this left before the deadline: give up rather than try again
 T = TypeVar("T")
 
 
@@ -40,13 +45,21 @@ Timeout = Union[float, None, _Default]  # a method's timeout argument
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Attempts and backoff for UNAVAILABLE; ``attempts=1`` turns retrying off."""
+    """Attempts and backoff for UNAVAILABLE; ``attempts=1`` turns retrying off.
 
-    attempts: int = 5
+    ``attempts=None`` (the default) caps nothing: the call's deadline bounds the retries (without a deadline,
+    ATTEMPTS_WITHOUT_DEADLINE attempts).
+    """
+
+    attempts: int | None = None
     initial_backoff_s: float = 0.1
     max_backoff_s: float = 2.0
     multiplier: float = 2.0
     jitter: float = 0.2  # each wait is scaled by a random factor in [1 - jitter, 1 + jitter]
+
+    def __post_init__(self) -> None:
+        if self.attempts is not None and self.attempts < 1:
+            raise ValueError(f"RetryPolicy.attempts must be at least 1 (or None: until the deadline), got {self.attempts}")
 
     def backoff(self, retry: int) -> float:
         """Seconds to wait before retry number ``retry`` (1-based)."""
@@ -137,45 +150,67 @@ def _remaining(deadline: float | None) -> float | None:
     return None if deadline is None else deadline - time.monotonic()
 
 
+class Retrier:
+    """The attempts of one retried operation: how long to wait before the next one, or the error when there is none."""
+
+    def __init__(self, method: str, policy: RetryPolicy, timeout: float | None):
+        self.method, self.policy, self.timeout = method, policy, timeout
+        self.started = time.monotonic()
+        self.deadline = None if timeout is None else self.started + timeout
+        self.attempt = 1
+        if policy.attempts is not None:
+            self.cap: int | None = policy.attempts
+        else:
+            self.cap = None if timeout is not None else ATTEMPTS_WITHOUT_DEADLINE
+
+    def wait_after(self, failure: SeqServeError) -> float:
+        """Seconds to wait before the next attempt after ``failure``; raises it when there is none."""
+        if failure.code not in RETRYABLE:
+            raise failure
+        elapsed = time.monotonic() - self.started
+        if self.cap is not None and self.attempt >= self.cap:
+            raise self._gave_up(failure, f"{self.attempt} attempts in {elapsed:.1f} s")
+        wait = self.policy.backoff(self.attempt)
+        remaining = _remaining(self.deadline)
+        if remaining is not None:
+            if remaining < LAST_ATTEMPT_MIN_S:
+                raise self._gave_up(failure, f"{self.attempt} attempts in {elapsed:.1f} s, at the deadline")
+            wait = min(wait, remaining / 2)  # leave the other half to a last attempt rather than give up early
+        cap = "" if self.cap is None else f" of {self.cap - 1}"
+        log.info("%s: %s, retry %d%s in %.2f s", self.method, failure, self.attempt, cap, wait)
+        self.attempt += 1
+        return wait
+
+    def remaining(self) -> float | None:
+        return _remaining(self.deadline)
+
+    @staticmethod
+    def _gave_up(failure: SeqServeError, how: str) -> SeqServeError:
+        # The caller learns why the last attempt failed, not just that retrying stopped.
+        return SeqServeError(failure.code, f"{failure.message} (gave up after {how})")
+
+
 def call_with_retry(
     method: str, invoke: Callable[[float | None], T], timeout: float | None, retry: RetryPolicy
 ) -> T:
-    """Run ``invoke(remaining_timeout)``, retrying UNAVAILABLE with backoff until attempts or the deadline run out."""
-    deadline = None if timeout is None else time.monotonic() + timeout
-    attempt = 1
+    """Run ``invoke(remaining_timeout)``, retrying UNAVAILABLE with backoff until the deadline (or the attempt cap)."""
+    retrier = Retrier(method, retry, timeout)
     while True:
         try:
-            return invoke(_remaining(deadline))
+            return invoke(retrier.remaining())
         except grpc.RpcError as error:
-            wait = _next_wait(method, error, attempt, deadline, retry)
-        time.sleep(wait)
-        attempt += 1
+            failure = SeqServeError.from_rpc_error(error)
+        time.sleep(retrier.wait_after(failure))  # raises failure when there is no next attempt
 
 
 async def call_with_retry_async(
     method: str, invoke: Callable[[float | None], Awaitable[T]], timeout: float | None, retry: RetryPolicy
 ) -> T:
     """The asyncio twin of call_with_retry."""
-    deadline = None if timeout is None else time.monotonic() + timeout
-    attempt = 1
+    retrier = Retrier(method, retry, timeout)
     while True:
         try:
-            return await invoke(_remaining(deadline))
+            return await invoke(retrier.remaining())
         except grpc.RpcError as error:
-            wait = _next_wait(method, error, attempt, deadline, retry)
-        await asyncio.sleep(wait)
-        attempt += 1
-
-
-def _next_wait(method: str, error: grpc.RpcError, attempt: int, deadline: float | None, retry: RetryPolicy) -> float:
-    """Seconds to wait before the next attempt, or raise the error as a SeqServeError when there is none."""
-    failure = SeqServeError.from_rpc_error(error)
-    if failure.code not in RETRYABLE or attempt >= retry.attempts:
-        raise failure from None
-    wait = retry.backoff(attempt)
-    remaining = _remaining(deadline)
-    if remaining is not None and remaining <= wait:
-        # No time left for another attempt: the caller learns why the last one failed, not just that time ran out.
-        raise SeqServeError(failure.code, f"{failure.message} (gave up after {attempt} attempts within the deadline)")
-    log.info("%s: %s, retry %d of %d in %.2f s", method, failure, attempt, retry.attempts - 1, wait)
-    return wait
+            failure = SeqServeError.from_rpc_error(error)
+        await asyncio.sleep(retrier.wait_after(failure))

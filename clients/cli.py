@@ -49,8 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=30.0,
                         help="deadline of each call in seconds, over all its retries; 0: none (translate-file's "
                         "stream never has one)")
-    parser.add_argument("--retries", type=int, default=5,
-                        help="attempts per call while the server is UNAVAILABLE (1: no retry)")
+    parser.add_argument("--retries", type=int, default=0,
+                        help="most attempts per call while the server is UNAVAILABLE (1: no retry; 0: as many as "
+                        "--timeout allows, or 5 without a timeout); translate-file: per reconnect or line retried")
     parser.add_argument("--json", action="store_true", help="write one JSON object per line instead of plain text")
     parser.add_argument("--token", help="bearer token sent as 'authorization' metadata (default: $SEQSERVE_TOKEN)")
     parser.add_argument("--tls", action="store_true", help="use TLS with the system's root certificates")
@@ -137,7 +138,7 @@ def connection_config(args: argparse.Namespace) -> ConnectionConfig:
     return ConnectionConfig(
         target=args.server,
         timeout_s=args.timeout if args.timeout > 0 else None,
-        retry=RetryPolicy(attempts=max(1, args.retries)),
+        retry=RetryPolicy(attempts=args.retries or None),
         tls=tls,
         token=args.token or os.environ.get("SEQSERVE_TOKEN") or None,
         max_message_bytes=None if args.max_message_mb is None else int(args.max_message_mb * 2**20),

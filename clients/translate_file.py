@@ -30,6 +30,7 @@ from typing import Iterator, TextIO
 import grpc
 from tqdm import tqdm
 
+from seqserve.clients.channel import Retrier
 from seqserve.clients.client import Client
 from seqserve.clients.errors import SeqServeError
 from seqserve.clients.types import DecodingOptions, StreamResult
@@ -170,7 +171,7 @@ def translate_file(
         bar = tqdm(total=total, initial=start, unit="line", disable=not progress, desc="translate", leave=False)
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
-            attempt = 1
+            retrier: Retrier | None = None  # while the stream keeps failing; progress starts a fresh one
             while job.next_line < end and report.stopped_by is None:
                 stream = client.translate_stream(
                     model, job.items(), options, version=version, truncate=truncate, window=window
@@ -179,15 +180,14 @@ def translate_file(
                     for result in stream:
                         job.answer(result, on_error)
                         job.write_ready(fd, bar)
-                        attempt = 1  # progress restores the retry budget
+                        retrier = None
                 except SeqServeError as error:
-                    if error.code != grpc.StatusCode.UNAVAILABLE or attempt >= client.config.retry.attempts:
-                        raise
-                    wait = client.config.retry.backoff(attempt)
+                    # The call's timeout bounds the time without progress, so a restart of a few seconds is ridden out.
+                    retrier = retrier or Retrier("TranslateStream", client.config.retry, client.config.timeout_s)
+                    wait = retrier.wait_after(error)  # raises error when retrying is over
                     resend = len(job.sent)
                     log.warning("stream failed (%s); reopening in %.2f s, resending %d lines", error, wait, resend)
                     time.sleep(wait)
-                    attempt += 1
                     report.reconnects += 1
                     continue
                 if job.next_line < end and report.stopped_by is None:

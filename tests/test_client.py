@@ -109,6 +109,30 @@ def test_unavailable_gives_up_after_configured_attempts():
     assert counter.calls["ListModels"] == 3
 
 
+def test_default_policy_retries_until_a_server_started_seconds_later_answers(tmp_path):
+    port = free_port()
+    servers: list[ServerThread] = []
+    starter = threading.Timer(2.5, lambda: servers.append(start_server(tmp_path, port)))  # the old window: 1.5 s
+    starter.start()
+    try:
+        with Client(f"127.0.0.1:{port}", timeout_s=30) as client:
+            assert client.list_models() == []
+    finally:
+        starter.join()
+        for server in servers:
+            server.stop()
+
+
+def test_retries_without_a_cap_use_the_whole_deadline():
+    started = time.monotonic()
+    with Client(f"127.0.0.1:{free_port()}", retry=RetryPolicy(initial_backoff_s=0.1, max_backoff_s=2.0)) as client:
+        with pytest.raises(SeqServeError) as failure:
+            client.list_models(timeout=2.0)
+    elapsed = time.monotonic() - started
+    assert failure.value.code == grpc.StatusCode.UNAVAILABLE and "at the deadline" in failure.value.message
+    assert 1.8 <= elapsed < 3.0
+
+
 def test_unknown_model_raises_not_found_once(empty_server):
     counter = CountingInterceptor()
     with Client(empty_server.address, retry=FAST_RETRY, interceptors=(counter,)) as client:
