@@ -8,7 +8,7 @@ import logging
 import signal
 
 from seqserve.server.app import DeviceUnavailable, create_server
-from seqserve.server.config import BatchingConfig, Limits, ServerConfig
+from seqserve.server.config import ADMIN_TOKEN_ENV, BatchingConfig, ConfigError, Limits, ServerConfig, read_admin_token
 from seqserve.server.logs import configure
 from seqserve.server.repository import ModelRepository, RepositoryError, device_id_error
 
@@ -31,10 +31,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="concurrent onnxruntime runs across models (0: from the cores)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=d.threads,
                         help="intra-op threads per run (0: cores // instances)")  # fmt: skip
-    parser.add_argument("--no-cpu-mem-arena", dest="cpu_mem_arena", action="store_false",
-                        help="turn off onnxruntime's CPU memory arena: less resident memory, slower large batches")
+    # A flag that turns something off: the help says what is on without it (ArgumentDefaultsHelpFormatter would
+    # print the dest's "(default: True)", which reads as if the flag were on), and set_defaults supplies the value.
+    parser.set_defaults(cpu_mem_arena=True, shared_threads=True, admin=True)
+    parser.add_argument("--no-cpu-mem-arena", dest="cpu_mem_arena", action="store_false", default=argparse.SUPPRESS,
+                        help="turn off onnxruntime's CPU memory arena (on without this flag): less resident memory, "
+                             "slower large batches")  # fmt: skip
     parser.add_argument("--per-session-threads", dest="shared_threads", action="store_false",
-                        help="a non-spinning onnxruntime thread pool per session instead of one shared pool")
+                        default=argparse.SUPPRESS,
+                        help="a non-spinning onnxruntime thread pool per session (without this flag: one shared "
+                             "pool for the whole process)")  # fmt: skip
+    parser.add_argument("--admin-token-file", default=None, metavar="PATH",
+                        help="file holding the token LoadModel and UnloadModel calls must send as "
+                             f"'authorization: Bearer TOKEN' (else ${ADMIN_TOKEN_ENV}; neither: any client may "
+                             "load and unload); other RPCs stay open")  # fmt: skip
+    parser.add_argument("--no-admin", dest="admin", action="store_false", default=argparse.SUPPRESS,
+                        help="refuse LoadModel and UnloadModel to every client (PERMISSION_DENIED); without this "
+                             "flag they are served, behind the admin token when one is set")  # fmt: skip
     parser.add_argument("--models", nargs="*", default=[], metavar="NAME",
                         help="load only these models at start (default: every model, highest version)")  # fmt: skip
     parser.add_argument("--max-batch-tokens", type=int, default=bat.max_batch_tokens,
@@ -61,6 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-message-bytes", type=int, default=lim.max_message_bytes,
                         help="largest gRPC message received or sent")  # fmt: skip
     parser.add_argument("--max-beam-size", type=int, default=lim.max_beam_size, help="largest beam a request may ask")
+    parser.add_argument("--max-top-k", type=int, default=lim.max_top_k, help="largest top_k a FillMask may ask")
     parser.add_argument("--max-queue", type=int, default=lim.max_queue,
                         help="sequences queued per model before RESOURCE_EXHAUSTED")  # fmt: skip
     parser.add_argument("--stream-read-ahead", type=int, default=lim.stream_read_ahead,
@@ -72,16 +86,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    """The server config the options describe; raises ConfigError naming an option outside its range (and OSError for
+    an unreadable --admin-token-file)."""
     return ServerConfig(
-        host=args.host, port=args.port, metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+        host=args.host, port=args.port, metrics_port=None if args.metrics_port == -1 else args.metrics_port,
         device=args.device, device_id=args.device_id, instances=args.instances, threads=args.threads,
         models=tuple(args.models),
         cpu_mem_arena=args.cpu_mem_arena, shared_threads=args.shared_threads,
         grace_period_s=args.grace_period,
+        admin_token=read_admin_token(args.admin_token_file), admin=args.admin,
         limits=Limits(
             max_texts=args.max_texts, max_chars_per_text=args.max_chars_per_text,
             max_tokens_per_text=args.max_tokens_per_text, max_message_bytes=args.max_message_bytes,
-            max_beam_size=args.max_beam_size, max_queue=args.max_queue, stream_read_ahead=args.stream_read_ahead,
+            max_beam_size=args.max_beam_size, max_top_k=args.max_top_k, max_queue=args.max_queue,
+            stream_read_ahead=args.stream_read_ahead,
         ),
         batching=BatchingConfig(
             max_batch_tokens=args.max_batch_tokens, max_queue_delay_ms=args.max_queue_delay_ms,
@@ -115,8 +133,16 @@ def run(args: argparse.Namespace) -> int:
         log.error("--device-id: %s", error)
         return 2
     try:
+        config = config_from_args(args)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 2
+    except OSError as exc:
+        log.error("--admin-token-file: %s", exc)
+        return 2
+    try:
         repository = ModelRepository(args.repository)
-        return asyncio.run(serve(config_from_args(args), repository))
+        return asyncio.run(serve(config, repository))
     except (DeviceUnavailable, RepositoryError, OSError) as exc:
         log.error("%s", exc)
         return 2
