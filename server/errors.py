@@ -27,24 +27,40 @@ class InvalidRequest(ServeError):
     code = grpc.StatusCode.INVALID_ARGUMENT
 
 
-class InputTooLong(ServeError):
+class OneTextError(ServeError):
+    """An error about one input, named "text INDEX" (its place in the request) unless `about` names it otherwise."""
+
     code = grpc.StatusCode.INVALID_ARGUMENT
 
+    def __init__(self, index: int):
+        self.index = index
+        super().__init__(self.about(f"text {index}"))
+
+    def about(self, subject: str) -> str:
+        raise NotImplementedError
+
+
+class InputTooLong(OneTextError):
     def __init__(self, tokens: int, limit: int, index: int = 0):
-        self.tokens, self.limit, self.index = tokens, limit, index
-        super().__init__(
-            f"text {index} has {tokens} tokens, over the model's limit of {limit} tokens (max_tokens_per_text); "
-            "shorten it or ask for truncation (TRUNCATION_TRUNCATE)"
+        self.tokens, self.limit = tokens, limit
+        super().__init__(index)
+
+    def about(self, subject: str) -> str:
+        return (
+            f"{subject} has {self.tokens} tokens, over the model's limit of {self.limit} tokens "
+            "(max_tokens_per_text); shorten it or ask for truncation (TRUNCATION_TRUNCATE)"
         )
 
 
-class TextTooLong(ServeError):
-    code = grpc.StatusCode.INVALID_ARGUMENT
-
+class TextTooLong(OneTextError):
     def __init__(self, characters: int, limit: int, index: int = 0):
-        self.characters, self.limit, self.index = characters, limit, index
-        super().__init__(
-            f"text {index} has {characters} characters, over the limit of {limit} characters (max_chars_per_text)"
+        self.characters, self.limit = characters, limit
+        super().__init__(index)
+
+    def about(self, subject: str) -> str:
+        return (
+            f"{subject} has {self.characters} characters, over the limit of {self.limit} characters "
+            "(max_chars_per_text)"
         )
 
 
@@ -97,6 +113,19 @@ class AnswerTooLarge(ServeError):
         super().__init__(
             f"the answer to {what} would take at least {estimate} bytes, over the {limit}-byte message limit "
             f"(max_message_bytes); {advice}"
+        )
+
+
+class AnswerOverLimit(ServeError):
+    """An answer computed and found larger than max_message_bytes (gRPC would fail to send it)."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, size: int, limit: int):
+        self.size, self.limit = size, limit
+        super().__init__(
+            f"the answer takes {size} bytes, over the {limit}-byte message limit (max_message_bytes); send fewer "
+            "texts a request, or ask for less of each (n_best, token scores, top_k)"
         )
 
 

@@ -214,12 +214,15 @@ class ServedModel:
         if texts and pairs:
             raise InvalidRequest("send either texts or pairs, not both")
         pooling = pooling or self.bert.pooling
+        count, hidden = len(pairs) or len(texts), self.hidden_size()
+        if count * hidden * 4 > self.limits.max_message_bytes:  # the float32 vectors alone
+            raise AnswerTooLarge(f"{count} texts x {hidden} dimensions", count * hidden * 4,
+                                 self.limits.max_message_bytes, "send fewer texts a request")  # fmt: skip
         if pairs:
             encoded = await self._tokenize([a for a, _ in pairs], truncate, [b for _, b in pairs])
         else:
             encoded = await self._tokenize(texts, truncate)
         jobs = await self._bert([BertJob("encode", e, pooling, normalize) for e in encoded], deadline)
-        hidden = self.hidden_size()
         vectors = np.stack([j.result for j in jobs]) if jobs else np.zeros((0, hidden), np.float32)  # (N, H)
         return vectors.astype(np.float32), [len(e) for e in encoded]
 
@@ -251,7 +254,7 @@ class ServedModel:
             if self.bert.mask_id not in e.ids:
                 raise InvalidRequest(f"text {i} has no {self.bert.mask_token} token to fill")
         # Each (text, mask, candidate) costs at least FILL_MASK_ENTRY_BYTES of the answer: refuse an answer that
-        # could not be sent before computing it.
+        # certainly could not be sent before computing it (rpc_method refuses one that turns out too large after).
         masks = sum(e.ids.count(self.bert.mask_id) for e in encoded)
         estimate = masks * top_k * FILL_MASK_ENTRY_BYTES
         if estimate > self.limits.max_message_bytes:

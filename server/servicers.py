@@ -16,7 +16,7 @@ import grpc
 
 from seqserve.protos.v1 import seqserve_pb2 as pb
 from seqserve.protos.v1 import seqserve_pb2_grpc as pb_grpc
-from seqserve.server.errors import Draining, InvalidRequest, status_of
+from seqserve.server.errors import AnswerOverLimit, Draining, InvalidRequest, OneTextError, status_of
 from seqserve.server.manager import ModelManager, VersionStatus
 from seqserve.server.metrics import Metrics
 from seqserve.server.repository import shown_name
@@ -77,9 +77,17 @@ def rpc_method(method: Callable[..., Awaitable]) -> Callable[..., Awaitable]:
         try:
             if state.draining and not while_draining:
                 raise Draining()
-            return await method(self, request, context)
+            response = await method(self, request, context)
+            limit = state.manager.config.limits.max_message_bytes
+            if response.ByteSize() > limit:  # gRPC would fail to send it, with a traceback in the log and no metric
+                raise AnswerOverLimit(response.ByteSize(), limit)
+            return response
         except asyncio.CancelledError:
-            state.metrics.errors.labels(name, grpc.StatusCode.CANCELLED.name).inc()
+            # gRPC cancels the handler both when the client cancels and when the deadline passes.
+            remaining = context.time_remaining()
+            expired = remaining is not None and remaining <= 0
+            code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+            state.metrics.errors.labels(name, code.name).inc()
             raise
         except Exception as exc:
             code, message = status_of(exc)
@@ -184,7 +192,6 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         """Bounded read-ahead: at most `stream_read_ahead` items in flight; the reader waits for a free slot, so
         gRPC flow control pushes back on a client that sends faster than the server translates."""
         state = self.state
-        state.metrics.requests.labels("TranslateStream", "").inc()
         if state.draining:
             code, message = status_of(Draining())
             await context.abort(code, message)
@@ -194,6 +201,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
         async def one(item: pb.TranslateStreamRequest) -> None:
             response = pb.TranslateStreamResponse(id=item.id)
+            asked = item.model.name
+            state.metrics.requests.labels("TranslateStream", asked if state.manager.serves(asked) else "other").inc()
             try:
                 served = state.manager.get(item.model.name, item.model.version)
                 response.model.CopyFrom(_ref(served))
@@ -205,6 +214,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 raise
             except Exception as exc:
                 code, message = status_of(exc)
+                if isinstance(exc, OneTextError):  # "text 0" says nothing in a stream of single texts
+                    message = exc.about(f"item {shown_name(item.id)}")
                 state.metrics.errors.labels("TranslateStream", code.name).inc()
                 response.error_code, response.error_message = code.value[0], message
             await done.put(response)

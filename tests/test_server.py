@@ -302,6 +302,18 @@ def test_stream_answers_every_item_by_id_and_matches_translate(inference):
         assert responses[f"n{i}"].translation.hypotheses[0].text == translation.hypotheses[0].text
 
 
+def test_stream_items_are_counted_under_their_model(running, inference):
+    def counted(model: str) -> float:
+        labels = {"method": "TranslateStream", "model": model}
+        return running.server.metrics.registry.get_sample_value("seqserve_requests_total", labels) or 0.0
+
+    before = counted("tiny-lstm"), counted("other")
+    items = [pb.TranslateStreamRequest(id=str(i), model=_spec("tiny-lstm"), text="a b") for i in range(3)]
+    items.append(pb.TranslateStreamRequest(id="x", model=_spec("no-such-model"), text="a b"))
+    assert len(list(inference.TranslateStream(iter(items)))) == 4
+    assert (counted("tiny-lstm"), counted("other")) == (before[0] + 3, before[1] + 1)
+
+
 def test_stream_reports_a_failed_item_and_goes_on(inference):
     items = [
         pb.TranslateStreamRequest(id="good", model=_spec("tiny-lstm"), text="a b"),
@@ -313,5 +325,6 @@ def test_stream_reports_a_failed_item_and_goes_on(inference):
     assert responses["unknown"].error_code == grpc.StatusCode.NOT_FOUND.value[0]
     assert "no-such-model" in responses["unknown"].error_message
     assert responses["long"].error_code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert responses["long"].error_message.startswith("item long has 800 characters")  # its id, not "text 0"
     assert responses["good"].error_code == 0 and responses["after"].error_code == 0
     assert responses["after"].translation.hypotheses[0].text.split() == ["d", "c"]

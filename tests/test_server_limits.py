@@ -131,6 +131,20 @@ def test_a_fill_mask_answer_over_the_message_limit_is_refused_before_the_work(ti
                                                  top_k=10))  # fmt: skip
         candidates = small.results[0].masks[0].candidates
         assert len(candidates) == 10
+        # Under the floor estimate (17 x 10 x 12 bytes) but over the limit once computed: refused all the same,
+        # RESOURCE_EXHAUSTED with seqserve's message (gRPC's own send failure left a traceback and no metric).
+        request = pb.FillMaskRequest(model=pb.ModelSpec(name="tiny-bert"), texts=["[MASK] " * 8] * 2 + ["[MASK]"],
+                                     top_k=10)  # fmt: skip
+        code, details = _error(stub.FillMask, request)
+        assert code == EXHAUSTED and "the answer takes" in details and "2048-byte message limit" in details
+        errors = running.server.metrics.registry.get_sample_value(
+            "seqserve_errors_total", {"method": "FillMask", "code": "RESOURCE_EXHAUSTED"}
+        )
+        assert errors == 2
+        # Encode's vectors alone (texts x hidden x 4 bytes) are known before any work
+        encode = pb.EncodeRequest(model=pb.ModelSpec(name="tiny-bert"), texts=["forest"] * 40)
+        code, details = _error(stub.Encode, encode)
+        assert code == EXHAUSTED and "40 texts x" in details and "send fewer texts" in details
         # The estimate is a floor: every real candidate (with its 2 bytes of framing) takes at least that much.
         assert min(c.ByteSize() + 2 for c in candidates) >= FILL_MASK_ENTRY_BYTES
 

@@ -265,13 +265,23 @@ def _settled_steps(running, model: str) -> float:
     return now
 
 
+def _errors(running, method: str, code: str) -> float:
+    labels = {"method": method, "code": code}
+    return running.server.metrics.registry.get_sample_value("seqserve_errors_total", labels) or 0.0
+
+
 def test_deadline_exceeded_and_the_work_stops(running, inference, full_run):
     before = _settled_steps(running, "tiny-lstm")
+    counted = _errors(running, "Translate", "DEADLINE_EXCEEDED"), _errors(running, "Translate", "CANCELLED")
     with pytest.raises(grpc.RpcError) as info:
         inference.Translate(_long_request(), timeout=min(0.1, full_run[0] / 4))
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     taken = _settled_steps(running, "tiny-lstm") - before
     assert taken < full_run[1] / 2
+    # Counted as what the client saw, not as a cancellation
+    assert (_errors(running, "Translate", "DEADLINE_EXCEEDED"), _errors(running, "Translate", "CANCELLED")) == (
+        counted[0] + 1, counted[1]
+    )
 
 
 def test_cancelled_request_stops_consuming_decode_steps(running, inference, full_run):
