@@ -81,7 +81,12 @@ class SeqServer:
         limit = config.limits.max_message_bytes
         self.grpc = grpc.aio.server(
             interceptors=server_interceptors(config, self.metrics),
-            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+            options=[
+                ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
+                # gRPC sets SO_REUSEPORT by default: a second server on a port in use would start and take a share
+                # of its connections (a stale process, a typo in a deployment) instead of failing to bind.
+                ("grpc.so_reuseport", 0),
+            ],
         )
         pb_grpc.add_InferenceServicer_to_server(InferenceServicer(self.state), self.grpc)
         pb_grpc.add_ModelsServicer_to_server(ModelsServicer(self.state), self.grpc)
@@ -95,7 +100,10 @@ class SeqServer:
             reflection.SERVICE_NAME,
         )
         reflection.enable_server_reflection(services, self.grpc)
-        self.port = self.grpc.add_insecure_port(f"{config.host}:{config.port}")
+        try:
+            self.port = self.grpc.add_insecure_port(f"{config.host}:{config.port}")
+        except RuntimeError as exc:  # grpc.aio raises where grpc returned 0
+            raise OSError(f"could not bind {config.host}:{config.port} (is another server on it?)") from exc
         if self.port == 0:
             raise OSError(f"could not bind {config.host}:{config.port}")
         self.metrics_port: int | None = None

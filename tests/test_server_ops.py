@@ -191,6 +191,19 @@ def test_copied_version_folders_are_failed_and_leave_their_original_serving(tiny
         assert stub.Translate(request).model.version == 1  # untouched by anything done to its copies
 
 
+def test_a_second_server_on_a_port_in_use_fails_to_bind(running, tmp_path):
+    """Not SO_REUSEPORT's silent sharing, where the second server took a share of the first one's connections."""
+    import asyncio
+
+    from seqserve.server.app import create_server
+
+    async def second() -> None:
+        create_server(ServerConfig(port=running.port, metrics_port=None), ModelRepository(tmp_path))
+
+    with pytest.raises(OSError, match=f"could not bind .*:{running.port}"):
+        asyncio.run(second())
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Health, reflection, metrics
 
