@@ -46,6 +46,7 @@ SERVING_CONFIG_FILE = "config.json"
 NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]*\Z")
 NAME_MAX_CHARS = 255  # a folder name: longer is no model (and the file system would refuse to look it up)
 VERSION_PATTERN = re.compile(r"[1-9][0-9]*\Z")
+MAX_VERSION = 2**32 - 1  # the API's version fields are uint32: a folder numbered above is no version
 TASKS = ("translation", "bert")
 
 _OPTIMIZATION_LEVELS = {
@@ -266,6 +267,12 @@ class Manifest:
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:  # AttributeError: a list where an object goes
             raise RepositoryError(f"{where}: malformed manifest ({type(exc).__name__}: {exc})") from exc
+        for file, entry in manifest.files.items():
+            # Every file is the version's own: a listed path that leaves the folder is not part of the version.
+            if Path(file).is_absolute() or ".." in Path(file).parts:
+                raise RepositoryError(f"{where}: file {file!r} is outside the version folder")
+            if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
+                raise RepositoryError(f"{where}: file {file!r} has no sha256 in the manifest's file list")
         if manifest.task not in TASKS:
             raise RepositoryError(f"{where}: unknown task {manifest.task!r}; known: {', '.join(TASKS)}")
         for role, file in manifest.tokenizers.items():
@@ -489,7 +496,12 @@ def load_model(version_dir: str | os.PathLike, options: SessionOptions | None = 
                 f"{spec.input_names} / {spec.output_names}"
             )
         sessions[graph] = session
-    tokenizers = {role: Tokenizer.from_file(str(root / file)) for role, file in manifest.tokenizers.items()}
+    tokenizers = {}
+    for role, file in manifest.tokenizers.items():
+        try:
+            tokenizers[role] = Tokenizer.from_file(str(root / file))
+        except Exception as exc:  # tokenizers raises a bare Exception naming no file
+            raise RepositoryError(f"{root / file}: not a tokenizer the tokenizers library can read ({exc})") from exc
     log.info(
         "loaded %s version %d from %s (provider %s, intra-op threads %d, inter-op threads %d, optimisation %s)",
         manifest.name, manifest.version, root, options.provider, options.intra_op_threads,
@@ -529,7 +541,8 @@ class ModelRepository:
         if len(name) > NAME_MAX_CHARS or not NAME_PATTERN.match(name) or not folder.is_dir():
             return []
         return sorted(
-            int(p.name) for p in folder.iterdir() if VERSION_PATTERN.match(p.name) and (p / MANIFEST_FILE).is_file()
+            int(p.name) for p in folder.iterdir()
+            if VERSION_PATTERN.match(p.name) and int(p.name) <= MAX_VERSION and (p / MANIFEST_FILE).is_file()
         )
 
     def models(self) -> dict[str, list[int]]:

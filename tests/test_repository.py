@@ -130,6 +130,42 @@ def test_a_manifest_that_is_not_a_json_object_is_a_repository_error(tmp_path, co
         Manifest.read(path)
 
 
+def _edit_manifest(path: Path, edit) -> None:
+    data = json.loads((path / "manifest.json").read_text())
+    edit(data)
+    (path / "manifest.json").write_text(json.dumps(data))
+
+
+def test_a_listed_file_without_a_hash_or_outside_the_version_is_refused(tmp_path):
+    path = _publish(tmp_path)
+    _edit_manifest(path, lambda d: d["files"]["model.onnx"].pop("sha256"))
+    with pytest.raises(RepositoryError, match="'model.onnx' has no sha256"):
+        Manifest.read(path)
+    path = _publish(tmp_path)
+    _edit_manifest(path, lambda d: d["files"].update({"../../etc/hostname": {"sha256": "0" * 64}}))
+    with pytest.raises(RepositoryError, match="outside the version folder"):
+        Manifest.read(path)
+
+
+def test_an_unreadable_tokenizer_is_refused_naming_its_file(tmp_path):
+    import hashlib
+
+    path = _publish(tmp_path)
+    (path / "tokenizer.json").write_text('{"version": "1.0"}')  # JSON, and hashed as published, but no tokenizer
+    data = (path / "tokenizer.json").read_bytes()
+    entry = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    _edit_manifest(path, lambda d: d["files"].update({"tokenizer.json": entry}))
+    with pytest.raises(RepositoryError, match="tokenizer.json: not a tokenizer"):
+        load_model(path)
+
+
+def test_a_version_number_the_api_cannot_carry_is_no_version(tmp_path):
+    import shutil
+
+    shutil.copytree(_publish(tmp_path, "toy"), tmp_path / "toy" / str(2**32))
+    assert ModelRepository(tmp_path).versions("toy") == [1]
+
+
 def test_a_copied_version_folder_is_refused_naming_both(tmp_path):
     import shutil
 
