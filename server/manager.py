@@ -168,9 +168,9 @@ class ModelManager:
     def _build(self, version_dir: Any) -> ServedModel:
         from seqserve.server.repository import check_location, load_model
 
-        check_location(Manifest.read(version_dir), version_dir)  # before any session is opened
+        check_location(Manifest.read(version_dir), version_dir)  # these two before any session is opened
+        overrides = self.repository.serving_config(version_dir.parent.name)
         loaded = load_model(version_dir, self.session_options)
-        overrides = self.repository.serving_config(loaded.manifest.name)
         batching = self.config.batching.with_overrides(overrides)
         workers = self.config.resolved_threads()[0]  # concurrent runs: the executor's size
         return ServedModel(loaded, self.executor, batching, self.config.limits, self.metrics, workers)

@@ -48,6 +48,11 @@ NAME_MAX_CHARS = 255  # a folder name: longer is no model (and the file system w
 VERSION_PATTERN = re.compile(r"[1-9][0-9]*\Z")
 MAX_VERSION = 2**32 - 1  # the API's version fields are uint32: a folder numbered above is no version
 TASKS = ("translation", "bert")
+# What REPO/NAME/config.json may set (server/config.py BatchingConfig's fields): setting -> (type, minimum)
+SERVING_CONFIG_KEYS: dict[str, tuple[type, float]] = {
+    "max_batch_tokens": (int, 1), "max_queue_delay_ms": ((int, float), 0), "dispatch_when_idle": (bool, 0),
+    "max_batch_size": (int, 1), "max_join_ms": ((int, float), 0), "inline_max_ms": ((int, float), 0),
+}
 
 _OPTIMIZATION_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -572,11 +577,26 @@ class ModelRepository:
         return load_model(version_dir, options)
 
     def serving_config(self, name: str) -> dict[str, Any]:
-        """REPO/NAME/config.json (batching budget, queue delay, instances, threads), or {} when absent."""
+        """REPO/NAME/config.json, checked (a model's batching settings, SERVING_CONFIG_KEYS), or {} when absent."""
         path = self.root / name / SERVING_CONFIG_FILE
         if not path.is_file():
             return {}
         try:
-            return json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
             raise RepositoryError(f"{path}: not valid JSON ({exc})") from exc
+        if not isinstance(data, dict):
+            kind = type(data).__name__
+            raise RepositoryError(f"{path}: a JSON object of batching settings is expected, not a {kind}")
+        for key, value in data.items():
+            if key not in SERVING_CONFIG_KEYS:
+                raise RepositoryError(f"{path}: unknown setting {key!r}; known: {', '.join(SERVING_CONFIG_KEYS)}")
+            kind, minimum = SERVING_CONFIG_KEYS[key]
+            # bool is an int in Python: a flag must be a bool, a number must not be one
+            fits = isinstance(value, bool) if kind is bool else (
+                isinstance(value, kind) and not isinstance(value, bool) and value >= minimum)
+            if not fits:
+                number = "an integer" if kind is int else "a number"
+                wanted = "true or false" if kind is bool else f"{number} >= {minimum}"
+                raise RepositoryError(f"{path}: {key} = {json.dumps(value)}; it must be {wanted}")
+        return data

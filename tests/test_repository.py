@@ -166,6 +166,29 @@ def test_a_version_number_the_api_cannot_carry_is_no_version(tmp_path):
     assert ModelRepository(tmp_path).versions("toy") == [1]
 
 
+@pytest.mark.parametrize("content, message", [
+    ('{"max_batch_tokens": "lots"}', 'max_batch_tokens = "lots"; it must be an integer >= 1'),
+    ('{"max_queue_delay_ms": -5}', "max_queue_delay_ms = -5; it must be a number >= 0"),
+    ('{"dispatch_when_idle": 1}', "dispatch_when_idle = 1; it must be true or false"),
+    ('{"max_batch_size": true}', "max_batch_size = true; it must be an integer >= 1"),
+    ('{"max_batch_tokenz": 1}', "unknown setting 'max_batch_tokenz'; known: max_batch_tokens"),
+    ("[1, 2]", "a JSON object of batching settings is expected, not a list"),
+])  # fmt: skip
+def test_a_serving_config_with_a_wrong_setting_is_refused_naming_it(tmp_path, content, message):
+    _publish(tmp_path)
+    (tmp_path / "toy" / "config.json").write_text(content)
+    with pytest.raises(RepositoryError, match=re.escape(message)):
+        ModelRepository(tmp_path).serving_config("toy")
+
+
+def test_a_serving_config_with_every_setting_is_read(tmp_path):
+    _publish(tmp_path)
+    settings = {"max_batch_tokens": 512, "max_queue_delay_ms": 2.5, "dispatch_when_idle": False, "max_batch_size": 8,
+                "max_join_ms": 0, "inline_max_ms": 1}  # fmt: skip
+    (tmp_path / "toy" / "config.json").write_text(json.dumps(settings))
+    assert ModelRepository(tmp_path).serving_config("toy") == settings
+
+
 def test_a_copied_version_folder_is_refused_naming_both(tmp_path):
     import shutil
 
