@@ -153,8 +153,10 @@ def _remaining(deadline: float | None) -> float | None:
 class Retrier:
     """The attempts of one retried operation: how long to wait before the next one, or the error when there is none."""
 
-    def __init__(self, method: str, policy: RetryPolicy, timeout: float | None):
-        self.method, self.policy, self.timeout = method, policy, timeout
+    def __init__(
+        self, method: str, policy: RetryPolicy, timeout: float | None, retryable: frozenset = RETRYABLE
+    ):
+        self.method, self.policy, self.timeout, self.retryable = method, policy, timeout, retryable
         self.started = time.monotonic()
         self.deadline = None if timeout is None else self.started + timeout
         self.attempt = 1
@@ -165,7 +167,7 @@ class Retrier:
 
     def wait_after(self, failure: SeqServeError) -> float:
         """Seconds to wait before the next attempt after ``failure``; raises it when there is none."""
-        if failure.code not in RETRYABLE:
+        if failure.code not in self.retryable:
             raise failure
         elapsed = time.monotonic() - self.started
         if self.cap is not None and self.attempt >= self.cap:

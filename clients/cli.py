@@ -20,7 +20,13 @@ from seqserve.clients import output
 from seqserve.clients.channel import DEFAULT_TARGET, ConnectionConfig, RetryPolicy, TLSConfig
 from seqserve.clients.client import Client
 from seqserve.clients.errors import SeqServeError
-from seqserve.clients.translate_file import ON_ERROR, OutputNotAPrefix, translate_file
+from seqserve.clients.translate_file import (
+    ON_ERROR,
+    InputNotUTF8,
+    OutputNotAPrefix,
+    TranslateFileReport,
+    translate_file,
+)
 from seqserve.clients.types import DecodingOptions
 
 log = logging.getLogger("seqserve.clients.cli")
@@ -247,31 +253,53 @@ def run_health(client: Client, args: argparse.Namespace, stdin: TextIO, stdout: 
 
 def run_translate_file(client: Client, args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> int:
     model = args.model or pick_model(client, "translate")
-    report = translate_file(
-        client, model, args.source, args.target, decoding_options(args), version=args.version,
-        truncate=args.truncate, window=args.window, on_error=args.on_error, max_lines=args.max_lines,
-        progress=not args.no_progress,
-    )
-    summary = {
-        "lines": report.total_lines, "resumed_from": report.resumed_from, "written": report.written,
-        "done": report.done, "complete": report.complete, "failed_lines": report.failed_lines,
-        "stopped_at_line": report.stopped_at_line,
-        "error": None if report.stopped_by is None else str(report.stopped_by),
-    }
-    if args.json:
-        output.json_line(stdout, summary)
+    try:
+        report = translate_file(
+            client, model, args.source, args.target, decoding_options(args), version=args.version,
+            truncate=args.truncate, window=args.window, on_error=args.on_error, max_lines=args.max_lines,
+            progress=not args.no_progress,
+        )
+    except InputNotUTF8 as error:
+        _translate_file_summary(args, error.report, stdout, str(error))
+        raise UsageError(f"{error}; {args.target} holds the {error.report.done} lines before it: fix that line "
+                         "(or convert IN to UTF-8), then rerun to resume") from None
+    _translate_file_summary(args, report, stdout, None if report.stopped_by is None else str(report.stopped_by))
+    if report.stopped_by is None:
+        return 0
+    if report.line_failed:
+        message = _cli_message(str(report.stopped_by))
+        # --truncate cuts at the model's token limit; the server's character limit refuses a line all the same
+        fix = "fix that line" if "max_chars_per_text" in message else "fix that line or use --truncate"
+        advice = f"{message}; {fix} (or --on-error empty to leave it empty), then rerun to resume"
     else:
-        sys.stderr.write(
-            f"seqserve-client: {args.target}: {report.done} of {report.total_lines} lines "
-            f"({report.written} this run, {len(report.failed_lines)} failed and left empty)\n"
-        )
-    if report.stopped_by is not None:
-        sys.stderr.write(
-            f"seqserve-client: error: line {report.stopped_at_line}: {report.stopped_by}; {args.target} holds the "
-            f"{report.done} lines before it; rerun to resume (or --on-error empty)\n"
-        )
-        return 1
-    return 0
+        advice = f"{report.stopped_by}; rerun the same command to resume"
+    sys.stderr.write(
+        f"seqserve-client: error: line {report.stopped_at_line}: {advice}\n"
+        f"seqserve-client: {args.target} holds the first {report.done} lines of {report.total_lines}\n"
+    )
+    return 1
+
+
+def _translate_file_summary(args: argparse.Namespace, report: TranslateFileReport, stdout: TextIO,
+                            error: str | None) -> None:
+    """The summary of a run, whether it finished or stopped: to stderr, or as one JSON line with --json."""
+    rate = report.written / report.elapsed_s if report.elapsed_s > 0 else 0.0
+    if args.json:
+        output.json_line(stdout, {
+            "lines": report.total_lines, "resumed_from": report.resumed_from, "written": report.written,
+            "done": report.done, "complete": report.complete, "failed_lines": report.failed_lines,
+            "stopped_at_line": report.stopped_at_line, "error": error, "reconnects": report.reconnects,
+            "retried_lines": report.retried_lines, "elapsed_s": round(report.elapsed_s, 3),
+            "lines_per_s": round(rate, 2),
+        })
+        return
+    failed = report.failed_lines
+    listed = "" if not failed else f": {', '.join(map(str, failed[:20]))}{' ...' if len(failed) > 20 else ''}"
+    sys.stderr.write(
+        f"seqserve-client: {args.target}: {report.done} of {report.total_lines} lines ({report.written} this run in "
+        f"{report.elapsed_s:.1f} s, {rate:.1f} lines/s; {len(failed)} failed and left empty{listed}; "
+        f"{report.reconnects} reconnects, {report.retried_lines} lines retried)\n"
+    )
 
 
 COMMANDS: dict[str, Callable[[Client, argparse.Namespace, TextIO, TextIO], int]] = {
@@ -287,6 +315,11 @@ COMMANDS: dict[str, Callable[[Client, argparse.Namespace, TextIO, TextIO], int]]
 
 # --------------------------------------------------------------------------------------------------------------
 # Helpers
+
+
+def _cli_message(message: str) -> str:
+    """A server message in the CLI's words: the proto's truncation enum becomes the --truncate option."""
+    return message.replace("ask for truncation (TRUNCATION_TRUNCATE)", "use --truncate")
 
 
 def pick_model(client: Client, capability: str) -> str:

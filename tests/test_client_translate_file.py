@@ -3,6 +3,7 @@ errors are retried rather than written as empty lines, and a stopped job still r
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import threading
@@ -94,3 +95,128 @@ def test_default_policy_rides_out_a_server_down_for_seconds(server, models, tiny
             running.stop()
     assert report.complete and report.reconnects >= 1
     assert restarted.read_bytes() == whole.read_bytes()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Only the line's own faults become empty lines
+
+
+def test_unknown_model_or_capability_stops_before_out_is_created(server, models, tmp_path, capsys):
+    source = write_lines(tmp_path / "in.txt", corpus(5, seed=13))
+    target = tmp_path / "out.txt"
+    code, _ = translate_file_cli(server, str(source), str(target), "-m", "no-such-model", "--on-error", "empty")
+    err = capsys.readouterr().err
+    assert code == 1 and not target.exists() and "NOT_FOUND" in err and models["translate"] in err
+    assert "--on-error empty" not in err
+    assert "translate" not in models.get("encode-only", "")
+    encoder = models["encode"]
+    code, _ = translate_file_cli(server, str(source), str(target), "-m", encoder, "--on-error", "empty")
+    assert code == 1 and not target.exists() and "does not translate" in capsys.readouterr().err
+
+
+def test_model_unloaded_for_a_moment_is_retried_not_written_empty(models, tiny_repository, tmp_path):
+    name = models["translate"]
+    own = start_server(Path(tiny_repository), models=(name,))
+    source = write_lines(tmp_path / "in.txt", corpus(150, seed=14))
+    target = tmp_path / "out.txt"
+
+    def unload_then_reload() -> None:
+        deadline = time.monotonic() + 60
+        while not target.exists() or target.read_bytes().count(b"\n") < 20:
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.002)
+        with Client(own.address, timeout_s=60) as admin:
+            admin.unload_model(name)
+            time.sleep(1.0)
+            admin.load_model(name)
+
+    changer = threading.Thread(target=unload_then_reload, daemon=True)
+    changer.start()
+    try:
+        with Client(own.address, timeout_s=30) as client:
+            expected = [t.text for t in client.translate(name, source.read_text().splitlines())]
+            report = translate_file(client, name, source, target, window=4, on_error="empty", progress=False)
+    finally:
+        changer.join(60)
+        own.stop()
+    assert report.complete and report.failed_lines == [] and report.retried_lines > 0
+    assert target.read_text(encoding="utf-8").splitlines() == expected
+
+
+def test_a_full_server_queue_is_retried_not_written_empty(client, models, tiny_repository, tmp_path):
+    from seqserve.server.config import Limits, ServerConfig
+    from seqserve.server.repository import ModelRepository
+    from seqserve.server.testing import ServerThread
+
+    name = models["translate"]
+    config = ServerConfig(port=0, metrics_port=None, instances=1, threads=1, grace_period_s=1, models=(name,),
+                          limits=Limits(max_queue=2))
+    own = ServerThread(config, ModelRepository(Path(tiny_repository)))
+    source = write_lines(tmp_path / "in.txt", corpus(200, seed=15))
+    target = tmp_path / "out.txt"
+    expected = [t.text for t in client.translate(name, source.read_text().splitlines())]  # the module's server
+    try:
+        with Client(own.address, timeout_s=30) as small:
+            report = translate_file(small, name, source, target, window=32, on_error="empty", progress=False)
+    finally:
+        own.stop()
+    assert report.complete and report.failed_lines == [] and report.retried_lines > 0
+    assert target.read_text(encoding="utf-8").splitlines() == expected
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Input that is not UTF-8, a byte order mark
+
+
+def test_non_utf8_line_is_a_usage_error_naming_it_after_the_lines_before_it(server, client, models, tmp_path, capsys):
+    lines = corpus(12, seed=16)
+    source, target = tmp_path / "in.txt", tmp_path / "out.txt"
+    source.write_bytes(b"".join(line.encode() + b"\n" for line in lines[:7]) + b"a \xff b\n" + b"c d\n")
+    code, _ = translate_file_cli(server, str(source), str(target), "-m", models["translate"], "--window", "4")
+    err = capsys.readouterr().err
+    assert code == 2 and "line 8" in err and "UTF-8" in err and "Traceback" not in err
+    expected = [t.text for t in client.translate(models["translate"], lines[:7])]
+    assert target.read_text(encoding="utf-8").splitlines() == expected
+
+
+def test_byte_order_mark_is_not_translated(server, client, models, tmp_path):
+    lines = corpus(3, seed=17)
+    source, target = tmp_path / "in.txt", tmp_path / "out.txt"
+    source.write_bytes(b"\xef\xbb\xbf" + "".join(line + "\n" for line in lines).encode())
+    assert translate_file_cli(server, str(source), str(target), "-m", models["translate"])[0] == 0
+    expected = [t.text for t in client.translate(models["translate"], lines)]
+    assert target.read_text(encoding="utf-8").splitlines() == expected
+
+
+# --------------------------------------------------------------------------------------------------------------
+# A stopped job still reports
+
+
+def test_stream_that_cannot_be_reopened_still_prints_summary_and_resume_hint(models, tiny_repository, tmp_path,
+                                                                            capsys):
+    name = models["translate"]
+    own = start_server(Path(tiny_repository), models=(name,))
+    source = write_lines(tmp_path / "in.txt", corpus(300, seed=18))
+    target = tmp_path / "out.txt"
+
+    def stop_after_some_lines() -> None:
+        deadline = time.monotonic() + 60
+        while not target.exists() or target.read_bytes().count(b"\n") < 20:
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.002)
+        own.stop(0.0)
+
+    stopper = threading.Thread(target=stop_after_some_lines, daemon=True)
+    stopper.start()
+    out = io.StringIO()
+    code = main(["--server", own.address, "--timeout", "1", "--json", "translate-file", str(source), str(target),
+                 "-m", name, "--no-progress", "--window", "1"], stdout=out)
+    stopper.join(60)
+    summary = json.loads(out.getvalue())
+    held = target.read_bytes().count(b"\n")
+    err = capsys.readouterr().err
+    assert code == 1 and summary["complete"] is False and summary["done"] == held >= 20
+    assert "UNAVAILABLE" in summary["error"] and summary["reconnects"] >= 1 and "elapsed_s" in summary
+    assert f"holds the first {held} lines" in err and "rerun" in err and "--on-error empty" not in err
