@@ -127,14 +127,26 @@ class ModelManager:
         for name in self.repository.models():  # known but not (yet) loaded: NOT_SERVING rather than unknown
             await self.health.set(name, NOT_SERVING)
         for name in names:
+            await self._load_newest_that_works(name)
+        ready = [f"{n} {v}" for (n, v) in sorted(self._served)]
+        log.info("serving %d model versions: %s", len(ready), ", ".join(ready) or "none")
+
+    async def _load_newest_that_works(self, name: str) -> None:
+        """At start: the highest version, or, when it fails (a broken new export), the next one down that loads, so
+        that publishing a bad version and restarting is not an outage. The failed ones stay listed FAILED."""
+        versions = self.repository.versions(name) or [0]  # 0: let load() say NOT_FOUND
+        for version in reversed(versions):
             try:
-                await self.load(name)
+                await self.load(name, version)
             except (RepositoryError, ModelUnavailable) as exc:
                 if isinstance(exc.__cause__, ProviderFailed):
                     raise exc.__cause__ from None
-                log.error("model %s not loaded: %s", name, exc)
-        ready = [f"{n} {v}" for (n, v) in sorted(self._served)]
-        log.info("serving %d model versions: %s", len(ready), ", ".join(ready) or "none")
+                log.error("model %s version %s not loaded: %s", name, version or "-", exc)
+                continue
+            if version != versions[-1]:
+                log.warning("model %s: serving version %d, the highest that loads (%d failed)", name, version,
+                            versions[-1])  # fmt: skip
+            return
 
     async def load(self, name: str, version: int = 0) -> VersionStatus:
         """Load a version (0: the repository's highest); a failure is recorded as FAILED and raised."""

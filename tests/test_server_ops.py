@@ -191,6 +191,22 @@ def test_copied_version_folders_are_failed_and_leave_their_original_serving(tiny
         assert stub.Translate(request).model.version == 1  # untouched by anything done to its copies
 
 
+def test_a_broken_newest_version_falls_back_to_the_next_one_at_start(tiny_repository, tmp_path):
+    root = tmp_path / "repo"
+    shutil.copytree(tiny_repository / "tiny-lstm" / "1", root / "tiny-lstm" / "1")
+    shutil.copytree(tiny_repository / "tiny-lstm" / "1", root / "tiny-lstm" / "2")
+    manifest = json.loads((root / "tiny-lstm" / "2" / "manifest.json").read_text())
+    (root / "tiny-lstm" / "2" / "manifest.json").write_text(json.dumps({**manifest, "version": 2}))
+    (root / "tiny-lstm" / "2" / "source_tokenizer.json").unlink()  # a broken new export
+    config = ServerConfig(port=0, metrics_port=None, instances=1, threads=1)
+    with ServerThread(config, ModelRepository(root)) as running, grpc.insecure_channel(running.address) as ch:
+        states = {s.version: s for s in pb_grpc.ModelsStub(ch).ListModels(pb.ListModelsRequest()).models}
+        assert states[2].state == pb.MODEL_STATE_FAILED and "source_tokenizer.json" in states[2].reason
+        assert states[1].state == pb.MODEL_STATE_READY
+        request = pb.TranslateRequest(model=pb.ModelSpec(name="tiny-lstm"), texts=["a b"])
+        assert pb_grpc.InferenceStub(ch).Translate(request).model.version == 1
+
+
 def test_a_second_server_on_a_port_in_use_fails_to_bind(running, tmp_path):
     """Not SO_REUSEPORT's silent sharing, where the second server took a share of the first one's connections."""
     import asyncio
