@@ -6,7 +6,12 @@ IN holds one sentence a line; OUT gets one translation a line, in input order. T
 `--block-lines` lines; every block is translated by `BlockTranslator.translate` (the server's `Translator` over the
 exported encoder/decoder, batches of `--batch-size` sentences), so the local and the Ray engine decode exactly the same
 batches and write the same bytes. Resume: OUT's complete lines are kept and their input lines skipped (a half-written
-last line, left by a crash, is cut off first); blocks are appended and flushed one by one.
+last line, left by a crash, is cut off first, but only once OUT is known to be a partial output of IN); blocks are
+appended and flushed one by one.
+
+Lines end at "\n" only (a "\r\n" ending loses its "\r"; a lone "\r" stays inside its line), the way OUT's lines
+are counted; a UTF-8 byte order mark before the first line is dropped. IN must be UTF-8: its first line that is not
+ends the job (exit 2) after the lines before it are written, naming the line and byte offset.
 
 Engines: `local` translates block after block in this process; `ray` (server/batch_ray.py, the `ray` extra) hands the
 blocks to a Ray Data actor pool, each actor holding one onnxruntime session of the model, and writes the results back
@@ -18,6 +23,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import stat
 import time
 from dataclasses import dataclass
 from itertools import islice
@@ -46,6 +52,19 @@ class OutputLongerThanInput(BatchError):
         super().__init__(
             f"{out} already holds {out_lines} lines but the input has only {in_lines}: it is not a partial output "
             f"of this input (remove it to start over)"
+        )
+
+
+class UnusablePath(BatchError):
+    """IN or OUT that the job cannot use safely: not a regular file, or the same file."""
+
+
+class NotUtf8(BatchError):
+    def __init__(self, source: Path, line: int, offset: int, reason: str, written: int):
+        self.line, self.offset, self.written = line, offset, written
+        super().__init__(
+            f"{source} line {line} (byte offset {offset}) is not UTF-8 ({reason}); OUT holds {written} translated "
+            f"lines: fix that line and rerun to resume"
         )
 
 
@@ -148,6 +167,59 @@ class BlockTranslator:
 # Input, output, resume
 
 
+def check_paths(source: Path, out: Path) -> None:
+    """Refuse IN and OUT that a job could not use safely, before anything is written: both regular files, distinct.
+
+    OUT is counted, cut and appended to: a device or FIFO (/dev/stdout) would be read forever or from our own pipe,
+    and IN as OUT would lose its last line and be appended to itself."""
+    if not source.exists():
+        raise UnusablePath(f"input {source} does not exist")
+    if not stat.S_ISREG(source.stat().st_mode):
+        raise UnusablePath(f"input {source} is not a regular file (it is read twice: counted, then translated)")
+    if not out.exists():
+        return
+    if not stat.S_ISREG(out.stat().st_mode):
+        raise UnusablePath(f"output {out} is not a regular file: batch translate appends to a file it can count")
+    if os.path.samefile(source, out):
+        raise UnusablePath(f"input and output are the same file ({source}): OUT must be a different file")
+
+
+@dataclass(frozen=True)
+class InputScan:
+    lines: int  # lines of IN, a last line without a line break included
+    # The first line that is not UTF-8, 1-based, and the byte offset of its first bad byte; None: all of it is
+    bad_line: int | None = None
+    bad_offset: int = 0
+    reason: str = ""
+
+
+def scan_input(path: Path, chunk: int = 1 << 20) -> InputScan:
+    """Count IN's lines and find its first line that is not UTF-8, reading it once in binary."""
+    lines, offset, carry, last = 0, 0, b"", b"\n"
+    bad: tuple[int, int, str] | None = None
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            last = block[-1:] or last
+            if bad is not None:
+                lines += block.count(b"\n")
+            else:
+                # Decode whole lines only, so that a character split between two reads is not taken for an error.
+                data = carry + block
+                cut = data.rfind(b"\n") + 1 if block else len(data)
+                whole, carry = data[:cut], data[cut:]
+                try:
+                    whole.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    bad = (lines + whole.count(b"\n", 0, exc.start) + 1, offset + exc.start, exc.reason)
+                lines += whole.count(b"\n")
+                offset += len(whole)
+            if not block:
+                break
+    total = lines + (last != b"\n")
+    return InputScan(total) if bad is None else InputScan(total, *bad)
+
+
 def resume_point(out: Path) -> int:
     """The complete lines OUT holds (0 when absent); a half-written last line is cut off so appending can go on."""
     if not out.exists():
@@ -182,16 +254,30 @@ def count_lines(path: Path, chunk: int = 1 << 20) -> int:
     return lines + (last != b"\n")
 
 
-def read_blocks(path: Path, skip: int, block_lines: int) -> Iterator[Block]:
-    """Blocks of the input after its first `skip` lines, read lazily."""
-    with open(path, encoding="utf-8", newline="") as f:
-        lines = (line.rstrip("\r\n") for line in f)
+def read_blocks(path: Path, skip: int, block_lines: int, stop: int | None = None) -> Iterator[Block]:
+    """Blocks of the input's lines skip..stop-1 (0-based; stop None: to the end), read lazily."""
+    with open(path, "rb") as f:  # binary: lines end at b"\n" only, as count_lines counts them
+        lines = (_text_of(raw, i, path) for i, raw in enumerate(islice(f, stop)))
         for _ in islice(lines, skip):
             pass
         start = skip
         while chunk := tuple(islice(lines, block_lines)):
             yield Block(start, chunk)
             start += len(chunk)
+
+
+def _text_of(raw: bytes, index: int, path: Path) -> str:
+    """An input line as text: its "\n" or "\r\n" removed, and a byte order mark before the first line."""
+    if raw.endswith(b"\n"):
+        raw = raw[:-1]
+    if raw.endswith(b"\r"):
+        raw = raw[:-1]
+    if index == 0 and raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:  # scan_input stops the reading before such a line: IN changed meanwhile
+        raise BatchError(f"{path} line {index + 1} is not UTF-8 ({exc.reason}): did the input change?") from None
 
 
 # engine(job, blocks) -> (block start, translations) pairs, in input order
@@ -213,23 +299,41 @@ class BatchResult:
 
 
 def translate_file(job: BatchJob, source: Path, out: Path, engine: Engine = local_engine) -> BatchResult:
-    """Translate SOURCE into OUT with `engine`, resuming after OUT's complete lines."""
+    """Translate SOURCE into OUT with `engine`, resuming after OUT's complete lines.
+
+    Raises NotUtf8 after translating the lines before IN's first line that is not UTF-8. Interrupted (Ctrl-C), OUT is
+    left holding the blocks written in full, and KeyboardInterrupt goes on."""
     started = time.perf_counter()
-    total = count_lines(source)
+    check_paths(source, out)
+    scan = scan_input(source)
+    total = scan.lines
+    # OUT must be a partial output of IN before anything of it is cut: a partial last line counts as a line here.
+    if out.exists() and (held := count_lines(out)) > total:
+        raise OutputLongerThanInput(out, held, total)
     done = resume_point(out)
-    if done > total:
-        raise OutputLongerThanInput(out, done, total)
+    stop = total if scan.bad_line is None else scan.bad_line - 1
     if done:
         log.info("%s holds %d of %d lines: resuming", out, done, total)
     expected = done
-    with open(out, "a", encoding="utf-8", newline="\n") as f:
-        for start, translations in engine(job, read_blocks(source, done, job.block_lines)):
-            if start != expected:
-                raise BlockOutOfOrder(expected, start)
-            f.write("".join(t + "\n" for t in translations))
-            f.flush()
-            expected += len(translations)
-            log.info("%d/%d lines", expected, total)
+    # Unbuffered, one write per block, and on Ctrl-C cut back to the last block written in full: OUT stays whole lines.
+    with open(out, "ab", buffering=0) as f:
+        written = f.seek(0, os.SEEK_END)
+        try:
+            for start, translations in engine(job, read_blocks(source, done, job.block_lines, stop)):
+                if start != expected:
+                    raise BlockOutOfOrder(expected, start)
+                data = "".join(t + "\n" for t in translations).encode("utf-8")
+                view = memoryview(data)
+                while view:
+                    view = view[f.write(view) :]
+                written += len(data)
+                expected += len(translations)
+                log.info("%d/%d lines", expected, total)
+        except KeyboardInterrupt:
+            os.ftruncate(f.fileno(), written)
+            raise
+    if scan.bad_line is not None:
+        raise NotUtf8(source, scan.bad_line, scan.bad_offset, scan.reason, expected)
     seconds = time.perf_counter() - started
     log.info("translated %d lines into %s in %.1f s", expected - done, out, seconds)
     return BatchResult(total, done, expected - done, seconds)
@@ -287,8 +391,7 @@ def job_from_args(args: argparse.Namespace) -> BatchJob:
 def run(args: argparse.Namespace) -> int:
     try:
         job = job_from_args(args)
-        if not args.input.is_file():
-            raise BatchError(f"input {args.input} is not a file")
+        check_paths(args.input, args.output)
         if args.engine == "ray":
             from seqserve.server.batch_ray import ray_engine
 
@@ -299,6 +402,10 @@ def run(args: argparse.Namespace) -> int:
     except (BatchError, RepositoryError, OSError) as exc:
         log.error("%s", exc)
         return 2
+    except KeyboardInterrupt:
+        held = count_lines(args.output) if args.output.is_file() else 0
+        log.error("interrupted: %s holds %d translated lines; rerun the same command to resume", args.output, held)
+        return 130
     log.info("done: %d lines (%d resumed, %d translated) in %.1f s", result.lines, result.resumed_from,
              result.translated, result.seconds)  # fmt: skip
     return 0
