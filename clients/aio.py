@@ -27,6 +27,7 @@ from seqserve.protos.v1 import seqserve_pb2 as pb
 from seqserve.protos.v1 import seqserve_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
+_END = object()  # the end of the caller's items (None may be an item, a malformed one)
 
 
 class AsyncClient:
@@ -101,32 +102,47 @@ class AsyncClient:
         build = t.stream_request_factory(model, options, version, truncate)
         slots = asyncio.Semaphore(window)
         call = self._inference.TranslateStream(timeout=timeout, metadata=self.config.call_metadata())
+        failure: list[Exception] = []  # what the caller's iterable (or a malformed item) raised
 
         async def write_all() -> None:
             pending = _aiter(items)
             while True:
                 await slots.acquire()  # the flow control: wait for an answer to free a slot, then read the next item
-                item = await anext(pending, None)
-                if item is None:
+                try:
+                    item = await anext(pending, _END)
+                    request = None if item is _END else build(*t.stream_item(item))
+                except Exception as error:  # noqa: BLE001 - without done_writing the reader would wait forever
+                    failure.append(error)
+                    call.cancel()
+                    return
+                if request is None:
                     break
-                await call.write(build(*item))
+                await call.write(request)
             await call.done_writing()
 
         writer = asyncio.create_task(write_all())
         try:
             while True:
-                response = await call.read()
-                if response is grpc.aio.EOF:
+                try:
+                    response = await call.read()
+                except asyncio.CancelledError:
+                    if failure:  # the writer cancelled the call: the caller gets its own exception below
+                        break
+                    raise
+                if response is grpc.aio.EOF or failure:
                     break
                 slots.release()
                 yield t.stream_result(response)
             await writer  # surfaces a failed write
         except grpc.RpcError as error:
-            raise SeqServeError.from_rpc_error(error) from None
+            if not failure:
+                raise SeqServeError.from_rpc_error(error) from None
         finally:
             if not writer.done():
                 writer.cancel()
             call.cancel()
+        if failure:
+            raise failure[0]
 
     async def score_next_sentence(
         self,

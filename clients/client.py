@@ -25,6 +25,9 @@ from seqserve.protos.v1 import seqserve_pb2 as pb
 from seqserve.protos.v1 import seqserve_pb2_grpc as pb_grpc
 
 
+_END = object()  # the end of the caller's items (None may be an item, a malformed one)
+
+
 class Client:
     """A blocking seqserve client over one channel; safe to share between threads. Use as a context manager.
 
@@ -100,6 +103,8 @@ class Client:
         build = t.stream_request_factory(model, options, version, truncate)
         slots = threading.Semaphore(window)
         finished = threading.Event()
+        calls: list[grpc.Future] = []  # the call, for the request thread to cancel
+        failure: list[Exception] = []  # what the caller's iterable (or a malformed item) raised
 
         def requests() -> Iterator[pb.TranslateStreamRequest]:
             # grpc consumes this generator in its own thread; blocking here is the flow control. The slot is taken
@@ -109,21 +114,34 @@ class Client:
                 while not slots.acquire(timeout=0.1):
                     if finished.is_set():
                         return
-                item = next(pending, None)
-                if item is None or finished.is_set():
+                try:
+                    item = next(pending, _END)
+                    if item is _END or finished.is_set():
+                        return
+                    request = build(*t.stream_item(item))
+                except Exception as error:  # noqa: BLE001 - grpc would log it and fail the call as UNKNOWN
+                    failure.append(error)
+                    if calls:
+                        calls[0].cancel()
                     return
-                yield build(*item)
+                yield request
 
         call = self._inference.TranslateStream(requests(), timeout=timeout, metadata=self.config.call_metadata())
+        calls.append(call)
         try:
             for response in call:
+                if failure:
+                    break
                 slots.release()
                 yield t.stream_result(response)
         except grpc.RpcError as error:
-            raise SeqServeError.from_rpc_error(error) from None
+            if not failure:  # a call we cancelled because the caller's iterable failed raises that instead
+                raise SeqServeError.from_rpc_error(error) from None
         finally:
             finished.set()
             call.cancel()  # a no-op after a clean end; stops the server's work when the caller stopped early
+        if failure:
+            raise failure[0]
 
     def score_next_sentence(
         self,

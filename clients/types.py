@@ -209,6 +209,15 @@ def translate_request(
     )
 
 
+def stream_item(item: object) -> tuple[str, str]:
+    """A translate_stream item checked before it is sent: an (id, text) pair of strings."""
+    if not (isinstance(item, (tuple, list)) and len(item) == 2 and all(isinstance(part, str) for part in item)):
+        shown = repr(item)
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."
+        raise TypeError(f"translate_stream items must be (id, text) pairs of str, got {shown}")
+    return item[0], item[1]
+
+
 def stream_request_factory(
     model: str, options: DecodingOptions, version: int, truncate: bool
 ) -> Callable[[str, str], pb.TranslateStreamRequest]:

@@ -318,6 +318,42 @@ def test_translate_stream_reports_a_failed_item_and_goes_on(client, models):
     assert answers["ok-1"].translation is not None and answers["ok-2"].translation is not None
 
 
+class SourceFailed(Exception):
+    """Raised by a caller's own item source."""
+
+
+def failing_items():
+    yield "0", SOURCES[0]
+    yield "1", SOURCES[1]
+    raise SourceFailed("the caller's source failed")
+
+
+def test_translate_stream_reraises_the_callers_own_exception(client, models):
+    with pytest.raises(SourceFailed, match="caller's source failed"):
+        list(client.translate_stream(models["translate"], failing_items(), window=4))
+
+
+def test_translate_stream_refuses_a_malformed_item_before_sending_it(client, models):
+    for malformed in [(1, "a b"), ("1",), ("1", None), "1a"]:
+        with pytest.raises(TypeError, match=r"\(id, text\) pairs of str"):
+            list(client.translate_stream(models["translate"], [("0", SOURCES[0]), malformed]))
+
+
+def test_async_translate_stream_reraises_a_source_error_instead_of_hanging(model_server, models):
+    async def failing():
+        for item in failing_items():
+            yield item
+
+    async def consume(items) -> list[str]:
+        async with AsyncClient(model_server.address) as aclient:
+            return [r.id async for r in aclient.translate_stream(models["translate"], items, window=4)]
+
+    with pytest.raises(SourceFailed):
+        asyncio.run(asyncio.wait_for(consume(failing()), 20))  # a hang would end as TimeoutError
+    with pytest.raises(TypeError, match="pairs of str"):
+        asyncio.run(asyncio.wait_for(consume([("1", SOURCES[0]), (2, SOURCES[1])]), 20))
+
+
 def test_score_next_sentence_gives_one_probability_per_pair(client, models):
     pairs = [("the cat sat", "on the mat"), ("a dog runs", "hello world"), ("the house", "is small")]
     probabilities = client.score_next_sentence(models["nsp"], pairs)
