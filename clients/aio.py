@@ -99,6 +99,7 @@ class AsyncClient:
         """
         if window < 1:
             raise ValueError(f"window must be at least 1, got {window}")
+        t.refuse_single_text(items, "items", "(id, text) pairs of str")
         build = t.stream_request_factory(model, options, version, truncate)
         slots = asyncio.Semaphore(window)
         call = self._inference.TranslateStream(timeout=timeout, metadata=self.config.call_metadata())

@@ -100,6 +100,7 @@ class Client:
         """
         if window < 1:
             raise ValueError(f"window must be at least 1, got {window}")
+        t.refuse_single_text(items, "items", "(id, text) pairs of str")
         build = t.stream_request_factory(model, options, version, truncate)
         slots = threading.Semaphore(window)
         finished = threading.Event()

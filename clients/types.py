@@ -185,8 +185,29 @@ def model_info(status: pb.ModelStatus) -> ModelInfo:
 # Requests (built once here for the sync and asyncio clients)
 
 
+def refuse_single_text(value: object, name: str, what: str) -> None:
+    """A bare str or bytes where a sequence is expected would be taken one character at a time: refuse it."""
+    if isinstance(value, (str, bytes, bytearray)):
+        raise TypeError(f"{name} must be a sequence of {what}, not a single {type(value).__name__}")
+
+
+def texts_list(texts: Sequence[str], name: str = "texts") -> list[str]:
+    """The texts as a list, refusing a bare str or bytes (which would be sent one character per text)."""
+    refuse_single_text(texts, name, "str (for one text, pass [text])")
+    listed = list(texts)
+    for index, text in enumerate(listed):
+        if not isinstance(text, str):
+            raise TypeError(f"{name}[{index}] must be a str, got {type(text).__name__}")
+    return listed
+
+
 def _pairs(pairs: Sequence[tuple[str, str]]) -> list[pb.TextPair]:
-    return [pb.TextPair(first=first, second=second) for first, second in pairs]
+    refuse_single_text(pairs, "pairs", "(first, second) pairs of str")
+    listed = list(pairs)
+    for index, pair in enumerate(listed):
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(p, str) for p in pair)):
+            raise TypeError(f"pairs[{index}] must be a (first, second) pair of str, got {pair!r:.80}")
+    return [pb.TextPair(first=first, second=second) for first, second in listed]
 
 
 def encode_request(
@@ -196,7 +217,7 @@ def encode_request(
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {sorted(POOLINGS)}, got {pooling!r}")
     return pb.EncodeRequest(
-        model=model_spec(model, version), texts=list(texts), pairs=_pairs(pairs), pooling=POOLINGS[pooling],
+        model=model_spec(model, version), texts=texts_list(texts), pairs=_pairs(pairs), pooling=POOLINGS[pooling],
         normalize=normalize, truncation=truncation(truncate),
     )
 
@@ -205,7 +226,8 @@ def translate_request(
     model: str, texts: Sequence[str], options: DecodingOptions, version: int, truncate: bool
 ) -> pb.TranslateRequest:
     return pb.TranslateRequest(
-        model=model_spec(model, version), texts=list(texts), options=options.to_proto(), truncation=truncation(truncate)
+        model=model_spec(model, version), texts=texts_list(texts), options=options.to_proto(),
+        truncation=truncation(truncate),
     )
 
 
@@ -240,5 +262,5 @@ def nsp_request(
 
 def fill_mask_request(model: str, texts: Sequence[str], top_k: int, version: int, truncate: bool) -> pb.FillMaskRequest:
     return pb.FillMaskRequest(
-        model=model_spec(model, version), texts=list(texts), top_k=top_k, truncation=truncation(truncate)
+        model=model_spec(model, version), texts=texts_list(texts), top_k=top_k, truncation=truncation(truncate)
     )

@@ -354,6 +354,32 @@ def test_async_translate_stream_reraises_a_source_error_instead_of_hanging(model
         asyncio.run(asyncio.wait_for(consume([("1", SOURCES[0]), (2, SOURCES[1])]), 20))
 
 
+def test_a_single_str_where_texts_are_expected_is_a_type_error(model_server, client, models):
+    calls = [
+        lambda c: c.encode(models["encode"], "a b c"),
+        lambda c: c.encode(models["encode"], pairs=("a b", "c d")),
+        lambda c: c.translate(models["translate"], "a b"),
+        lambda c: c.translate(models["translate"], b"a b"),
+        lambda c: c.fill_mask(models["fill_mask"], "a [MASK] runs"),
+        lambda c: c.score_next_sentence(models["nsp"], "a b"),
+        lambda c: list(c.translate_stream(models["translate"], "ab")),
+    ]
+    for call in calls:
+        with pytest.raises(TypeError, match="not a single|pair of str"):
+            call(client)
+
+    async def call_async(call):
+        async with AsyncClient(model_server.address) as aclient:
+            result = call(aclient)
+            if hasattr(result, "__aiter__"):
+                return [r async for r in result]
+            return await result
+
+    for call in calls[:6] + [lambda c: c.translate_stream(models["translate"], "ab")]:
+        with pytest.raises(TypeError, match="not a single|pair of str"):
+            asyncio.run(call_async(call))
+
+
 def test_score_next_sentence_gives_one_probability_per_pair(client, models):
     pairs = [("the cat sat", "on the mat"), ("a dog runs", "hello world"), ("the house", "is small")]
     probabilities = client.score_next_sentence(models["nsp"], pairs)
