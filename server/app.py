@@ -15,7 +15,6 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import onnxruntime as ort
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from seqserve.protos.inference import open_inference_pb2 as open_inference
@@ -23,6 +22,7 @@ from seqserve.protos.inference import open_inference_pb2_grpc as open_inference_
 from seqserve.protos.v1 import seqserve_pb2 as pb
 from seqserve.protos.v1 import seqserve_pb2_grpc as pb_grpc
 from seqserve.server.config import ServerConfig, available_cores
+from seqserve.server.health import Health
 from seqserve.server.interceptors import server_interceptors
 from seqserve.server.manager import SERVING, ModelManager
 from seqserve.server.metrics import Metrics
@@ -75,7 +75,7 @@ class SeqServer:
         # The pool's size bounds concurrent onnxruntime runs across all models: instances x threads <= cores.
         self.executor = ThreadPoolExecutor(max_workers=self.instances, thread_name_prefix="ort")
         self.metrics = Metrics()
-        self.health = HealthServicer()
+        self.health = Health()
         self.manager = ModelManager(repository, config, options, self.executor, self.metrics, self.health)
         self.state = ServingState(self.manager, self.metrics)
         limit = config.limits.max_message_bytes
@@ -124,6 +124,7 @@ class SeqServer:
         log.info("draining: no new work, %.1f s for in-flight requests", grace)
         self.state.draining = True
         await self.health.enter_graceful_shutdown()  # every service NOT_SERVING, for good
+        await self.health.end_watches()  # each sends NOT_SERVING and ends: an open Watch held stop() for all of grace
         await self.grpc.stop(grace)
         await self.manager.close()
         self.executor.shutdown(wait=False, cancel_futures=True)

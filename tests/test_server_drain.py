@@ -80,6 +80,26 @@ def test_sigterm_drains_without_losing_in_flight_requests(tiny_repository):
     assert any(m.startswith("draining") for m in messages)
 
 
+def test_an_open_health_watch_ends_at_sigterm_and_does_not_hold_the_shutdown(tiny_repository):
+    """A load balancer's Watch stream gets NOT_SERVING, then its end; the process does not wait out the grace."""
+    root = tiny_repository if isinstance(tiny_repository, Path) else Path(tiny_repository.root)
+    proc = _serve(root, "--models", "tiny-lstm", "--grace-period", "60")
+    lines: list[str] = []
+    try:
+        port = _wait_ready(proc, lines)
+        with grpc.insecure_channel(f"localhost:{port}") as channel:
+            watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=120)
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+            started = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            assert [r.status for r in watch] == [health_pb2.HealthCheckResponse.NOT_SERVING]  # then the stream ends
+            assert proc.wait(timeout=60) == 0
+            assert time.monotonic() - started < 20  # not the 60 s grace period
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 def test_device_cuda_uses_the_cuda_provider_or_is_refused_clearly(tiny_repository):
     root = tiny_repository if isinstance(tiny_repository, Path) else Path(tiny_repository.root)
     proc = _serve(root, "--device", "cuda", "--models", "tiny-lstm")

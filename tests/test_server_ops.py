@@ -235,6 +235,7 @@ def test_health_is_serving_overall_and_per_model(channel, models):
     with pytest.raises(grpc.RpcError) as info:
         health.Check(health_pb2.HealthCheckRequest(service="no-such-model"))
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "no health service 'no-such-model'" in info.value.details() and "tiny-lstm" in info.value.details()
 
 
 def test_reflection_lists_and_describes_the_api(channel):
