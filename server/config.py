@@ -71,6 +71,13 @@ class Limits:
         return self
 
 
+# What REPO/NAME/config.json may set for one model (BatchingConfig's fields): setting -> (type, minimum)
+SERVING_CONFIG_KEYS: dict[str, tuple[type | tuple[type, ...], float]] = {
+    "max_batch_tokens": (int, 1), "max_queue_delay_ms": ((int, float), 0), "dispatch_when_idle": (bool, 0),
+    "max_batch_size": (int, 1), "max_join_ms": ((int, float), 0), "inline_max_ms": ((int, float), 0),
+}
+
+
 @dataclass(frozen=True)
 class BatchingConfig:
     """How a model's queue is cut into batches (REPO/NAME/config.json may override per model)."""
@@ -92,9 +99,7 @@ class BatchingConfig:
     inline_max_ms: float = 4.0
 
     def with_overrides(self, overrides: dict[str, Any]) -> "BatchingConfig":
-        keys = ("max_batch_tokens", "max_queue_delay_ms", "max_batch_size", "max_join_ms", "dispatch_when_idle",
-                "inline_max_ms")
-        known = {k: overrides[k] for k in keys if k in overrides}
+        known = {k: overrides[k] for k in SERVING_CONFIG_KEYS if k in overrides}
         return replace(self, **known).validate()
 
     def validate(self) -> "BatchingConfig":

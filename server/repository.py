@@ -24,6 +24,8 @@ from typing import Any
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
+from seqserve.server.config import SERVING_CONFIG_KEYS
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -48,11 +50,6 @@ NAME_MAX_CHARS = 255  # a folder name: longer is no model (and the file system w
 VERSION_PATTERN = re.compile(r"[1-9][0-9]*\Z")
 MAX_VERSION = 2**32 - 1  # the API's version fields are uint32: a folder numbered above is no version
 TASKS = ("translation", "bert")
-# What REPO/NAME/config.json may set (server/config.py BatchingConfig's fields): setting -> (type, minimum)
-SERVING_CONFIG_KEYS: dict[str, tuple[type, float]] = {
-    "max_batch_tokens": (int, 1), "max_queue_delay_ms": ((int, float), 0), "dispatch_when_idle": (bool, 0),
-    "max_batch_size": (int, 1), "max_join_ms": ((int, float), 0), "inline_max_ms": ((int, float), 0),
-}
 
 _OPTIMIZATION_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
