@@ -10,8 +10,10 @@ Exit codes: 0 done, 1 the server refused or failed (the status code and message 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Callable, Iterator, Sequence, TextIO
@@ -167,11 +169,13 @@ def main(argv: Sequence[str] | None = None, stdin: TextIO | None = None, stdout:
     args = build_parser().parse_args(argv)
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="seqserve-client: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_CLIWords())
     try:
         with Client(config=connection_config(args)) as client:
             return COMMANDS[args.command](client, args, stdin, stdout)
     except SeqServeError as error:
-        sys.stderr.write(f"seqserve-client: error: {error}\n")
+        sys.stderr.write(f"seqserve-client: error: {_cli_message(str(error))}\n")
         return 1
     except KeyboardInterrupt:
         sys.stderr.write("seqserve-client: interrupted (translate-file: rerun the same command to resume)\n")
@@ -183,15 +187,16 @@ def main(argv: Sequence[str] | None = None, stdin: TextIO | None = None, stdout:
 
 def run_encode(client: Client, args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> int:
     model = args.model or pick_model(client, "encode")
-    texts = read_inputs(args, stdin)
-    for batch in _batches(texts, args.batch_size):
-        if args.pairs:
-            pairs = [_split_pair(line) for line in batch]
-            vectors = client.encode(model, pairs=pairs, version=args.version, pooling=args.pooling,
-                                    normalize=args.normalize, truncate=args.truncate)
-        else:
-            vectors = client.encode(model, batch, version=args.version, pooling=args.pooling,
-                                    normalize=args.normalize, truncate=args.truncate)
+    texts, places = read_inputs(args, stdin)
+    for batch, where in _batches(texts, places, args.batch_size):
+        with _naming_inputs(where):
+            if args.pairs:
+                pairs = [_split_pair(line, place) for line, place in zip(batch, where)]
+                vectors = client.encode(model, pairs=pairs, version=args.version, pooling=args.pooling,
+                                        normalize=args.normalize, truncate=args.truncate)
+            else:
+                vectors = client.encode(model, batch, version=args.version, pooling=args.pooling,
+                                        normalize=args.normalize, truncate=args.truncate)
         output.embeddings(stdout, batch, vectors, args.json)
     return 0
 
@@ -199,8 +204,9 @@ def run_encode(client: Client, args: argparse.Namespace, stdin: TextIO, stdout: 
 def run_translate(client: Client, args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> int:
     model = args.model or pick_model(client, "translate")
     options = decoding_options(args)
-    for batch in _batches(read_inputs(args, stdin), args.batch_size):
-        results = client.translate(model, batch, options, version=args.version, truncate=args.truncate)
+    for batch, where in _batches(*read_inputs(args, stdin), args.batch_size):
+        with _naming_inputs(where):
+            results = client.translate(model, batch, options, version=args.version, truncate=args.truncate)
         output.translations(stdout, batch, results, args.json)
     return 0
 
@@ -211,18 +217,22 @@ def run_nsp(client: Client, args: argparse.Namespace, stdin: TextIO, stdout: Tex
         if len(args.texts) % 2:
             raise UsageError(f"nsp takes sentences in pairs (A B ...) or 'A<TAB>B' arguments; got {len(args.texts)}")
         pairs = list(zip(args.texts[0::2], args.texts[1::2]))
+        places = [f"arguments {i} and {i + 1}" for i in range(1, len(args.texts), 2)]
     else:
-        pairs = [_split_pair(line) for line in read_inputs(args, stdin)]
-    for batch in _batches(pairs, args.batch_size):
-        scores = client.score_next_sentence(model, batch, version=args.version, truncate=args.truncate)
+        lines, places = read_inputs(args, stdin)
+        pairs = [_split_pair(line, place) for line, place in zip(lines, places)]
+    for batch, where in _batches(pairs, places, args.batch_size):
+        with _naming_inputs(where):
+            scores = client.score_next_sentence(model, batch, version=args.version, truncate=args.truncate)
         output.next_sentence(stdout, batch, scores, args.json)
     return 0
 
 
 def run_fill_mask(client: Client, args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> int:
     model = args.model or pick_model(client, "fill_mask")
-    for batch in _batches(read_inputs(args, stdin), args.batch_size):
-        results = client.fill_mask(model, batch, top_k=args.top_k, version=args.version, truncate=args.truncate)
+    for batch, where in _batches(*read_inputs(args, stdin), args.batch_size):
+        with _naming_inputs(where):
+            results = client.fill_mask(model, batch, top_k=args.top_k, version=args.version, truncate=args.truncate)
         output.fill_mask(stdout, batch, results, args.json)
     return 0
 
@@ -268,9 +278,13 @@ def run_translate_file(client: Client, args: argparse.Namespace, stdin: TextIO, 
         return 0
     if report.line_failed:
         message = _cli_message(str(report.stopped_by))
-        # --truncate cuts at the model's token limit; the server's character limit refuses a line all the same
-        fix = "fix that line" if "max_chars_per_text" in message else "fix that line or use --truncate"
-        advice = f"{message}; {fix} (or --on-error empty to leave it empty), then rerun to resume"
+        if "--truncate" in message:  # the server's own advice, in the CLI's words
+            fix = "then rerun to resume"
+        elif "max_chars_per_text" in message:  # --truncate cuts tokens: a line over the character limit stays refused
+            fix = "fix that line, then rerun to resume"
+        else:
+            fix = "fix that line or use --truncate, then rerun to resume"
+        advice = f"{message}; {fix} (--on-error empty writes an empty line for it instead)"
     else:
         advice = f"{report.stopped_by}; rerun the same command to resume"
     sys.stderr.write(
@@ -317,6 +331,15 @@ COMMANDS: dict[str, Callable[[Client, argparse.Namespace, TextIO, TextIO], int]]
 # Helpers
 
 
+class _CLIWords(logging.Filter):
+    """Log lines (translate-file's per-line warnings) in the CLI's words, as the error lines are."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("seqserve.clients"):
+            record.msg, record.args = _cli_message(record.getMessage()), None
+        return True
+
+
 def _cli_message(message: str) -> str:
     """A server message in the CLI's words: the proto's truncation enum becomes the --truncate option."""
     return message.replace("ask for truncation (TRUNCATION_TRUNCATE)", "use --truncate")
@@ -332,10 +355,11 @@ def pick_model(client: Client, capability: str) -> str:
     raise UsageError(f"several ready models can do {capability!r} ({', '.join(ready)}): choose one with --model")
 
 
-def read_inputs(args: argparse.Namespace, stdin: TextIO) -> list[str]:
-    """The texts from the arguments, else --input FILE ('-': stdin), else stdin when it is not a terminal."""
+def read_inputs(args: argparse.Namespace, stdin: TextIO) -> tuple[list[str], list[str]]:
+    """The texts from the arguments, else --input FILE ('-': stdin), else stdin when it is not a terminal; and where
+    each came from ("argument 2", "line 40": blank lines are skipped but counted), for error messages."""
     if args.texts:
-        return list(args.texts)
+        return list(args.texts), [f"argument {i}" for i in range(1, len(args.texts) + 1)]
     if args.input and args.input != "-":
         with open(args.input, encoding="utf-8") as handle:
             return _non_blank(handle)
@@ -344,22 +368,42 @@ def read_inputs(args: argparse.Namespace, stdin: TextIO) -> list[str]:
     raise UsageError("no input: give texts as arguments, --input FILE, or pipe them on stdin")
 
 
-def _non_blank(lines: Iterator[str] | TextIO) -> list[str]:
-    return [line.rstrip("\r\n") for line in lines if line.strip()]
+def _non_blank(lines: Iterator[str] | TextIO) -> tuple[list[str], list[str]]:
+    numbered = [(line.rstrip("\r\n"), f"line {number}") for number, line in enumerate(lines, 1) if line.strip()]
+    return [text for text, _ in numbered], [where for _, where in numbered]
 
 
-def _split_pair(line: str) -> tuple[str, str]:
+def _split_pair(line: str, where: str = "") -> tuple[str, str]:
     first, tab, second = line.partition("\t")
     if not tab:
-        raise UsageError(f"expected 'A<TAB>B', got {line!r}")
+        raise UsageError(f"{where + ': ' if where else ''}expected 'A<TAB>B', got {line!r}")
     return first, second
 
 
-def _batches(items: list, size: int) -> Iterator[list]:
+def _batches(items: list, places: list[str], size: int) -> Iterator[tuple[list, list[str]]]:
     if size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {size}")
     for start in range(0, len(items), size):
-        yield items[start : start + size]
+        yield items[start : start + size], places[start : start + size]
+
+
+@contextlib.contextmanager
+def _naming_inputs(where: list[str]) -> Iterator[None]:
+    """Errors about one text of a batch name the input ("line 40"), not its place in the request ("text 7")."""
+    try:
+        yield
+    except SeqServeError as error:
+        raise SeqServeError(error.code, name_inputs(error.message, where)) from None
+
+
+def name_inputs(message: str, where: list[str]) -> str:
+    """``message`` with "text N" (N: the index in the request) replaced by where that input came from."""
+
+    def place(match: re.Match) -> str:
+        index = int(match.group(1))
+        return where[index] if index < len(where) else match.group(0)
+
+    return re.sub(r"\btext (\d+)\b", place, message)
 
 
 if __name__ == "__main__":

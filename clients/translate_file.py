@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import stat
 import threading
 import time
@@ -367,7 +368,7 @@ class _Job:
             self.results[index] = _one_line(result.translation.text)
             self.retriers.pop(index, None)
             return
-        error = result.error
+        error = _about_line(result.error, index)
         if error.code in TRANSIENT_ERRORS and text is not None and not self.stopping:
             retrier = self.retriers.setdefault(index, self.retry.retrier(index + 1))
             try:
@@ -380,11 +381,12 @@ class _Job:
             with self._lock:
                 self.waiting[index] = (time.monotonic() + wait, text)
             return
-        log.warning("line %d: %s", index + 1, error)
         if error.code in LINE_ERRORS and on_error == "empty":
+            log.warning("line %d: %s", index + 1, error)  # the one place this line's failure is told
             self.report.failed_lines.append(index + 1)
             self.results[index] = ""
         else:
+            log.info("line %d: %s", index + 1, error)  # the report's stopped_by carries it to the caller
             self.stop_at(index, error)
 
     def stop_at(self, index: int, error: SeqServeError) -> None:
@@ -416,6 +418,12 @@ class _Job:
 
     def _ahead(self) -> bool:
         return len(self.sent) + len(self.results) + len(self.waiting) >= self.reorder_limit
+
+
+def _about_line(error: SeqServeError, index: int) -> SeqServeError:
+    """The server names a stream item "text 0" or "item ID" (the id is the 0-based index): say "the line" instead."""
+    message = re.sub(rf"^(?:text 0|item '?{index}'?)(?=\s)", "the line", error.message)
+    return error if message == error.message else SeqServeError(error.code, message)
 
 
 def _one_line(text: str) -> str:

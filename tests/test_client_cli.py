@@ -305,3 +305,33 @@ def test_every_option_of_every_command_has_help():
     ]
     assert set(commands.choices) == {"encode", "translate", "nsp", "fill-mask", "models", "health", "translate-file"}
     assert missing == []
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Errors name the input line
+
+
+def test_error_in_a_batch_names_the_input_line_and_the_cli_option(server, models, capsys):
+    lines = corpus(45, seed=8)
+    lines[39] = " ".join(["a"] * 3000)  # input line 41 below: one blank line comes first; under the character limit
+    stdin = "\n" + "\n".join(lines) + "\n"
+    code, out = run_cli(server, "translate", "-m", models["translate"], "--batch-size", "32", stdin=stdin)
+    err = capsys.readouterr().err
+    assert code == 1 and len(out.splitlines()) == 32
+    assert "line 41 has 30" in err and "tokens" in err and "text 7" not in err
+    assert "--truncate" in err and "TRUNCATION_TRUNCATE" not in err
+
+
+def test_translate_file_error_names_the_line_not_the_stream_item(server, models, tmp_path, capsys):
+    lines = corpus(10, seed=9)
+    lines[6] = " ".join(["a"] * 3000)  # over the token limit, under the character limit
+    source, target = write_lines(tmp_path / "in.txt", lines), tmp_path / "out.txt"
+    code, _ = run_cli(server, "translate-file", str(source), str(target), "-m", models["translate"], "--no-progress")
+    err = capsys.readouterr().err
+    assert code == 1 and "line 7: INVALID_ARGUMENT: the line has 30" in err
+    assert "item 6" not in err and "text 0" not in err and "use --truncate" in err
+    lines[6] = " ".join(["word"] * 5000)  # over the character limit: --truncate would not help
+    write_lines(source, lines)
+    code, _ = run_cli(server, "translate-file", str(source), str(target), "-m", models["translate"], "--no-progress")
+    err = capsys.readouterr().err
+    assert code == 1 and "max_chars_per_text" in err and "--truncate" not in err
