@@ -118,12 +118,18 @@ class SeqServer:
         await self.health.set("", SERVING)
         log.info("serving on port %d", self.port)
 
-    async def drain(self, grace: float | None = None) -> None:
-        """Health NOT_SERVING, refuse new RPCs, let in-flight ones finish within the grace period, then stop."""
+    async def drain(self, grace: float | None = None, delay: float | None = None) -> None:
+        """Health and readiness NOT_SERVING; for `delay` seconds go on serving (a load balancer stops sending work
+        meanwhile); then refuse new RPCs, let in-flight ones finish within the grace period, and stop."""
         grace = self.config.grace_period_s if grace is None else grace
+        delay = self.config.drain_delay_s if delay is None else delay
+        self.state.not_ready = True
+        await self.health.enter_graceful_shutdown()  # every service NOT_SERVING, for good
+        if delay > 0:
+            log.info("draining: NOT_SERVING, still serving for %.1f s (drain delay)", delay)
+            await asyncio.sleep(delay)
         log.info("draining: no new work, %.1f s for in-flight requests", grace)
         self.state.draining = True
-        await self.health.enter_graceful_shutdown()  # every service NOT_SERVING, for good
         await self.health.end_watches()  # each sends NOT_SERVING and ends: an open Watch held stop() for all of grace
         await self.grpc.stop(grace)
         await self.manager.close()

@@ -81,6 +81,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="TranslateStream items in flight per stream before flow control pushes back")  # fmt: skip
     parser.add_argument("--grace-period", type=float, default=d.grace_period_s,
                         help="seconds in-flight requests get to finish after SIGTERM")  # fmt: skip
+    parser.add_argument("--drain-delay", type=float, default=d.drain_delay_s,
+                        help="seconds after SIGTERM during which requests are still taken and served while health "
+                             "and readiness say NOT_SERVING (for a load balancer to notice), before the grace "
+                             "period")  # fmt: skip
     parser.add_argument("--log-format", choices=("json", "text"), default="text", help="log line format")
     parser.add_argument("--log-level", default="INFO", help="logging level")
 
@@ -93,7 +97,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         device=args.device, device_id=args.device_id, instances=args.instances, threads=args.threads,
         models=tuple(args.models),
         cpu_mem_arena=args.cpu_mem_arena, shared_threads=args.shared_threads,
-        grace_period_s=args.grace_period,
+        grace_period_s=args.grace_period, drain_delay_s=args.drain_delay,
         admin_token=read_admin_token(args.admin_token_file), admin=args.admin,
         limits=Limits(
             max_texts=args.max_texts, max_chars_per_text=args.max_chars_per_text,

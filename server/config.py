@@ -129,6 +129,9 @@ class ServerConfig:
     shared_threads: bool = False
     models: tuple[str, ...] = ()  # load only these at start; empty: every model (highest version)
     grace_period_s: float = 10.0
+    # After SIGTERM, how long the server keeps taking and serving requests while its health and readiness say
+    # NOT_SERVING (a load balancer's endpoints update meanwhile), before it stops taking new ones.
+    drain_delay_s: float = 0.0
     limits: Limits = field(default_factory=Limits)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     # Model management (LoadModel, UnloadModel): with admin_token set, only calls sending
@@ -152,6 +155,7 @@ class ServerConfig:
         _check_int("--instances", self.instances, 0, note=" (0: chosen from the cores)")
         _check_int("--threads", self.threads, 0, note=" (0: cores // instances)")
         _check_float("--grace-period", self.grace_period_s, 0.0, " seconds")
+        _check_float("--drain-delay", self.drain_delay_s, 0.0, " seconds")
         if self.admin_token is not None and not _valid_token(self.admin_token):
             # The token itself is never put in the message: it may be shown in logs.
             raise ConfigError("--admin-token-file", "<hidden>",

@@ -126,13 +126,14 @@ class OpenInferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @rpc_method
     @answers_while_draining
     async def ServerReady(self, request: pb.ServerReadyRequest, context) -> pb.ServerReadyResponse:
-        ready = not self.state.draining and any(s.state == READY for s in self.state.manager.statuses())
+        stopping = self.state.not_ready or self.state.draining
+        ready = not stopping and any(s.state == READY for s in self.state.manager.statuses())
         return pb.ServerReadyResponse(ready=ready)
 
     @rpc_method
     async def ModelReady(self, request: pb.ModelReadyRequest, context) -> pb.ModelReadyResponse:
         version = version_number(request.version)
-        if not request.name:
+        if not request.name or self.state.not_ready:  # after SIGTERM every model reads not ready, as in grpc.health
             return pb.ModelReadyResponse(ready=False)
         ready = any(s.state == READY and (not version or s.version == version)
                     for s in self.state.manager.statuses(request.name))  # fmt: skip

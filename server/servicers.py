@@ -39,7 +39,8 @@ class ServingState:
     def __init__(self, manager: ModelManager, metrics: Metrics):
         self.manager = manager
         self.metrics = metrics
-        self.draining = False
+        self.not_ready = False  # from SIGTERM on: health and readiness say NOT_SERVING (work is still served)
+        self.draining = False  # after the drain delay: no new work
 
 
 def _asked(request: Any) -> str:

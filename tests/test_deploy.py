@@ -332,7 +332,7 @@ def test_compose_servers_wait_for_the_models_and_stop_after_their_drain():
     for name in ("server", "server-cuda", "replica"):
         service = services[name]
         args = check_command(["seqserve", *service["command"]], name)
-        assert _seconds(service["stop_grace_period"]) > args.grace_period
+        assert _seconds(service["stop_grace_period"]) > args.drain_delay + args.grace_period
         cpus = float(service["deploy"]["resources"]["limits"]["cpus"])
         assert args.instances * args.threads <= cpus  # onnxruntime threads fit the CPU limit
         assert "healthcheck" in service

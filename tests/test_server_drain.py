@@ -100,6 +100,38 @@ def test_an_open_health_watch_ends_at_sigterm_and_does_not_hold_the_shutdown(tin
             proc.kill()
 
 
+def test_during_the_drain_delay_probes_say_not_serving_and_requests_are_still_served(tiny_repository):
+    """--drain-delay: after SIGTERM the readiness signals turn at once while work is still taken (what a load
+    balancer routes before it notices is served, not refused); then the port closes and the process exits."""
+    from seqserve.protos.inference import open_inference_pb2 as v2
+    from seqserve.protos.inference import open_inference_pb2_grpc as v2_grpc
+
+    root = tiny_repository if isinstance(tiny_repository, Path) else Path(tiny_repository.root)
+    proc = _serve(root, "--models", "tiny-lstm", "--drain-delay", "3", "--grace-period", "5")
+    lines: list[str] = []
+    try:
+        port = _wait_ready(proc, lines)
+        with grpc.insecure_channel(f"localhost:{port}") as channel:
+            health, stub = health_pb2_grpc.HealthStub(channel), pb_grpc.InferenceStub(channel)
+            open_inference = v2_grpc.GRPCInferenceServiceStub(channel)
+            assert open_inference.ServerReady(v2.ServerReadyRequest()).ready
+            request = pb.TranslateRequest(model=pb.ModelSpec(name="tiny-lstm"), texts=["a b"])
+            proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING:
+                assert time.monotonic() < deadline, "health never turned NOT_SERVING"
+                time.sleep(0.05)
+            assert not open_inference.ServerReady(v2.ServerReadyRequest()).ready
+            assert open_inference.ServerLive(v2.ServerLiveRequest()).live
+            assert not open_inference.ModelReady(v2.ModelReadyRequest(name="tiny-lstm")).ready
+            assert stub.Translate(request).translations[0].hypotheses[0].text.split() == ["b", "a"]
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert any("still serving for 3.0 s" in line for line in lines)
+
+
 def test_device_cuda_uses_the_cuda_provider_or_is_refused_clearly(tiny_repository):
     root = tiny_repository if isinstance(tiny_repository, Path) else Path(tiny_repository.root)
     proc = _serve(root, "--device", "cuda", "--models", "tiny-lstm")
