@@ -128,7 +128,10 @@ class ConnectionConfig:
         return headers
 
     def resolve_timeout(self, timeout: Timeout) -> float | None:
-        return self.timeout_s if isinstance(timeout, _Default) else timeout
+        resolved = self.timeout_s if isinstance(timeout, _Default) else timeout
+        if resolved is not None and not resolved >= 0:
+            raise ValueError(f"timeout must be seconds from 0, or None for no deadline; got {resolved!r}")
+        return resolved
 
     def sync_channel(self) -> grpc.Channel:
         if self.tls is None:

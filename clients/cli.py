@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
 import os
 import re
 import sys
@@ -54,10 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--server", default=os.environ.get("SEQSERVE_SERVER", DEFAULT_TARGET),
                         help="HOST:PORT of the server (environment: SEQSERVE_SERVER)")
-    parser.add_argument("--timeout", type=float, default=30.0,
+    parser.add_argument("--timeout", type=number(0.0), default=30.0,
                         help="deadline of each call in seconds, over all its retries; 0: none (translate-file's "
                         "stream never has one)")
-    parser.add_argument("--retries", type=int, default=0,
+    parser.add_argument("--retries", type=whole(0), default=0,
                         help="most attempts per call while the server is UNAVAILABLE (1: no retry; 0: as many as "
                         "--timeout allows, or 5 without a timeout); translate-file: per reconnect or line retried")
     parser.add_argument("--json", action="store_true", help="write one JSON object per line instead of plain text")
@@ -67,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tls-cert", type=Path, help="PEM client certificate chain for mutual TLS (with --tls-key)")
     parser.add_argument("--tls-key", type=Path, help="PEM private key of the client certificate")
     parser.add_argument("--tls-server-name", help="expect this name in the server certificate instead of HOST")
-    parser.add_argument("--max-message-mb", type=float,
+    parser.add_argument("--max-message-mb", type=number(0.0, above=True),
                         help="send and receive message size limit in MiB (default: grpc's, 4 MiB received)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log retries and progress details to stderr")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -88,12 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     fill = _command(commands, "fill-mask", "the most likely tokens for each [MASK] in each text")
     _inference_arguments(fill)
-    fill.add_argument("--top-k", type=int, default=5, help="candidates per mask")
+    fill.add_argument("--top-k", type=whole(1), default=5, help="candidates per mask")
 
     models = _command(commands, "models", "list models, or load / unload a model version")
     models.add_argument("action", nargs="?", choices=["list", "load", "unload"], default="list", help="what to do")
     models.add_argument("name", nargs="?", default="", help="model name (list: optional filter)")
-    models.add_argument("--version", type=int, default=0, help="model version (0: the highest)")
+    models.add_argument("--version", type=whole(0), default=0, help="model version (0: the highest)")
 
     health = _command(commands, "health", "grpc.health.v1 check; exit code 0 when SERVING")
     health.add_argument("model", nargs="?", default="", help="a model's name to check (default: the whole server)")
@@ -104,15 +105,47 @@ def build_parser() -> argparse.ArgumentParser:
     job.add_argument("target", type=Path, metavar="OUT",
                      help="output file; as many input lines as it already holds are skipped (resume)")
     job.add_argument("--model", "-m", help="model name (default: the only ready model that translates)")
-    job.add_argument("--version", type=int, default=0, help="model version (0: the highest ready)")
+    job.add_argument("--version", type=whole(0), default=0, help="model version (0: the highest ready)")
     job.add_argument("--truncate", action="store_true", help="cut lines over the model's limit instead of failing them")
-    job.add_argument("--window", type=int, default=16, help="lines in flight at once (bounded concurrency)")
+    job.add_argument("--window", type=whole(1), default=16, help="lines in flight at once (bounded concurrency)")
     job.add_argument("--on-error", choices=ON_ERROR, default="stop",
                      help="a failed line stops the job (rerun to resume) or becomes an empty line")
-    job.add_argument("--max-lines", type=int, help="translate at most this many new lines, then stop (resume later)")
+    job.add_argument("--max-lines", type=whole(1), help="translate at most this many new lines, then stop (resume later)")
     job.add_argument("--no-progress", action="store_true", help="no progress bar")
     _decoding_arguments(job)
     return parser
+
+
+def whole(low: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least ``low`` (argparse names the option in its error)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
+
+
+def number(low: float | None, above: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number, at least ``low`` (more than it, with ``above``; None: any)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if low is not None and (value <= low if above else value < low):
+            raise argparse.ArgumentTypeError(f"must be {'more than' if above else 'at least'} {low:g}, got {value:g}")
+        return value
+
+    return parse
 
 
 def _command(commands: argparse._SubParsersAction, name: str, text: str) -> argparse.ArgumentParser:
@@ -123,19 +156,19 @@ def _command(commands: argparse._SubParsersAction, name: str, text: str) -> argp
 def _inference_arguments(parser: argparse.ArgumentParser, texts_help: str = "texts (else --input or stdin)") -> None:
     parser.add_argument("texts", nargs="*", metavar="TEXT", help=texts_help)
     parser.add_argument("--model", "-m", help="model name (default: the only ready model that can do this)")
-    parser.add_argument("--version", type=int, default=0, help="model version (0: the highest ready)")
+    parser.add_argument("--version", type=whole(0), default=0, help="model version (0: the highest ready)")
     parser.add_argument("--input", "-i",
                         help="read inputs from this file, one per line ('-': stdin); blank lines are skipped")
     parser.add_argument("--truncate", action="store_true", help="cut texts over the model's limit instead of failing")
-    parser.add_argument("--batch-size", type=int, default=32, help="inputs per request")
+    parser.add_argument("--batch-size", type=whole(1), default=32, help="inputs per request")
 
 
 def _decoding_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--beam", type=int, default=1, help="beam size (1: greedy)")
-    parser.add_argument("--n-best", type=int, default=1, help="hypotheses per text (at most --beam; translate only)")
-    parser.add_argument("--length-penalty", type=float, default=0.0, help="alpha of ((5 + len) / 6) ** alpha")
-    parser.add_argument("--max-tokens", type=int, default=0, help="maximum output tokens (0: the model's limit)")
-    parser.add_argument("--max-ratio", type=float, default=0.0, help="at most ratio * source tokens + 5 (0: off)")
+    parser.add_argument("--beam", type=whole(1), default=1, help="beam size (1: greedy)")
+    parser.add_argument("--n-best", type=whole(1), default=1, help="hypotheses per text (at most --beam; translate only)")
+    parser.add_argument("--length-penalty", type=number(None), default=0.0, help="alpha of ((5 + len) / 6) ** alpha")
+    parser.add_argument("--max-tokens", type=whole(0), default=0, help="maximum output tokens (0: the model's limit)")
+    parser.add_argument("--max-ratio", type=number(0.0), default=0.0, help="at most ratio * source tokens + 5 (0: off)")
     parser.add_argument("--token-scores", action="store_true", help="return per-token log-probabilities (JSON)")
 
 

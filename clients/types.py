@@ -36,6 +36,15 @@ class DecodingOptions:
     max_output_ratio: float = 0.0  # > 0: at most ratio * source tokens + 5
     return_token_scores: bool = False
 
+    def __post_init__(self) -> None:
+        # The proto's fields are uint32: protobuf's own "Value out of range: -1" would not say which one.
+        for name in ("beam_size", "n_best", "max_output_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or not 0 <= value < 2**32:
+                raise ValueError(f"DecodingOptions.{name} must be a whole number from 0, got {value!r}")
+        if not self.max_output_ratio >= 0:
+            raise ValueError(f"DecodingOptions.max_output_ratio must be 0 or more, got {self.max_output_ratio!r}")
+
     def to_proto(self) -> pb.DecodingOptions:
         return pb.DecodingOptions(
             beam_size=self.beam_size,
@@ -114,6 +123,8 @@ class ModelInfo:
 
 
 def model_spec(name: str, version: int) -> pb.ModelSpec:
+    if not isinstance(version, int) or not 0 <= version < 2**32:
+        raise ValueError(f"version must be 0 (the highest ready) or a version number, got {version!r}")
     return pb.ModelSpec(name=name, version=version)
 
 
@@ -261,6 +272,8 @@ def nsp_request(
 
 
 def fill_mask_request(model: str, texts: Sequence[str], top_k: int, version: int, truncate: bool) -> pb.FillMaskRequest:
+    if not isinstance(top_k, int) or not 0 <= top_k < 2**32:
+        raise ValueError(f"top_k must be a whole number from 0 (0: the server's default), got {top_k!r}")
     return pb.FillMaskRequest(
         model=model_spec(model, version), texts=texts_list(texts), top_k=top_k, truncation=truncation(truncate)
     )

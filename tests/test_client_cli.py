@@ -335,3 +335,52 @@ def test_translate_file_error_names_the_line_not_the_stream_item(server, models,
     code, _ = run_cli(server, "translate-file", str(source), str(target), "-m", models["translate"], "--no-progress")
     err = capsys.readouterr().err
     assert code == 1 and "max_chars_per_text" in err and "--truncate" not in err
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Bad option values are refused naming the option
+
+
+@pytest.mark.parametrize(
+    "argv, option",
+    [
+        (["translate", "--beam", "-1", "a"], "--beam"),
+        (["translate", "--max-tokens", "-5", "a"], "--max-tokens"),
+        (["translate", "--max-ratio", "nan", "a"], "--max-ratio"),
+        (["fill-mask", "--top-k", "-1", "a [MASK]"], "--top-k"),
+        (["translate", "--version", "-1", "a"], "--version"),
+        (["translate", "--batch-size", "0", "a"], "--batch-size"),
+        (["--max-message-mb", "0", "health"], "--max-message-mb"),
+        (["--timeout", "-1", "health"], "--timeout"),
+        (["--retries", "-2", "health"], "--retries"),
+    ],
+)
+def test_bad_option_value_is_a_usage_error_naming_the_option(argv, option, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--server", "127.0.0.1:1", *argv], stdout=io.StringIO())
+    assert exit_.value.code == 2 and f"argument {option}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option, value", [("--window", "0"), ("--max-lines", "-5")])
+def test_bad_translate_file_option_leaves_no_out_behind(option, value, tmp_path, capsys):
+    source, target = write_lines(tmp_path / "in.txt", ["a b"]), tmp_path / "out.txt"
+    with pytest.raises(SystemExit) as exit_:
+        main(["--server", "127.0.0.1:1", "translate-file", str(source), str(target), "-m", "x", option, value])
+    assert exit_.value.code == 2 and f"argument {option}" in capsys.readouterr().err and not target.exists()
+
+
+def test_library_refuses_out_of_range_values_naming_the_argument(client, models, tmp_path):
+    from seqserve.clients import DecodingOptions
+
+    with pytest.raises(ValueError, match="version"):
+        client.translate(models["translate"], ["a b"], version=-1)
+    with pytest.raises(ValueError, match="beam_size"):
+        DecodingOptions(beam_size=-1)
+    with pytest.raises(ValueError, match="top_k"):
+        client.fill_mask(models["fill_mask"], ["a [MASK]"], top_k=-1)
+    with pytest.raises(ValueError, match="timeout"):
+        client.list_models(timeout=-1)
+    source, target = write_lines(tmp_path / "in.txt", ["a b"]), tmp_path / "out.txt"
+    with pytest.raises(ValueError, match="window"):
+        translate_file(client, models["translate"], source, target, window=0, progress=False)
+    assert not target.exists()
