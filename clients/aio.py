@@ -20,7 +20,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from seqserve.clients import types as t
-from seqserve.clients.channel import DEFAULT, ConnectionConfig, Timeout, call_with_retry_async
+from seqserve.clients.channel import DEFAULT, ConnectionConfig, Timeout, call_with_retry_async, closed_error
 from seqserve.clients.errors import SeqServeError
 from seqserve.clients.types import DecodingOptions, ModelInfo, StreamResult, TokenCandidate, Translation
 from seqserve.protos.v1 import seqserve_pb2 as pb
@@ -45,6 +45,7 @@ class AsyncClient:
         self._inference = pb_grpc.InferenceStub(self._channel)
         self._models = pb_grpc.ModelsStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._closed = False
 
     # ----------------------------------------------------------------------------------------------------------
     # Inference
@@ -97,6 +98,8 @@ class AsyncClient:
 
         At most ``window`` items are in flight; failed items and streams behave as in Client.translate_stream.
         """
+        if self._closed:
+            raise closed_error("AsyncClient")
         if window < 1:
             raise ValueError(f"window must be at least 1, got {window}")
         t.refuse_single_text(items, "items", "(id, text) pairs of str")
@@ -201,6 +204,7 @@ class AsyncClient:
     # ----------------------------------------------------------------------------------------------------------
 
     async def close(self) -> None:
+        self._closed = True
         await self._channel.close()
 
     async def __aenter__(self) -> "AsyncClient":
@@ -210,6 +214,8 @@ class AsyncClient:
         await self.close()
 
     async def _unary(self, method: str, rpc: Any, request: Any, timeout: Timeout) -> Any:
+        if self._closed:
+            raise closed_error("AsyncClient")
         metadata = self.config.call_metadata()
 
         async def invoke(remaining: float | None) -> Any:

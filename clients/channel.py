@@ -17,7 +17,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Awaitable, Callable, TypeVar, Union
+from typing import Any, Awaitable, Callable, Mapping, TypeVar, Union
 
 import grpc
 
@@ -98,11 +98,19 @@ class ConnectionConfig:
     retry: RetryPolicy = RetryPolicy()
     tls: TLSConfig | None = None  # None: plaintext
     token: str | None = None  # sent as "authorization: Bearer <token>"
-    metadata: tuple[tuple[str, str], ...] = ()  # extra headers on every call
+    metadata: tuple[tuple[str, str], ...] | Mapping[str, str] = ()  # extra headers on every call (kept as pairs)
     max_message_bytes: int | None = None  # send and receive limit (grpc's default receive limit is 4 MiB)
     # grpc client interceptors (tracing, auth, counting): grpc.*ClientInterceptor for Client,
     # grpc.aio.*ClientInterceptor for AsyncClient. They see every attempt, retries included.
     interceptors: tuple[Any, ...] = ()
+
+    def __post_init__(self) -> None:
+        # metadata may be given as a dict; stored as pairs, checked now rather than at the first call
+        headers = self.metadata.items() if isinstance(self.metadata, Mapping) else self.metadata
+        pairs = tuple(tuple(pair) for pair in headers)
+        if not all(len(pair) == 2 and all(isinstance(part, str) for part in pair) for pair in pairs):
+            raise ValueError(f"metadata must be a dict or (key, value) pairs of str, got {self.metadata!r}")
+        object.__setattr__(self, "metadata", pairs)
 
     def channel_options(self) -> list[tuple[str, Any]]:
         options: list[tuple[str, Any]] = [
@@ -147,6 +155,11 @@ class ConnectionConfig:
         return grpc.aio.secure_channel(
             self.target, self.tls.credentials(), options=self.channel_options(), interceptors=interceptors
         )
+
+
+def closed_error(client: str) -> SeqServeError:
+    """What a call on a closed client raises (grpc's own ValueError or UsageError would not be a SeqServeError)."""
+    return SeqServeError(grpc.StatusCode.CANCELLED, f"this {client} is closed; create a new one")
 
 
 def _remaining(deadline: float | None) -> float | None:

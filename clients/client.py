@@ -18,7 +18,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from seqserve.clients import types as t
-from seqserve.clients.channel import DEFAULT, ConnectionConfig, Timeout, call_with_retry
+from seqserve.clients.channel import DEFAULT, ConnectionConfig, Timeout, call_with_retry, closed_error
 from seqserve.clients.errors import SeqServeError
 from seqserve.clients.types import DecodingOptions, ModelInfo, StreamResult, TokenCandidate, Translation
 from seqserve.protos.v1 import seqserve_pb2 as pb
@@ -44,6 +44,7 @@ class Client:
         self._inference = pb_grpc.InferenceStub(self._channel)
         self._models = pb_grpc.ModelsStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._closed = False
 
     # ----------------------------------------------------------------------------------------------------------
     # Inference
@@ -98,6 +99,8 @@ class Client:
         failed stream raises SeqServeError and is not retried (the caller knows which ids are done and resumes).
         ``timeout`` bounds the whole stream (default None: a batch job has no deadline).
         """
+        if self._closed:
+            raise closed_error("Client")
         if window < 1:
             raise ValueError(f"window must be at least 1, got {window}")
         t.refuse_single_text(items, "items", "(id, text) pairs of str")
@@ -200,6 +203,7 @@ class Client:
     # ----------------------------------------------------------------------------------------------------------
 
     def close(self) -> None:
+        self._closed = True
         self._channel.close()
 
     def __enter__(self) -> "Client":
@@ -209,6 +213,8 @@ class Client:
         self.close()
 
     def _unary(self, method: str, rpc: grpc.UnaryUnaryMultiCallable, request: Any, timeout: Timeout) -> Any:
+        if self._closed:
+            raise closed_error("Client")
         metadata = self.config.call_metadata()
         return call_with_retry(
             method,

@@ -544,3 +544,42 @@ def test_tls_config_needs_both_client_certificate_and_key(certificate):
     cert, _ = certificate
     with pytest.raises(ValueError, match="both"):
         TLSConfig(root_certificates=cert, certificate_chain=cert).credentials()
+
+
+def test_closed_client_raises_seqserve_error(empty_server):
+    client = Client(empty_server.address)
+    client.close()
+    with pytest.raises(SeqServeError, match="closed"):
+        client.health()
+    with pytest.raises(SeqServeError, match="closed"):
+        list(client.translate_stream("any", [("1", "a")]))
+
+    async def use_closed() -> None:
+        aclient = AsyncClient(empty_server.address)
+        await aclient.close()
+        with pytest.raises(SeqServeError, match="closed"):
+            await aclient.health()
+        with pytest.raises(SeqServeError, match="closed"):
+            [r async for r in aclient.translate_stream("any", [("1", "a")])]
+
+    asyncio.run(use_closed())
+
+
+def test_metadata_given_as_a_dict_is_sent():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from grpc_health.v1 import health, health_pb2_grpc
+
+    recorder = MetadataRecorder()
+    server = grpc.server(ThreadPoolExecutor(max_workers=2), interceptors=[recorder])
+    health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with Client(f"127.0.0.1:{port}", metadata={"x-team": "nlp"}) as client:
+            assert client.health() == "SERVING"
+    finally:
+        server.stop(0)
+    assert recorder.seen[0]["x-team"] == "nlp"
+    with pytest.raises(ValueError, match="metadata"):
+        Client("127.0.0.1:1", metadata={"x-team": 1})
