@@ -252,6 +252,11 @@ class ServedModel:
         encoded = await self._tokenize(texts, truncate)
         for i, e in enumerate(encoded):
             if self.bert.mask_id not in e.ids:
+                if e.truncated_from and self.bert.mask_token in texts[i]:
+                    raise InvalidRequest(
+                        f"text {i}'s {self.bert.mask_token} tokens all lie past the model's limit of {len(e)} tokens "
+                        f"(the text has {e.truncated_from}), so truncation cut them off; shorten the text before them"
+                    )
                 raise InvalidRequest(f"text {i} has no {self.bert.mask_token} token to fill")
         # Each (text, mask, candidate) costs at least FILL_MASK_ENTRY_BYTES of the answer: refuse an answer that
         # certainly could not be sent before computing it (rpc_method refuses one that turns out too large after).

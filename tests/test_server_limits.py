@@ -110,6 +110,13 @@ def test_negative_length_penalty_is_invalid_argument(inference):
     assert code == INVALID and "length_penalty" in details
 
 
+def test_a_mask_cut_off_by_truncation_is_said_so(inference):
+    request = pb.FillMaskRequest(model=pb.ModelSpec(name="tiny-bert"), texts=["forest five " * 7 + "[MASK]"],
+                                 truncation=pb.TRUNCATION_TRUNCATE)  # fmt: skip
+    code, details = _error(inference.FillMask, request)
+    assert code == INVALID and "past the model's limit of 12 tokens" in details and "truncation cut them off" in details
+
+
 def test_top_k_over_the_limit_is_invalid_argument(inference):
     request = pb.FillMaskRequest(model=pb.ModelSpec(name="tiny-bert"), texts=["forest [MASK]"], top_k=11)
     code, details = _error(inference.FillMask, request)
