@@ -141,7 +141,16 @@ class ConnectionConfig:
             raise ValueError(f"timeout must be seconds from 0, or None for no deadline; got {resolved!r}")
         return resolved
 
+    def warn_if_token_in_plaintext(self) -> None:
+        """A bearer token over a plaintext channel can be read on the way; say so unless the server is this host."""
+        host = self.target.removeprefix("dns:///").rsplit(":", 1)[0].strip("[]")
+        local = host in ("localhost", "::1") or host.startswith("127.") or self.target.startswith("unix:")
+        if self.token and self.tls is None and not local:
+            log.warning("sending a bearer token to %s over plaintext (no TLS): anyone on the path can read it",
+                        self.target)
+
     def sync_channel(self) -> grpc.Channel:
+        self.warn_if_token_in_plaintext()
         if self.tls is None:
             channel = grpc.insecure_channel(self.target, options=self.channel_options())
         else:
@@ -149,6 +158,7 @@ class ConnectionConfig:
         return grpc.intercept_channel(channel, *self.interceptors) if self.interceptors else channel
 
     def aio_channel(self) -> grpc.aio.Channel:
+        self.warn_if_token_in_plaintext()
         interceptors = list(self.interceptors) or None
         if self.tls is None:
             return grpc.aio.insecure_channel(self.target, options=self.channel_options(), interceptors=interceptors)

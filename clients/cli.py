@@ -19,6 +19,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Iterator, Sequence, TextIO
 
+import grpc
+
 from seqserve.clients import output
 from seqserve.clients.channel import DEFAULT_TARGET, ConnectionConfig, RetryPolicy, TLSConfig
 from seqserve.clients.client import Client
@@ -176,6 +178,8 @@ def connection_config(args: argparse.Namespace) -> ConnectionConfig:
     tls = None
     if args.tls or args.tls_ca or args.tls_cert or args.tls_key:
         tls = TLSConfig(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
+    elif args.tls_server_name:
+        raise UsageError("--tls-server-name needs TLS (--tls or --tls-ca); without it the channel is plaintext")
     return ConnectionConfig(
         target=args.server,
         timeout_s=args.timeout if args.timeout > 0 else None,
@@ -213,6 +217,10 @@ def main(argv: Sequence[str] | None = None, stdin: TextIO | None = None, stdout:
     except KeyboardInterrupt:
         sys.stderr.write("seqserve-client: interrupted (translate-file: rerun the same command to resume)\n")
         return 130
+    except BrokenPipeError:  # the reader went away (`| head`): not an error of ours, and nothing left to say
+        if stdout is sys.stdout:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 141  # what a shell reports for a process ended by SIGPIPE
     except (UsageError, OutputNotAPrefix, OSError, ValueError) as error:
         sys.stderr.write(f"seqserve-client: {error}\n")
         return 2
@@ -272,7 +280,12 @@ def run_fill_mask(client: Client, args: argparse.Namespace, stdin: TextIO, stdou
 
 def run_models(client: Client, args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> int:
     if args.action == "list":
-        output.models(stdout, client.list_models(args.name), args.json)
+        listed = client.list_models(args.name)
+        if args.name and not listed:
+            names = sorted({info.name for info in client.list_models()})
+            raise SeqServeError(grpc.StatusCode.NOT_FOUND,
+                                f"no model named {args.name!r} on the server (it has: {', '.join(names) or 'none'})")
+        output.models(stdout, listed, args.json)
         return 0
     if not args.name:
         raise UsageError(f"models {args.action} needs a model NAME")

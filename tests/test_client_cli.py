@@ -384,3 +384,36 @@ def test_library_refuses_out_of_range_values_naming_the_argument(client, models,
     with pytest.raises(ValueError, match="window"):
         translate_file(client, models["translate"], source, target, window=0, progress=False)
     assert not target.exists()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Small things
+
+
+def test_tls_server_name_without_tls_is_a_usage_error(capsys):
+    assert main(["--server", "127.0.0.1:1", "--tls-server-name", "x", "health"], stdout=io.StringIO()) == 2
+    assert "--tls-server-name needs TLS" in capsys.readouterr().err
+
+
+def test_token_over_plaintext_to_another_host_is_warned_about(caplog):
+    with caplog.at_level("WARNING", logger="seqserve.clients"):
+        Client("localhost:1", token="t").close()
+        assert "plaintext" not in caplog.text
+        Client("example.invalid:50051", token="t").close()
+    assert "over plaintext" in caplog.text
+
+
+def test_models_list_of_an_unknown_name_exits_one_naming_what_exists(server, client, capsys):
+    code, out = run_cli(server, "models", "list", "no-such-model")
+    err = capsys.readouterr().err
+    assert code == 1 and out == "" and "no-such-model" in err
+    assert all(info.name in err for info in client.list_models())
+
+
+def test_broken_pipe_exits_quietly(server, models):
+    command = [sys.executable, "-m", "seqserve.clients.cli", "--server", server.address, "translate", "-m",
+               models["translate"], *corpus(64, seed=10)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()  # the reader is gone before the first line is written
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 141 and err == b""
