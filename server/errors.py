@@ -136,6 +136,8 @@ class ModelUnavailable(ServeError):
 
     def __init__(self, name: str, version: int, state: str, reason: str = ""):
         self.name, self.version, self.state, self.reason = name, version, state, reason
+        if state == "FAILED":  # broken in the repository: no retry helps until it is fixed and loaded again
+            self.code = grpc.StatusCode.FAILED_PRECONDITION
         why = f": {reason}" if reason else ""
         advice = _UNAVAILABLE_ADVICE.get(state, "retry later")
         super().__init__(f"model {name} version {version} is not ready (state {state}{why}); {advice}")

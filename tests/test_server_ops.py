@@ -159,7 +159,8 @@ def test_a_model_that_fails_to_load_is_failed_and_the_others_serve(tiny_reposito
         stub = pb_grpc.InferenceStub(ch)
         with pytest.raises(grpc.RpcError) as info:
             stub.Translate(pb.TranslateRequest(model=pb.ModelSpec(name="broken"), texts=["a"]))
-        assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "FAILED" in info.value.details()
+        # FAILED is not transient: not UNAVAILABLE, which clients retry until their deadline
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "FAILED" in info.value.details()
         ok = stub.Translate(pb.TranslateRequest(model=pb.ModelSpec(name="tiny-lstm"), texts=["a b"]))
         assert ok.translations[0].hypotheses[0].text.split() == ["b", "a"]
         health = health_pb2_grpc.HealthStub(ch)
@@ -178,7 +179,7 @@ def test_copied_version_folders_are_failed_and_leave_their_original_serving(tiny
         admin, stub = pb_grpc.ModelsStub(ch), pb_grpc.InferenceStub(ch)
         with pytest.raises(grpc.RpcError) as info:
             admin.LoadModel(pb.LoadModelRequest(model=pb.ModelSpec(name="tiny-lstm", version=2)))
-        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "manifest says model 'tiny-lstm' version 1, the folder is tiny-lstm/2" in info.value.details()
         assert "fix what the reason names" in info.value.details()  # not "LoadModel loads it": it just failed to
         admin.LoadModel(pb.LoadModelRequest(model=pb.ModelSpec(name="tiny-lstm", version=1)))
