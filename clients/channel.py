@@ -195,6 +195,9 @@ class Retrier:
         """Seconds to wait before the next attempt after ``failure``; raises it when there is none."""
         if failure.code not in self.retryable:
             raise failure
+        if "handshake failed" in failure.message.lower():  # UNAVAILABLE, yet no retry will change the answer
+            raise SeqServeError(failure.code, f"{failure.message} (a failed TLS handshake is not retried: is the "
+                                "server plaintext, or its certificate not the one trusted?)")
         elapsed = time.monotonic() - self.started
         if self.cap is not None and self.attempt >= self.cap:
             raise self._gave_up(failure, f"{self.attempt} attempts in {elapsed:.1f} s")

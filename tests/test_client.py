@@ -540,6 +540,16 @@ def test_mutual_tls_channel_and_token_reach_a_tls_server(certificate):
     assert recorder.seen[0]["authorization"] == "Bearer s3cret" and recorder.seen[0]["x-team"] == "nlp"
 
 
+def test_tls_handshake_failure_is_not_retried_and_says_why(empty_server, certificate):
+    cert, _ = certificate
+    started = time.monotonic()
+    with Client(empty_server.address, tls=TLSConfig(root_certificates=cert), timeout_s=20) as client:
+        with pytest.raises(SeqServeError) as failure:
+            client.health()  # a TLS client against seqserve's plaintext port
+    assert failure.value.code == grpc.StatusCode.UNAVAILABLE and "is the server plaintext" in failure.value.message
+    assert time.monotonic() - started < 5
+
+
 def test_tls_config_needs_both_client_certificate_and_key(certificate):
     cert, _ = certificate
     with pytest.raises(ValueError, match="both"):
