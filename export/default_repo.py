@@ -91,7 +91,7 @@ def build_default_repository(plan: BuildPlan) -> list[str]:
     def translator() -> None:
         checkpoint = plan.checkpoints / TRANSLATOR
         config = _translator_config(plan)
-        metrics = train_translator(config, corpora.train, dev, checkpoint)
+        metrics = train_translator(config, corpora.train, dev, checkpoint, force=True)  # a missing model is rebuilt
         logger.info("translator: best dev BLEU %.1f at step %d", metrics.get("dev_bleu", float("nan")),
                     metrics["best_step"])
         export_checkpoint(checkpoint, plan.repository, TRANSLATOR, dev=dev)
@@ -102,7 +102,7 @@ def build_default_repository(plan: BuildPlan) -> list[str]:
                              vocab_size=8000, token_budget=4096, lr=5e-4, warmup=200, steps=100_000,
                              validate_every=400, time_budget=plan.bert_budget, threads=plan.threads, dev_fraction=0.02,
                              progress=sys.stderr.isatty())
-        metrics = train_bert(config, corpora.prose, checkpoint)
+        metrics = train_bert(config, corpora.prose, checkpoint, force=True)
         logger.info("bert: dev MLM accuracy %.3f, NSP accuracy %.3f", metrics.get("dev_mlm_accuracy", float("nan")),
                     metrics.get("dev_nsp_accuracy", float("nan")))
         export_checkpoint(checkpoint, plan.repository, BERT, split_mlm=True)  # MLM head apart: faster encode/NSP

@@ -31,6 +31,8 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 METRICS_FILE = "metrics.json"
 TOKENIZER_FILES = {"source": "source_tokenizer.json", "target": "target_tokenizer.json", "text": "tokenizer.json"}
+# The tokenizers each family needs: a checkpoint without one is incomplete.
+FAMILY_TOKENIZERS = {"rnn": ("source", "target"), "transformer": ("source", "target"), "bert": ("text",)}
 
 
 class CheckpointError(Exception):
@@ -62,11 +64,16 @@ def build_model(family: str, config_dict: dict[str, Any]) -> tuple[Any, torch.nn
     module = importlib.import_module(module_name)
     config_cls = getattr(module, config_name)
     fields = {f.name for f in dataclasses.fields(config_cls)}
+    if not isinstance(config_dict, dict):
+        raise CheckpointError(f"the {family} config is a {type(config_dict).__name__}, not an object of fields")
     unknown = sorted(set(config_dict) - fields)
     if unknown:
         raise CheckpointError(f"{config_name} has no field(s) {unknown}")
-    config = config_cls(**config_dict)
-    return config, getattr(module, model_name)(config)
+    try:
+        config = config_cls(**config_dict)
+        return config, getattr(module, model_name)(config)
+    except (TypeError, ValueError) as e:  # a missing field, or the family's own *ConfigError naming the numbers
+        raise CheckpointError(f"{config_name}: {e}") from None
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -112,29 +119,56 @@ def save_metrics(directory: str | os.PathLike, metrics: dict[str, Any]) -> None:
     _write_json(path, current)
 
 
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} cannot be read as JSON: {e}") from None
+
+
 def load_checkpoint(directory: str | os.PathLike, map_location: str = "cpu") -> Checkpoint:
-    """Read a checkpoint folder back into a model in eval mode."""
+    """Read a checkpoint folder back into a model in eval mode; CheckpointError names the file at fault."""
     path = Path(directory)
     config_path = path / CONFIG_FILE
     if not config_path.is_file():
         raise CheckpointError(f"{path} is not a checkpoint: {CONFIG_FILE} is missing")
-    meta = json.loads(config_path.read_text())
-    config, model = build_model(meta["family"], meta["config"])
+    meta = _read_json(config_path)
+    if not isinstance(meta, dict) or "family" not in meta or "config" not in meta:
+        raise CheckpointError(f"{config_path}: expected an object with \"family\" and \"config\"")
+    try:
+        config, model = build_model(meta["family"], meta["config"])
+    except CheckpointError as e:
+        raise CheckpointError(f"{config_path}: {e}") from None
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise CheckpointError(f"{path} is not a checkpoint: {WEIGHTS_FILE} is missing")
-    state = load_file(str(weights), device=map_location)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        state = load_file(str(weights), device=map_location)
+    except Exception as e:  # safetensors raises its own SafetensorError (truncated file, bad header) or OSError
+        raise CheckpointError(f"{weights} cannot be read as safetensors: {e}") from None
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shapes that do not fit config.json
+        first = str(e).strip().splitlines()[1:2] or [str(e)]
+        raise CheckpointError(f"{weights} does not fit {config_path}: {first[0].strip()}") from None
     # Tied weights are stored twice and loaded once; anything else missing is an error.
     missing = [k for k in missing if k not in state]
     if missing or unexpected:
         raise CheckpointError(f"{weights}: missing weights {missing[:5]}, unexpected weights {unexpected[:5]}")
     model.eval()
-    tokenizers = {
-        role: Tokenizer.from_file(str(path / name))
-        for role, name in TOKENIZER_FILES.items()
-        if (path / name).is_file()
-    }
+    tokenizers = {}
+    for role, name in TOKENIZER_FILES.items():
+        if (path / name).is_file():
+            try:
+                tokenizers[role] = Tokenizer.from_file(str(path / name))
+            except Exception as e:  # the tokenizers library raises a bare Exception
+                raise CheckpointError(f"{path / name} is not a tokenizer: {e}") from None
+    missing_roles = [TOKENIZER_FILES[r] for r in FAMILY_TOKENIZERS[meta["family"]] if r not in tokenizers]
+    if missing_roles:
+        raise CheckpointError(f"{path} is not a complete {meta['family']} checkpoint: {', '.join(missing_roles)} "
+                              f"missing")  # fmt: skip
     metrics_path = path / METRICS_FILE
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    metrics = _read_json(metrics_path) if metrics_path.is_file() else {}
+    if not isinstance(metrics, dict):
+        raise CheckpointError(f"{metrics_path}: expected an object of metrics, got a {type(metrics).__name__}")
     return Checkpoint(meta["family"], config, model, tokenizers, metrics, path)

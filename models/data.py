@@ -75,8 +75,10 @@ def _open_binary(path: Path) -> IO[bytes]:
 def _lines(path: Path) -> Iterator[tuple[int, str | DataError]]:
     """(line number, text without its newline) or (line number, DataError) for a line that is not UTF-8."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise DataError(path, None, "no such file")
+    if path.is_dir():
+        raise DataError(path, None, "is a folder, not a file")
     number = 0
     try:
         with _open_binary(path) as stream:

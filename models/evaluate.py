@@ -235,17 +235,41 @@ def evaluate_bert(
 # Command line: seqserve evaluate CKPT --tsv FILE | --prose FILE
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _output_file(text: str) -> Path:
+    """argparse type: a file that can be written: its folder exists and it is not itself a folder."""
+    path = Path(text)
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{path.parent} is not an existing folder")
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{path} is a folder")
+    return path
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", type=Path, help="checkpoint folder (from `seqserve train` or `import-hf`)")
     data = parser.add_mutually_exclusive_group(required=True)
     data.add_argument("--tsv", type=Path, help="translator: pairs source<TAB>target; reports BLEU and chrF")
     data.add_argument("--prose", type=Path, help="BERT: prose documents; reports masked-LM and next-sentence accuracy")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N pairs / documents")
-    parser.add_argument("--token-budget", type=int, default=4096, help="padded tokens per evaluation batch")
-    parser.add_argument("--max-len", type=int, default=128, help="BERT: truncate sentence pairs to this many tokens")
+    parser.add_argument("--limit", type=_positive_int, default=None,
+                        help="evaluate only the first N pairs / documents")
+    parser.add_argument("--token-budget", type=_positive_int, default=4096, help="padded tokens per evaluation batch")
+    parser.add_argument("--max-len", type=_positive_int, default=128,
+                        help="BERT: truncate sentence pairs to this many tokens")
     parser.add_argument("--seed", type=int, default=0, help="BERT: seed of the masking and the random next sentences")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads; None leaves torch's choice")
-    parser.add_argument("--hypotheses", type=Path, default=None,
+    parser.add_argument("--threads", type=_positive_int, default=None,
+                        help="torch intra-op threads; None leaves torch's choice")
+    parser.add_argument("--hypotheses", type=_output_file, default=None,
                         help="translator: also write the translations here, one a line")
     parser.add_argument("--no-save", action="store_true", help="print the metrics without saving them in metrics.json")
 
@@ -257,7 +281,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     try:
         metrics = _evaluate(args)
-    except (ValueError, CheckpointError) as exc:  # every seqserve data/checkpoint/evaluation error is one of these
+    except (ValueError, CheckpointError, OSError) as exc:  # every seqserve data/checkpoint/evaluation error is one
         logger.debug("evaluation failed", exc_info=True)
         logger.error("%s", exc)
         return 1

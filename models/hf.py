@@ -16,7 +16,7 @@ import logging
 import re
 import sys
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 import torch
 from safetensors.torch import load_file
@@ -77,12 +77,31 @@ def _read_json(path: Path) -> Any:
         raise HFImportError(f"{path} is not valid JSON: {e}") from None
 
 
+def read_config_object(path: Path, required: Sequence[str] = ()) -> dict[str, Any]:
+    """A JSON object (config.json) holding every key of `required` as a positive integer."""
+    hf = _read_json(path)
+    if not isinstance(hf, dict):
+        raise HFImportError(f"{path}: expected a JSON object, got a {type(hf).__name__}")
+    missing = [key for key in required if key not in hf]
+    if missing:
+        raise HFImportError(f"{path}: {', '.join(missing)} missing")
+    for key in required:
+        if isinstance(hf[key], bool) or not isinstance(hf[key], int) or hf[key] < 1:
+            raise HFImportError(f"{path}: {key} = {json.dumps(hf[key])} is not a positive integer")
+    return hf
+
+
+BERT_REQUIRED_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+
+
 def read_hf_config(hf_dir: Path) -> dict[str, Any]:
     """config.json of a BERT, refusing the variants models/bert.py does not compute."""
     path = hf_dir / "config.json"
-    hf = _read_json(path)
+    hf = read_config_object(path)
     if hf.get("model_type") != "bert":
-        raise HFImportError(f"{path}: model_type={hf.get('model_type')!r}, only 'bert' can be imported")
+        raise HFImportError(f"{path}: model_type={hf.get('model_type')!r}; seqserve imports 'bert' and 'marian' "
+                            f"(MarianMT)")  # fmt: skip
+    hf = read_config_object(path, BERT_REQUIRED_KEYS)
     if hf.get("position_embedding_type", "absolute") != "absolute":
         raise HFImportError(f"{path}: position_embedding_type={hf['position_embedding_type']!r} is not 'absolute'")
     if hf.get("is_decoder") or hf.get("add_cross_attention"):
@@ -93,18 +112,41 @@ def read_hf_config(hf_dir: Path) -> dict[str, Any]:
 def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
     """The state dict stored in the directory, as float32, whatever the file format."""
     if (hf_dir / "model.safetensors").is_file():
-        state = load_file(str(hf_dir / "model.safetensors"))
+        state = _load_safetensors(hf_dir / "model.safetensors")
     elif (hf_dir / "model.safetensors.index.json").is_file():
-        index = _read_json(hf_dir / "model.safetensors.index.json")
+        index_path = hf_dir / "model.safetensors.index.json"
+        index = _read_json(index_path)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict):
+            raise HFImportError(f"{index_path}: no weight_map object")
         state = {}
-        for shard in sorted(set(index["weight_map"].values())):
-            state.update(load_file(str(hf_dir / shard)))
+        for shard in sorted(set(map(str, weight_map.values()))):
+            shard_path = hf_dir / shard
+            if not shard_path.resolve().is_relative_to(hf_dir.resolve()):
+                raise HFImportError(f"{index_path}: shard {shard!r} lies outside {hf_dir}")
+            state.update(_load_safetensors(shard_path))
     elif (hf_dir / "pytorch_model.bin").is_file():
-        # weights_only: a pickle from the internet must not run code.
-        state = torch.load(hf_dir / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        # weights_only: a pickle from the internet must not run code; what it refuses is no state dict of ours.
+        path = hf_dir / "pytorch_model.bin"
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # UnpicklingError (a disallowed global), RuntimeError (not a torch file), EOFError
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise HFImportError(f"{path} cannot be loaded as plain tensors (weights_only=True): {first}") from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise HFImportError(f"{path} holds no state dict of tensors")
     else:
         raise HFImportError(f"{hf_dir} has no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise HFImportError(f"{path} is missing")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors' SafetensorError: a truncated file, a bad header
+        raise HFImportError(f"{path} cannot be read as safetensors: {e}") from None
 
 
 def map_weight_names(hf_state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -131,15 +173,18 @@ def read_pooling(hf_dir: Path) -> tuple[str, bool]:
     if not modules_path.is_file():
         return "cls", False
     pooling, normalize = "cls", False
-    for module in _read_json(modules_path):
-        kind = module.get("type", "").rsplit(".", 1)[-1]
+    modules = _read_json(modules_path)
+    if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
+        raise HFImportError(f"{modules_path}: expected a list of module objects")
+    for module in modules:
+        kind = str(module.get("type", "")).rsplit(".", 1)[-1]
         if kind == "Transformer":
             continue
         if kind == "Normalize":
             normalize = True
         elif kind == "Pooling":
-            path = hf_dir / module.get("path", "") / "config.json"
-            modes = sorted(k.removeprefix("pooling_mode_") for k, v in _read_json(path).items()
+            path = hf_dir / str(module.get("path", "")) / "config.json"
+            modes = sorted(k.removeprefix("pooling_mode_") for k, v in read_config_object(path).items()
                            if k.startswith("pooling_mode_") and v)
             known = {"mean_tokens": "mean", "cls_token": "cls"}
             if len(modes) != 1 or modes[0] not in known:
@@ -155,7 +200,10 @@ def read_tokenizer(hf_dir: Path, max_length: int) -> Tokenizer:
     path = hf_dir / "tokenizer.json"
     if not path.is_file():
         raise HFImportError(f"{path} is missing (save the tokenizer with a fast tokenizer to create it)")
-    tokenizer = Tokenizer.from_file(str(path))
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as e:  # the tokenizers library raises a bare Exception ("Model missing.", a JSON error)
+        raise HFImportError(f"{path} is not a tokenizers tokenizer: {e}") from None
     tokenizer.no_padding()
     tokenizer.enable_truncation(max_length=max_length)
     missing = [t for t in BERT_SPECIAL_TOKENS if tokenizer.token_to_id(t) is None]
@@ -184,7 +232,44 @@ def load_hf_bert(hf_dir: str | Path) -> ImportedBert:
                        hf_dir, "MLM" if has_mlm else "NSP")
         state = {k: v for k, v in state.items() if not k.startswith(("mlm.", "nsp."))}
     pooling, normalize = read_pooling(hf_dir)
-    config = BertConfig(
+    try:
+        config = _bert_config(hf, state, has_mlm and has_nsp, pooling, normalize)
+    except (TypeError, ValueError) as e:  # BertConfigError names the numbers (heads that do not divide hidden...)
+        raise HFImportError(f"{hf_dir / 'config.json'}: {e}") from None
+    model = Bert(config)
+    if config.with_heads and config.tie_word_embeddings:
+        state.pop("mlm.decoder.weight", None)  # Hugging Face ties it to the word embeddings too
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a weight whose shape is not config.json's
+        sizes = [line.strip() for line in str(e).splitlines() if "size mismatch" in line]
+        raise HFImportError(f"{hf_dir}: the weights do not fit config.json: {(sizes or [str(e)])[0]}"
+                            f"{f' (and {len(sizes) - 1} more)' if len(sizes) > 1 else ''}") from None  # fmt: skip
+    missing = [k for k in missing if not (k == "mlm.decoder.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise HFImportError(f"{hf_dir}: weights missing for {missing[:5]}, weights without a place {unexpected[:5]}")
+    model.eval()
+    sentence_config = hf_dir / "sentence_bert_config.json"
+    max_seq_length = config.max_position_embeddings
+    if sentence_config.is_file():
+        declared = read_config_object(sentence_config).get("max_seq_length") or max_seq_length
+        if isinstance(declared, bool) or not isinstance(declared, int) or declared < 1:
+            raise HFImportError(f"{sentence_config}: max_seq_length = {json.dumps(declared)} is not a positive integer")
+        max_seq_length = min(max_seq_length, declared)
+    info = {
+        "imported_from": str(hf_dir.resolve()),
+        "hf_name_or_path": hf.get("_name_or_path", ""),
+        "pooling": pooling,
+        "normalize_embeddings": normalize,
+        "max_seq_length": max_seq_length,
+    }
+    return ImportedBert(model, read_tokenizer(hf_dir, max_seq_length), info)
+
+
+def _bert_config(
+    hf: dict[str, Any], state: dict[str, torch.Tensor], with_heads: bool, pooling: str, normalize: bool
+) -> BertConfig:
+    return BertConfig(
         vocab_size=hf["vocab_size"],
         hidden_size=hf["hidden_size"],
         num_hidden_layers=hf["num_hidden_layers"],
@@ -200,37 +285,24 @@ def load_hf_bert(hf_dir: str | Path) -> ImportedBert:
         pad_token_id=hf.get("pad_token_id") or 0,
         tie_word_embeddings=hf.get("tie_word_embeddings", True),
         with_pooler="pooler.dense.weight" in state,
-        with_heads=has_mlm and has_nsp,
+        with_heads=with_heads,
         pooling=pooling,
         normalize_embeddings=normalize,
     )
-    model = Bert(config)
-    if config.with_heads and config.tie_word_embeddings:
-        state.pop("mlm.decoder.weight", None)  # Hugging Face ties it to the word embeddings too
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (k == "mlm.decoder.weight" and config.tie_word_embeddings)]
-    if missing or unexpected:
-        raise HFImportError(f"{hf_dir}: weights missing for {missing[:5]}, weights without a place {unexpected[:5]}")
-    model.eval()
-    sentence_config = hf_dir / "sentence_bert_config.json"
-    max_seq_length = config.max_position_embeddings
-    if sentence_config.is_file():
-        max_seq_length = min(max_seq_length, int(_read_json(sentence_config).get("max_seq_length") or max_seq_length))
-    info = {
-        "imported_from": str(hf_dir.resolve()),
-        "hf_name_or_path": hf.get("_name_or_path", ""),
-        "pooling": pooling,
-        "normalize_embeddings": normalize,
-        "max_seq_length": max_seq_length,
-    }
-    return ImportedBert(model, read_tokenizer(hf_dir, max_seq_length), info)
+
+
+def check_output(output: Path, force: bool) -> None:
+    """Refuse an output that is a file, or a folder with something in it (unless `force`)."""
+    if output.exists() and not output.is_dir():
+        raise HFImportError(f"{output} is not a folder")
+    if output.exists() and any(output.iterdir()) and not force:
+        raise HFImportError(f"{output} exists and is not empty (use force=True / --force to overwrite)")
 
 
 def import_hf_bert(hf_dir: str | Path, output_dir: str | Path, force: bool = False) -> Path:
     """Write the seqserve checkpoint of a Hugging Face BERT directory; returns the checkpoint folder."""
     output = Path(output_dir)
-    if output.exists() and any(output.iterdir()) and not force:
-        raise HFImportError(f"{output} exists and is not empty (use force=True / --force to overwrite)")
+    check_output(output, force)
     imported = load_hf_bert(hf_dir)
     path = save_checkpoint(output, imported.model, {"text": imported.tokenizer}, imported.info)
     logger.info("imported %s -> %s (pooling %s)", hf_dir, path, imported.info["pooling"])
@@ -258,8 +330,9 @@ def run(args: argparse.Namespace) -> int:
     importer = import_hf_marian if is_marian_dir(args.hf_dir) else import_hf_bert
     try:
         path = importer(args.hf_dir, args.output, force=args.force)
-    except HFImportError as e:
-        logger.error("%s", e)
+    except (HFImportError, OSError) as e:  # the one place the command turns its failures into a message
+        logger.debug("import failed", exc_info=True)
+        logger.error("import failed: %s", e)
         return 1
     sys.stdout.write(f"{path}\n")
     return 0

@@ -26,7 +26,7 @@ from tokenizers import AddedToken, Tokenizer, processors
 from tokenizers.models import Unigram
 
 from seqserve.models.checkpoint import save_checkpoint
-from seqserve.models.hf import HFImportError, read_hf_weights
+from seqserve.models.hf import HFImportError, check_output, read_config_object, read_hf_weights
 from seqserve.models.transformer import TransformerConfig, TransformerTranslator
 
 logger = logging.getLogger(__name__)
@@ -51,6 +51,8 @@ _DECODER_LAYER = {
     "encoder_attn_layer_norm": "cross_attn_residual.norm",
 }  # fmt: skip
 _ACTIVATIONS = {"swish": "swish", "silu": "swish", "relu": "relu", "gelu": "gelu"}
+MARIAN_REQUIRED_KEYS = ("vocab_size", "d_model", "encoder_layers", "decoder_layers", "encoder_attention_heads",
+                        "decoder_attention_heads", "encoder_ffn_dim")  # fmt: skip
 
 
 class ImportedMarian(NamedTuple):
@@ -63,9 +65,10 @@ def is_marian_dir(hf_dir: str | Path) -> bool:
     """Whether a directory holds a Hugging Face MarianMT model (config.json model_type "marian")."""
     path = Path(hf_dir) / "config.json"
     try:
-        return json.loads(path.read_text(encoding="utf-8")).get("model_type") == "marian"
-    except (OSError, json.JSONDecodeError):
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False
+    return isinstance(config, dict) and config.get("model_type") == "marian"
 
 
 def _read_json(path: Path) -> Any:
@@ -86,7 +89,10 @@ def _spm_proto(path: Path) -> Any:
     if not path.is_file():
         raise HFImportError(f"{path} is missing (MarianMT directories hold source.spm and target.spm)")
     proto = sentencepiece_model_pb2.ModelProto()
-    proto.ParseFromString(path.read_bytes())
+    try:
+        proto.ParseFromString(path.read_bytes())
+    except Exception as e:  # protobuf's DecodeError
+        raise HFImportError(f"{path} is not a SentencePiece model: {e}") from None
     if proto.trainer_spec.model_type != 1:  # 1 = UNIGRAM, what Marian's SentencePiece models are
         raise HFImportError(f"{path}: SentencePiece model type {proto.trainer_spec.model_type} is not unigram (1)")
     return proto
@@ -146,6 +152,9 @@ def marian_config(hf: dict[str, Any], max_len: int = 256) -> TransformerConfig:
     src_vocab = hf["vocab_size"]
     tgt_vocab = hf.get("decoder_vocab_size") or src_vocab
     shared = bool(hf.get("share_encoder_decoder_embeddings", True))
+    for key in ("pad_token_id", "eos_token_id"):
+        if isinstance(hf.get(key), bool) or not isinstance(hf.get(key), int) or hf[key] < 0:
+            raise HFImportError(f"config.json: {key} = {json.dumps(hf.get(key))} is not a token id")
     pad, eos = hf["pad_token_id"], hf["eos_token_id"]
     start = hf.get("decoder_start_token_id")
     start = pad if start is None else start
@@ -208,7 +217,11 @@ def banned_tokens(hf_dir: Path, hf: dict[str, Any]) -> tuple[int, ...]:
     """Single-token bad_words_ids of generation_config.json (or config.json): tokens `generate` never produces."""
     generation = hf_dir / "generation_config.json"
     source = _read_json(generation) if generation.is_file() else hf
+    if not isinstance(source, dict):
+        raise HFImportError(f"{generation}: expected a JSON object")
     bad = source.get("bad_words_ids") or hf.get("bad_words_ids") or []
+    if not isinstance(bad, list) or not all(isinstance(w, list) and w for w in bad):
+        raise HFImportError(f"{hf_dir}: bad_words_ids is not a list of token id lists")
     longer = [w for w in bad if len(w) != 1]
     if longer:
         logger.warning("%s: bad_words_ids of several tokens %s are not applied", hf_dir, longer[:3])
@@ -223,11 +236,18 @@ def load_hf_marian(hf_dir: str | Path, max_len: int = 256) -> ImportedMarian:
     hf_dir = Path(hf_dir)
     if not hf_dir.is_dir():
         raise HFImportError(f"{hf_dir} is not a directory")
-    hf = _read_json(hf_dir / "config.json")
-    config = marian_config(hf, max_len)
-    model = TransformerTranslator(config)
+    hf = read_config_object(hf_dir / "config.json", MARIAN_REQUIRED_KEYS)
+    try:
+        config = marian_config(hf, max_len)
+        model = TransformerTranslator(config)
+    except (TypeError, ValueError) as e:  # TransformerConfigError names the numbers
+        raise HFImportError(f"{hf_dir / 'config.json'}: {e}") from None
     state = map_marian_weights(read_hf_weights(hf_dir), config, banned_tokens(hf_dir, hf))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a weight whose shape is not config.json's
+        sizes = [line.strip() for line in str(e).splitlines() if "size mismatch" in line]
+        raise HFImportError(f"{hf_dir}: the weights do not fit config.json: {(sizes or [str(e)])[0]}") from None
     tied = {"output.weight"} if config.tie_output_embedding else set()
     if config.share_embeddings:
         tied.add("tgt_embed.weight")
@@ -238,8 +258,11 @@ def load_hf_marian(hf_dir: str | Path, max_len: int = 256) -> ImportedMarian:
 
     tok_config = _read_json(hf_dir / "tokenizer_config.json") if (hf_dir / "tokenizer_config.json").is_file() else {}
     vocab = _read_json(hf_dir / "vocab.json")
-    separate = bool(tok_config.get("separate_vocabs", False))
+    separate = bool(tok_config.get("separate_vocabs", False)) if isinstance(tok_config, dict) else False
     target_vocab = _read_json(hf_dir / "target_vocab.json") if separate else vocab
+    for name, v in (("vocab.json", vocab), ("target_vocab.json", target_vocab)):
+        if not isinstance(v, dict) or not all(isinstance(i, int) for i in v.values()):
+            raise HFImportError(f"{hf_dir / name}: expected an object of token -> id")
     for name, v, size in (("vocab.json", vocab, config.src_vocab_size), ("target vocab", target_vocab,
                                                                           config.tgt_vocab_size)):  # fmt: skip
         if len(v) != size - 1:
@@ -262,8 +285,7 @@ def load_hf_marian(hf_dir: str | Path, max_len: int = 256) -> ImportedMarian:
 def import_hf_marian(hf_dir: str | Path, output_dir: str | Path, force: bool = False) -> Path:
     """Write the seqserve checkpoint of a MarianMT directory; returns the checkpoint folder."""
     output = Path(output_dir)
-    if output.exists() and any(output.iterdir()) and not force:
-        raise HFImportError(f"{output} exists and is not empty (use force=True / --force to overwrite)")
+    check_output(output, force)
     imported = load_hf_marian(hf_dir)
     path = save_checkpoint(output, imported.model, imported.tokenizers, {"imported": imported.info})
     logger.info("imported MarianMT %s -> %s", hf_dir, path)

@@ -42,6 +42,12 @@ ATTENTIONS = ("dot", "general", "additive", "scaled_dot")
 SCHEDULES = ("auto", "constant", "inverse-sqrt", "linear")
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2  # translator special ids, fixed by docs/design.md
 RUN_ONLY_SETTINGS = frozenset({"time_budget", "threads", "progress"})  # may change on --resume without changing results
+# Settings that make the model and its vocabulary: a resumed run takes them from the checkpoint, whatever is asked.
+MODEL_SETTINGS = frozenset({"arch", "embed_size", "hidden_size", "layers", "heads", "ff_size", "dropout", "attention",
+                            "peephole", "norm", "vocab_size", "vocab_kind", "joint_vocab"})  # fmt: skip
+# What a run writes into its output folder: training into a folder holding one of them needs --resume or --force.
+OUTPUT_FILES = ("config.json", "model.safetensors", "metrics.json", "train_state.pt", "tokenizer.json",
+                "source_tokenizer.json", "target_tokenizer.json")  # fmt: skip
 
 
 class TrainingError(ValueError):
@@ -91,11 +97,24 @@ class TrainConfig:
             raise TrainingError(f"unknown arch {self.arch!r}; known: {', '.join((*TRANSLATOR_ARCHS, 'bert'))}")
         if self.schedule not in SCHEDULES:
             raise TrainingError(f"unknown schedule {self.schedule!r}; known: {', '.join(SCHEDULES)}")
-        for name in ("steps", "validate_every", "token_budget", "max_len", "vocab_size"):
+        for name in ("steps", "validate_every", "token_budget", "max_len", "vocab_size", "embed_size", "hidden_size",
+                     "layers", "heads", "ff_size"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise TrainingError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if not self.lr > 0:
+        if self.threads is not None and self.threads < 1:
+            raise TrainingError(f"threads must be at least 1, got {self.threads}")
+        for name in ("warmup", "bleu_sample"):
+            if (getattr(self, name) or 0) < 0:
+                raise TrainingError(f"{name} must be at least 0, got {getattr(self, name)}")
+        if not self.lr > 0 or not math.isfinite(self.lr):
             raise TrainingError(f"lr must be positive, got {self.lr}")
+        if not self.clip_norm > 0:
+            raise TrainingError(f"clip_norm must be positive, got {self.clip_norm}")
+        if self.time_budget is not None and not self.time_budget > 0:
+            raise TrainingError(f"time_budget must be positive, got {self.time_budget}")
+        for name in ("mlm_probability", "dev_fraction"):
+            if not 0.0 < getattr(self, name) < 1.0:
+                raise TrainingError(f"{name} must be in (0, 1), got {getattr(self, name)}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise TrainingError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if not 0.0 <= self.dropout < 1.0:
@@ -170,7 +189,10 @@ def _fit(
 ) -> dict[str, Any]:
     """Train ``model`` on ``task`` up to ``config.steps`` (this run: up to ``stop_at``, as if interrupted there);
     the best checkpoint and train_state.pt go to ``output_dir``."""
-    output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TrainingError(f"cannot create the output folder {output_dir}: {e.strerror or e}") from None
     state_path = output_dir / TRAIN_STATE_FILE
     schedule, warmup = config.resolved_schedule(), config.resolved_warmup()
     betas = (0.9, 0.999) if schedule == "constant" else (0.9, 0.98)
@@ -191,6 +213,14 @@ def _fit(
         task.set_rng_state(saved["task_rng"])
         changed = sorted(k for k, v in dataclasses.asdict(config).items()
                          if saved["config"].get(k) != v and k not in RUN_ONLY_SETTINGS)
+        ignored = [k for k in changed if k in MODEL_SETTINGS and k in saved["config"]]
+        if ignored:
+            logger.warning("resuming: the model and its vocabulary come from the checkpoint, so these options were "
+                           "ignored: %s (the checkpoint has %s); train without --resume to change them",
+                           ", ".join(f"--{k.replace('_', '-')}" for k in ignored),
+                           ", ".join(f"{k}={saved['config'][k]!r}" for k in ignored))  # fmt: skip
+            config = dataclasses.replace(config, **{k: saved["config"][k] for k in ignored})
+        changed = [k for k in changed if k not in ignored]
         if changed:
             logger.warning("resuming with changed settings %s: the run will not match an uninterrupted one", changed)
         logger.info("resuming %s at step %d (epoch %d, batch %d)", output_dir, step, position.epoch, position.batch)
@@ -415,6 +445,21 @@ def _load_pairs(pairs: PairsArg) -> list[tuple[str, str]]:
     return list(pairs)
 
 
+def check_output(output_dir: Path, resume: bool, force: bool) -> None:
+    """Refuse an output that is a file, or one holding a checkpoint unless resuming it (or `force`: it is removed)."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise TrainingError(f"--output {output_dir} is not a folder")
+    if resume:
+        return
+    found = [name for name in OUTPUT_FILES if (output_dir / name).exists()]
+    if found and not force:
+        raise TrainingError(f"{output_dir} holds a checkpoint already ({', '.join(found)}): pass --resume to continue "
+                            f"it, --force to train a new one in its place, or choose another --output")  # fmt: skip
+    for name in found:
+        logger.warning("--force: removing %s", output_dir / name)
+        (output_dir / name).unlink()
+
+
 def _seed_everything(config: TrainConfig) -> None:
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -430,16 +475,19 @@ def train_translator(
     tokenizers: dict[str, Tokenizer] | None = None,
     resume: bool = False,
     stop_at: int | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Train a translator on ``train`` pairs (or a TSV path), validating on ``dev``; returns the best metrics.
 
     Tokenizers are trained on the training pairs unless given (``{"source", "target"}``); on ``resume`` those of the
     checkpoint in ``output_dir`` are used. ``stop_at`` ends this run early at that step (the learning-rate schedule
-    still plans for ``config.steps``), so a later ``resume`` continues the same run.
+    still plans for ``config.steps``), so a later ``resume`` continues the same run. An ``output_dir`` that holds a
+    checkpoint is refused unless ``resume`` (continue it) or ``force`` (replace it).
     """
     from seqserve.models.checkpoint import load_checkpoint
 
     output_dir = Path(output_dir)
+    check_output(output_dir, resume, force)
     _seed_everything(config)
     train_pairs, dev_pairs = _load_pairs(train), _load_pairs(dev)
     if resume:
@@ -535,17 +583,19 @@ def train_bert(
     tokenizer: Tokenizer | None = None,
     resume: bool = False,
     stop_at: int | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Pretrain a BERT (masked LM + next sentence) on documents (lists of sentences) or a prose file.
 
     Without ``dev``, the last ``config.dev_fraction`` of the documents (at least one) is held out for validation.
-    ``tokenizer``, ``resume`` and ``stop_at`` work as for ``train_translator``.
+    ``tokenizer``, ``resume``, ``stop_at`` and ``force`` work as for ``train_translator``.
     """
     from seqserve.models.bert import make_nsp_pairs
     from seqserve.models.checkpoint import load_checkpoint
     from seqserve.models.evaluate import bert_examples
 
     output_dir = Path(output_dir)
+    check_output(output_dir, resume, force)
     config = dataclasses.replace(config, arch="bert")
     _seed_everything(config)
     documents = _load_documents(corpus)

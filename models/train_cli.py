@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import sys
 from pathlib import Path
 
 from seqserve.models.train import (
@@ -13,6 +14,7 @@ from seqserve.models.train import (
     TRAIN_STATE_FILE,
     TRANSLATOR_ARCHS,
     TrainConfig,
+    TrainingError,
     _fmt,
     parse_duration,
     train_bert,
@@ -58,9 +60,13 @@ def _add_common(parser: argparse.ArgumentParser, defaults: TrainConfig) -> None:
     run = parser.add_argument_group("run")
     run.add_argument("--output", required=True, type=Path, help="checkpoint folder to write (the best model)")
     run.add_argument("--time-budget", type=parse_duration, default=None,
-                     help="stop after this much wall-clock time, e.g. 90s, 20m, 1.5h (then validate and save)")
+                     help="stop the training loop after this much wall-clock time, e.g. 90s, 20m, 1.5h (then validate "
+                          "and save); reading the data, training the tokenizers and the last validation come on top")
     run.add_argument("--resume", action="store_true",
-                     help=f"continue from {TRAIN_STATE_FILE} in --output exactly where it stopped")
+                     help=f"continue from {TRAIN_STATE_FILE} in --output exactly where it stopped (the model sizes "
+                          f"and vocabulary are the checkpoint's)")
+    run.add_argument("--force", action="store_true",
+                     help="train a new model into an --output that holds a checkpoint, replacing it")
     run.add_argument("--threads", type=int, default=None, help="torch intra-op threads; None leaves torch's choice")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -110,15 +116,27 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    """The command's one place for failures: option values TrainConfig refuses are usage errors (exit 2), the rest
+    (data, checkpoint, files) one logged line and exit 1."""
     from seqserve.models.checkpoint import CheckpointError
 
-    config = config_from_args(args)
+    if args.resume and args.force:
+        sys.stderr.write(f"seqserve train {args.what}: error: --resume continues the checkpoint, --force replaces it: "
+                         f"choose one\n")  # fmt: skip
+        return 2
+    try:
+        config = config_from_args(args)
+    except TrainingError as exc:
+        sys.stderr.write(f"seqserve train {args.what}: error: {exc}\n")
+        return 2
     try:
         if args.what == "translator":
-            metrics = train_translator(config, args.train, args.dev, args.output, resume=args.resume)
+            metrics = train_translator(config, args.train, args.dev, args.output, resume=args.resume,
+                                       force=args.force)  # fmt: skip
         else:
-            metrics = train_bert(config, args.corpus, args.output, dev=args.dev_corpus, resume=args.resume)
-    except (ValueError, CheckpointError) as exc:  # every seqserve data/config/training error is one of these
+            metrics = train_bert(config, args.corpus, args.output, dev=args.dev_corpus, resume=args.resume,
+                                 force=args.force)  # fmt: skip
+    except (ValueError, CheckpointError, OSError) as exc:  # every seqserve data/config/training error is a ValueError
         logger.debug("training failed", exc_info=True)
         logger.error("%s", exc)
         return 1
