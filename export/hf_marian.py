@@ -49,14 +49,16 @@ def export_hf(hf_dir: str | os.PathLike, repository: str | os.PathLike, name: st
     ExportError (unset ones, as the command line passes them, are dropped)."""
     from seqserve.models.hf_marian import is_marian_dir
 
-    def drop(*keys: str, reason: str) -> None:
-        for key in keys:
+    def drop(reason: str, **keys: str) -> None:
+        for key, option in keys.items():
             value = options.pop(key, None)
             if value:
-                raise ExportError(f"{key} does not apply to {hf_dir}: {reason}")
+                raise ExportError(f"{option} does not apply to {hf_dir}: {reason}")
 
     if is_marian_dir(hf_dir):
-        drop("sample_documents", "split_mlm", reason="a MarianMT translator is not a BERT")
+        drop("a MarianMT translator is not a BERT", sample_documents="--sample (sample_documents=)",
+             split_mlm="--split-mlm (split_mlm=)")  # fmt: skip
         return export_hf_marian(hf_dir, repository, name, **options)
-    drop("dev", "max_len", reason="only a MarianMT translator takes a dev sample and max_len")
+    drop("it is a BERT; a dev sample feeds a MarianMT translator's BLEU gate", dev="--dev (dev=)")
+    drop("it is a BERT; only a MarianMT translator has a maximum output length", max_len="max_len=")
     return export_hf_bert(hf_dir, repository, name, **options)

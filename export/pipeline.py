@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -40,6 +41,7 @@ from seqserve.export.parity import (
 )
 from seqserve.export.quantize import (
     DEFAULT_SAMPLE_DOCUMENTS,
+    MIN_DEV_SENTENCES,
     TranslationSetup,
     bert_quality,
     optimize_graph,
@@ -58,10 +60,32 @@ DEVICES = ("cpu", "cuda")
 # On an H200 the tiny test models' fp16 log-probabilities were off by up to 0.057 (the bidirectional LSTM).
 FP16_TOLERANCE = 5e-2
 FP16_RTOL = 1e-2
+# A larger difference is no rounding: the graph computes something else (a log-probability off by 0.1 is a 10% change
+# in probability). The gate must not be a switch.
+MAX_TOLERANCE = 0.1
 
 
 class ExportError(Exception):
     """An export that cannot be done as asked (unknown option, missing GPU, missing dev sample)."""
+
+
+def check_tolerance(tolerance: float) -> float:
+    """`tolerance` when it is above 0 and at most MAX_TOLERANCE (so neither NaN nor infinite); ExportError if not."""
+    if not 0 < tolerance <= MAX_TOLERANCE:  # NaN compares False
+        raise ExportError(f"tolerance must be above 0 and at most {MAX_TOLERANCE:g}, got {tolerance:g}")
+    return float(tolerance)
+
+
+def _finite(value: Any, where: str) -> Any:
+    """`value` with every NaN or infinite number replaced by None (JSON has neither), each one logged."""
+    if isinstance(value, float) and not math.isfinite(value):
+        log.warning("%s is %s: written as null", where, value)
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    return value
 
 
 def _providers(device: str) -> list[str]:
@@ -135,9 +159,10 @@ def _export_bert_graphs(
         finals = {file: work / f"int8.{file}" for file in finals}
         for graph in exported.values():
             quantize_int8(graph.path, finals[graph.spec.file])
-        int8 = open_session(finals["model.onnx"], providers)
+        int8 = {key: open_session(finals[graph.spec.file], providers) for key, graph in exported.items()}
         record["quality"] = bert_quality(
-            fp32["model"], int8, tokenizer, config.pooling, config.with_heads, max_tokens, sample_documents
+            fp32["model"], int8["model"], tokenizer, config.pooling, config.with_heads, max_tokens, sample_documents,
+            fp32_mlm=fp32.get("mlm"), int8_mlm=int8.get("mlm"),
         )
     record["graphs"] = {key: graph.spec.to_dict() for key, graph in exported.items()}
     return record, finals
@@ -170,8 +195,6 @@ def _export_translator_graphs(
 ) -> tuple[dict[str, Any], dict[str, Path]]:  # fmt: skip
     config = model.config
     providers = _providers(device)
-    if quantize == "int8" and not dev:
-        raise ExportError("--quantize int8 of a translator needs a dev sample for its BLEU gate: pass --dev FILE.tsv")
     enc, dec = export_translator(model, work)
     record: dict[str, Any] = {}
     for graph in (enc, dec):
@@ -193,7 +216,10 @@ def _export_translator_graphs(
         tolerance = max(tolerance, FP16_TOLERANCE)
     memory, state = tuple(model.memory_names()), tuple(model.state_names())
     fp32 = StepGraphs(open_session(enc.path, providers), open_session(dec.path, providers), memory, state)
-    record["parity"] = translator_parity(model, fp32, tolerance, rtol=FP16_RTOL if device == "cuda" else 0.0).to_dict()
+    # Greedy tokens may differ only at near-ties of the precision's own rounding, whatever tolerance was asked for.
+    near_tie = FP16_TOLERANCE if device == "cuda" else DEFAULT_TOLERANCE
+    record["parity"] = translator_parity(model, fp32, tolerance, rtol=FP16_RTOL if device == "cuda" else 0.0,
+                                         near_tie_tolerance=near_tie).to_dict()  # fmt: skip
     finals = {"encoder.onnx": enc.path, "decoder.onnx": dec.path}
     if quantize == "int8":
         finals = {name: work / f"int8.{name}" for name in finals}
@@ -278,9 +304,23 @@ def export_model(
     split_mlm: bool = False,
 ) -> Path:
     """Export a loaded model (eval mode) with its tokenizers into REPO/NAME/VERSION; returns the version folder."""
+    # Everything that can be refused is refused here, before any work and before REPO/NAME is touched.
     if quantize not in (None, *QUANTIZATIONS):
         raise ExportError(f"quantize={quantize!r} is not one of {QUANTIZATIONS} (or None)")
+    check_tolerance(tolerance)
     _providers(device)  # fail before any work when the device is missing
+    if family == "bert" and dev:
+        raise ExportError("a dev sample (--dev, dev=) feeds a translator's BLEU gate; this is a BERT (--sample)")
+    if family != "bert" and sample_documents:
+        raise ExportError("a prose sample (--sample, sample_documents=) feeds a BERT's gates; this is a translator "
+                          "(--dev)")  # fmt: skip
+    if family != "bert" and quantize == "int8":
+        if not dev:
+            raise ExportError("--quantize int8 of a translator needs a dev sample for its BLEU gate: pass --dev "
+                              "FILE.tsv (dev=)")  # fmt: skip
+        if len(dev) < MIN_DEV_SENTENCES:
+            raise ExportError(f"the int8 BLEU gate needs at least {MIN_DEV_SENTENCES} dev pairs, got {len(dev)} "
+                              f"(--dev, --dev-limit)")  # fmt: skip
     model = model.eval()
     with StagedVersion(repository, name, version, force) as stage, tempfile.TemporaryDirectory() as scratch:
         work = Path(scratch)
@@ -307,9 +347,16 @@ def export_model(
         for file, tokenizer in tokenizer_files.items():
             tokenizer.save(str(stage.dir / file))
         manifest.update(record)
+        precision = "fp16" if device == "cuda" else "fp32"
+        # parity compares the exported graphs before quantization with PyTorch; an int8 version's own figures are
+        # its gates' (`quality`), listed among the metrics as quality_* so that ListModels shows them.
+        manifest["parity"]["precision"] = precision
+        metrics = _finite(dict(metrics), "metrics")
+        if quantize:
+            metrics.update({f"quality_{k}": v for k, v in record["quality"].items()})
         manifest.update(
             quantization=quantize,
-            precision="fp16" if device == "cuda" else "fp32",
+            precision=precision,
             metrics=metrics,
             export={"opset": OPSET, "exporter": "torch.onnx (TorchScript)", "torch": torch.__version__,
                     "onnxruntime": ort.__version__, "device": device},  # fmt: skip
@@ -337,10 +384,14 @@ def export_checkpoint(
     from seqserve.models.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(checkpoint_dir)
+    # An imported sentence-transformers model keeps its max_seq_length (models/hf.py writes it into metrics.json).
+    max_tokens = ckpt.metrics.get("max_seq_length") if ckpt.family == "bert" else None
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
+        raise ExportError(f"{ckpt.path}/metrics.json: max_seq_length = {max_tokens!r} is not a positive integer")
     return export_model(
         ckpt.model, ckpt.family, ckpt.tokenizers, ckpt.metrics, repository, name, version=version, quantize=quantize,
         optimize=optimize, force=force, tolerance=tolerance, device=device, dev=dev, sample_documents=sample_documents,
-        split_mlm=split_mlm,
+        max_tokens=max_tokens, split_mlm=split_mlm,
     )  # fmt: skip
 
 

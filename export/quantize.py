@@ -3,10 +3,13 @@ a quantized export must pass: task quality rather than raw difference.
 
 Letters: B batch, L sequence length, H hidden.
 
-Gates (each compares the int8 graphs with the fp32 graphs of the same export, on the same sample):
+Gates (each compares the int8 graphs with the fp32 graphs of the same export, on the same sample; docs/training.md):
 - BERT embeddings: cosine of every sentence embedding (the model's pooling) >= 0.99;
-- BERT with heads: next-sentence accuracy within 1 point (percentage) of fp32;
-- translators: corpus BLEU (sacrebleu) of greedy translations within 1 point of fp32 on a dev sample.
+- BERT with heads: next-sentence accuracy within 1 point (percentage) of fp32; at the masked positions of the sample
+  (15% of the tokens, fixed seed), the cosine of the int8 and fp32 masked-LM logits >= 0.99 at every position and
+  the same top-1 token at >= 90% of them (a half-trained model has near-ties that int8 may flip);
+- translators: corpus BLEU (sacrebleu) of greedy translations within 1 point of fp32 on a dev sample of at least 30
+  pairs.
 """
 
 from __future__ import annotations
@@ -28,6 +31,11 @@ log = logging.getLogger(__name__)
 MIN_EMBEDDING_COSINE = 0.99
 MAX_NSP_ACCURACY_DROP = 1.0  # points
 MAX_BLEU_DROP = 1.0  # points
+MIN_MLM_LOGITS_COSINE = 0.99  # at every masked position
+MIN_MLM_TOP1_AGREEMENT = 0.9  # share of masked positions where int8's best token is fp32's
+# Corpus BLEU of fewer sentences moves by several points when one sentence changes: no gate at all.
+MIN_DEV_SENTENCES = 30
+MLM_MASK_PROBABILITY = 0.15
 
 # A small built-in sample (three short documents) for the BERT gates when no --sample file is given.
 DEFAULT_SAMPLE_DOCUMENTS: tuple[tuple[str, ...], ...] = (
@@ -160,11 +168,62 @@ def nsp_accuracy(session: Any, tokenizer: Tokenizer, pairs: Sequence[Any]) -> fl
     return 100.0 * correct / len(pairs)
 
 
+def _mlm_logits(model: Any, mlm: Any | None, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    """(B, L, V) masked-LM logits: from model.onnx, or from mlm.onnx on its sequence_output (a split head)."""
+    if mlm is None:
+        (logits,) = model.run(["mlm_logits"], feeds)
+        return logits
+    (sequence,) = model.run(["sequence_output"], feeds)  # (B, L, H)
+    (logits,) = mlm.run(["mlm_logits"], {"sequence_output": sequence})
+    return logits
+
+
+def mlm_agreement(
+    fp32: Any, int8: Any, tokenizer: Tokenizer, texts: Sequence[str], fp32_mlm: Any | None = None,
+    int8_mlm: Any | None = None, seed: int = 0,
+) -> dict[str, Any]:  # fmt: skip
+    """Mask MLM_MASK_PROBABILITY of each text's tokens (at least one; fixed seed) and compare the two graphs' masked-LM
+    heads there: top-1 agreement, cosine of the logits, and each one's accuracy against the original tokens."""
+    mask_id = tokenizer.token_to_id("[MASK]")
+    if mask_id is None:
+        return {}
+    special = {i for t in ("[PAD]", "[CLS]", "[SEP]", "[MASK]", "[UNK]") if (i := tokenizer.token_to_id(t)) is not None}
+    rng = np.random.default_rng(seed)
+    agree = correct_fp32 = correct_int8 = positions = 0
+    cosines = []
+    for i in range(0, len(texts), 16):
+        feeds = _bert_feeds(tokenizer, texts[i : i + 16])
+        original = feeds["input_ids"].copy()  # (B, L)
+        candidates = (feeds["attention_mask"] == 1) & ~np.isin(original, list(special))  # (B, L)
+        chosen = candidates & (rng.random(original.shape) < MLM_MASK_PROBABILITY)  # (B, L)
+        for row in np.flatnonzero(candidates.any(axis=1) & ~chosen.any(axis=1)):  # at least one a text
+            chosen[row, rng.choice(np.flatnonzero(candidates[row]))] = True
+        feeds["input_ids"] = np.where(chosen, mask_id, original)
+        a = _mlm_logits(fp32, fp32_mlm, feeds)[chosen]  # (P, V)
+        b = _mlm_logits(int8, int8_mlm, feeds)[chosen]  # (P, V)
+        agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+        correct_fp32 += int((a.argmax(-1) == original[chosen]).sum())
+        correct_int8 += int((b.argmax(-1) == original[chosen]).sum())
+        positions += len(a)
+        norms = np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-12)  # (P,)
+        cosines.append((a * b).sum(-1) / norms)
+    cos = np.concatenate(cosines)
+    return {
+        "mlm_masked_positions": positions,
+        "mlm_top1_agreement": agree / positions,
+        "mlm_logits_cosine_min": float(cos.min()),
+        "mlm_accuracy_fp32": 100.0 * correct_fp32 / positions,
+        "mlm_accuracy_int8": 100.0 * correct_int8 / positions,
+    }
+
+
 def bert_quality(
     fp32: Any, int8: Any, tokenizer: Tokenizer, pooling: str, has_heads: bool, max_length: int,
-    documents: Sequence[Sequence[str]] = DEFAULT_SAMPLE_DOCUMENTS,
+    documents: Sequence[Sequence[str]] = DEFAULT_SAMPLE_DOCUMENTS, fp32_mlm: Any | None = None,
+    int8_mlm: Any | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """The BERT gates; raises QualityGateError, returns the measured figures for the manifest."""
+    """The BERT gates; raises QualityGateError, returns the measured figures for the manifest. `fp32_mlm`/`int8_mlm`:
+    the mlm.onnx sessions of a split head (None: model.onnx computes mlm_logits itself)."""
     from seqserve.models.bert import make_nsp_pairs
 
     tok = _padded(tokenizer, max_length)
@@ -186,6 +245,16 @@ def bert_quality(
         figures.update(nsp_pairs=len(pairs), nsp_accuracy_fp32=acc_fp32, nsp_accuracy_int8=acc_int8)
         if acc_fp32 - acc_int8 > MAX_NSP_ACCURACY_DROP:
             raise QualityGateError("NSP accuracy (%)", acc_fp32, acc_int8, f"within {MAX_NSP_ACCURACY_DROP} point")
+        mlm = mlm_agreement(fp32, int8, tok, texts, fp32_mlm, int8_mlm)
+        if not mlm:
+            log.warning("the tokenizer has no [MASK] token: the masked-LM head of the int8 graphs is not gated")
+        figures.update(mlm)
+        if mlm and mlm["mlm_logits_cosine_min"] < MIN_MLM_LOGITS_COSINE:
+            raise QualityGateError("masked-LM logits cosine (minimum over the masked positions)", 1.0,
+                                   mlm["mlm_logits_cosine_min"], f">= {MIN_MLM_LOGITS_COSINE}")  # fmt: skip
+        if mlm and mlm["mlm_top1_agreement"] < MIN_MLM_TOP1_AGREEMENT:
+            raise QualityGateError("masked-LM top-1 agreement with fp32 (share of masked positions)", 1.0,
+                                   mlm["mlm_top1_agreement"], f">= {MIN_MLM_TOP1_AGREEMENT}")  # fmt: skip
     return figures
 
 
@@ -227,6 +296,9 @@ def translation_quality(
 ) -> dict[str, Any]:
     """BLEU of fp32 and int8 greedy translations of a dev sample; raises QualityGateError past the gate."""
     import sacrebleu
+
+    if len(dev) < MIN_DEV_SENTENCES:
+        raise ValueError(f"the BLEU gate needs at least {MIN_DEV_SENTENCES} dev pairs, got {len(dev)}")
 
     sources, references = [s for s, _ in dev], [r for _, r in dev]
     bleu_fp32 = sacrebleu.corpus_bleu(translate(fp32, setup, sources), [references]).score
