@@ -142,3 +142,41 @@ def test_bert_evaluation_repeats_with_the_same_seed(bert_dir):
 def test_bert_evaluation_refuses_a_translator(translator_dir):
     with pytest.raises(EvaluationError, match="not a BERT"):
         evaluate_bert(load_checkpoint(translator_dir), S.synthetic_documents(3, 0))
+
+
+# --- one line instead of a traceback -----------------------------------------------------------------------------
+
+
+def test_hypotheses_in_a_missing_folder_is_a_usage_error(tmp_path, capsys, translator_dir):
+    with pytest.raises(SystemExit) as info:
+        cli_main(["evaluate", str(translator_dir), "--tsv", str(tmp_path / "dev.tsv"), "--hypotheses",
+                  str(tmp_path / "nowhere" / "h.txt")])  # fmt: skip
+    assert info.value.code == 2 and "nowhere is not an existing folder" in capsys.readouterr().err
+
+
+def test_threads_below_one_is_a_usage_error(tmp_path, translator_dir):
+    with pytest.raises(SystemExit) as info:
+        cli_main(["evaluate", str(translator_dir), "--tsv", str(tmp_path / "dev.tsv"), "--threads", "-1"])
+    assert info.value.code == 2
+
+
+def test_an_empty_device_file_is_not_called_missing(translator_dir, caplog):
+    assert cli_main(["evaluate", str(translator_dir), "--tsv", "/dev/null", "--no-save"]) == 1
+    assert "/dev/null: no source<TAB>target pairs" in caplog.text and "no such file" not in caplog.text
+
+
+@pytest.mark.parametrize("damage, expected", [
+    ("truncate", "model.safetensors cannot be read as safetensors"),
+    ("target_tokenizer.json", "target_tokenizer.json missing"),
+])  # fmt: skip
+def test_a_damaged_checkpoint_is_one_line(tmp_path, caplog, translator_dir, damage, expected):
+    import shutil
+
+    checkpoint = shutil.copytree(translator_dir, tmp_path / "ckpt")
+    if damage == "truncate":
+        (checkpoint / "model.safetensors").write_bytes((checkpoint / "model.safetensors").read_bytes()[:5])
+    else:
+        (checkpoint / damage).unlink()
+    dev = _write_tsv(tmp_path / "dev.tsv", S.reversal_pairs(5, 1))
+    assert cli_main(["evaluate", str(checkpoint), "--tsv", str(dev), "--no-save"]) == 1
+    assert expected in caplog.text and "Traceback" not in caplog.text

@@ -13,6 +13,8 @@ from seqserve.export.quantize import (
     MAX_BLEU_DROP,
     MAX_NSP_ACCURACY_DROP,
     MIN_EMBEDDING_COSINE,
+    MIN_MLM_LOGITS_COSINE,
+    MIN_MLM_TOP1_AGREEMENT,
     QualityGateError,
     TranslationSetup,
     bert_quality,
@@ -103,3 +105,36 @@ def test_bleu_gate_refuses_an_untrained_translator(tiny_repository, tiny_checkpo
                              config.pad_id, config.max_src_len, 20)  # fmt: skip
     with pytest.raises(QualityGateError, match="BLEU"):
         translation_quality(good, bad, setup, tiny_dev_pairs()[:30])
+
+
+def test_int8_figures_are_among_the_metrics_and_parity_says_it_is_fp32s(tiny_repository):
+    """ListModels lists numeric `metrics`: an int8 version shows its gates' figures there, as quality_*."""
+    for name, figure in (("tiny-lstm-int8", "bleu_int8"), ("tiny-bert-int8", "mlm_top1_agreement")):
+        manifest = ModelRepository(tiny_repository).manifest(name)
+        assert manifest.metrics[f"quality_{figure}"] == manifest.quality[figure]
+        assert manifest.parity["precision"] == "fp32"  # measured on the graphs before quantization
+
+
+def test_int8_bert_gates_its_masked_lm_head(tiny_repository):
+    quality = ModelRepository(tiny_repository).manifest("tiny-bert-int8").quality
+    assert quality["mlm_masked_positions"] > 100
+    assert quality["mlm_logits_cosine_min"] >= MIN_MLM_LOGITS_COSINE
+    assert quality["mlm_top1_agreement"] >= MIN_MLM_TOP1_AGREEMENT
+
+
+def test_mlm_gate_refuses_a_head_that_is_not_the_same(tiny_repository, tiny_checkpoints, tmp_path):
+    """Same encoder (so embeddings and NSP pass), a split MLM head from other weights: the MLM gate refuses."""
+    from seqserve.export.graphs import export_mlm_head
+
+    ckpt = load_checkpoint(tiny_checkpoints["bert"])
+    torch.manual_seed(5)
+    _, other = build_model("bert", ckpt.config.to_dict())
+    fp32 = load_model(ModelRepository(tiny_repository).version_dir("tiny-bert")).sessions["model"]
+    own_mlm = open_session(export_mlm_head(ckpt.model, tmp_path, "own.onnx").path)
+    other_mlm = open_session(export_mlm_head(other.eval(), tmp_path, "other.onnx").path)
+    figures = bert_quality(fp32, fp32, ckpt.tokenizers["text"], ckpt.config.pooling, True, 64, tiny_documents(),
+                           fp32_mlm=own_mlm, int8_mlm=own_mlm)  # fmt: skip
+    assert figures["mlm_top1_agreement"] == 1.0
+    with pytest.raises(QualityGateError, match="masked-LM"):
+        bert_quality(fp32, fp32, ckpt.tokenizers["text"], ckpt.config.pooling, True, 64, tiny_documents(),
+                     fp32_mlm=own_mlm, int8_mlm=other_mlm)  # fmt: skip

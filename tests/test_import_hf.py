@@ -199,7 +199,8 @@ def test_cli_refuses_a_non_empty_output_without_force(tiny_hf_dir: Path, tmp_pat
 
 
 def test_directory_without_weights_raises_naming_it(tmp_path: Path) -> None:
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    sizes = {"vocab_size": 10, "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 8}
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", **sizes}))
     with pytest.raises(HFImportError, match=r"has no model\.safetensors"):
         import_hf_bert(tmp_path, tmp_path / "out")
 
@@ -208,3 +209,107 @@ def test_non_bert_config_is_refused(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(HFImportError, match="model_type='gpt2'"):
         import_hf_bert(tmp_path, tmp_path / "out")
+
+
+# --- one line instead of a traceback (import-hf and export-hf) ----------------------------------------------------
+
+
+def _variant(tiny_hf_dir: Path, tmp_path: Path, config: object = None, **files: bytes) -> Path:
+    """A copy of the tiny BERT directory with config.json replaced (when given) and other files overwritten."""
+    import shutil
+
+    hf_dir = shutil.copytree(tiny_hf_dir, tmp_path / "variant")
+    if config is not None:
+        (hf_dir / "config.json").write_text(json.dumps(config))
+    for name, content in files.items():
+        (hf_dir / name.replace("__", ".")).write_bytes(content)
+    return hf_dir
+
+
+def _config(tiny_hf_dir: Path, **changes: object) -> dict:
+    config = json.loads((tiny_hf_dir / "config.json").read_text())
+    config.update(changes)
+    return {k: v for k, v in config.items() if v is not None}
+
+
+def _both_commands_say(hf_dir: Path, tmp_path: Path, caplog, expected: str) -> None:
+    for argv in (["import-hf", str(hf_dir), "--output", str(tmp_path / "ckpt")],
+                 ["export-hf", str(hf_dir), "-r", str(tmp_path / "repo"), "-n", "m", "--log-level", "WARNING"]):
+        caplog.clear()
+        assert seqserve_main(argv) == 1, argv[0]
+        assert expected in caplog.text, (argv[0], caplog.text)
+        assert "Traceback" not in caplog.text
+    assert not (tmp_path / "repo" / "m").exists()
+
+
+@pytest.mark.parametrize("changes, expected", [
+    ({"hidden_size": None}, "config.json: hidden_size missing"),
+    ({"vocab_size": "many"}, 'config.json: vocab_size = "many" is not a positive integer'),
+    ({"num_attention_heads": 3}, "num_attention_heads"),  # 32 hidden do not divide into 3 heads
+    ({"hidden_size": 64, "num_attention_heads": 2}, "the weights do not fit config.json"),
+    ({"model_type": "gpt2"}, "seqserve imports 'bert' and 'marian'"),
+])  # fmt: skip
+def test_a_config_that_does_not_fit_is_one_line(tiny_hf_dir, tmp_path, caplog, changes, expected) -> None:
+    _both_commands_say(_variant(tiny_hf_dir, tmp_path, _config(tiny_hf_dir, **changes)), tmp_path, caplog, expected)
+
+
+def test_a_config_that_is_not_an_object_is_one_line(tiny_hf_dir, tmp_path, caplog) -> None:
+    _both_commands_say(_variant(tiny_hf_dir, tmp_path, []), tmp_path, caplog, "expected a JSON object, got a list")
+
+
+def test_a_marian_config_without_its_sizes_is_one_line(tmp_path, caplog) -> None:
+    hf_dir = tmp_path / "marian"
+    hf_dir.mkdir()
+    (hf_dir / "config.json").write_text(json.dumps({"model_type": "marian", "vocab_size": 10}))
+    _both_commands_say(hf_dir, tmp_path, caplog, "d_model, encoder_layers")
+
+
+def test_a_file_that_is_no_tokenizer_is_one_line(tiny_hf_dir, tmp_path, caplog) -> None:
+    hf_dir = _variant(tiny_hf_dir, tmp_path, tokenizer__json=b'{"version": "1.0"}')
+    _both_commands_say(hf_dir, tmp_path, caplog, "tokenizer.json is not a tokenizers tokenizer")
+
+
+def test_truncated_weights_are_one_line(tiny_hf_dir, tmp_path, caplog) -> None:
+    truncated = (tiny_hf_dir / "model.safetensors").read_bytes()[:7]
+    hf_dir = _variant(tiny_hf_dir, tmp_path, model__safetensors=truncated)
+    _both_commands_say(hf_dir, tmp_path, caplog, "model.safetensors cannot be read as safetensors")
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.getpid, ())  # harmless, but a global that weights_only=True must refuse to call
+
+
+def test_a_pickle_with_code_is_refused_without_running_it(tiny_hf_dir, tmp_path, caplog) -> None:
+    hf_dir = _variant(tiny_hf_dir, tmp_path)
+    (hf_dir / "model.safetensors").unlink()
+    torch.save({"bert.embeddings.word_embeddings.weight": _Payload()}, hf_dir / "pytorch_model.bin")
+    _both_commands_say(hf_dir, tmp_path, caplog, "cannot be loaded as plain tensors (weights_only=True)")
+
+
+def test_import_hf_output_naming_a_file_is_one_line(tiny_hf_dir, tmp_path, caplog) -> None:
+    (tmp_path / "file").write_text("mine")
+    assert seqserve_main(["import-hf", str(tiny_hf_dir), "--output", str(tmp_path / "file")]) == 1
+    assert "is not a folder" in caplog.text and (tmp_path / "file").read_text() == "mine"
+
+
+def test_export_hf_names_the_flag_that_does_not_apply(tiny_hf_dir, tmp_path) -> None:
+    from seqserve.export.hf_marian import export_hf
+    from seqserve.export.pipeline import ExportError
+
+    with pytest.raises(ExportError, match=r"--dev \(dev=\) does not apply .* it is a BERT"):
+        export_hf(tiny_hf_dir, tmp_path, "m", dev=[("a", "b")])
+    with pytest.raises(ExportError, match=r"max_len= does not apply .* maximum output length"):
+        export_hf(tiny_hf_dir, tmp_path, "m", max_len=10)
+
+
+def test_import_then_export_keeps_the_sentence_transformers_limit(tiny_hf_dir, tmp_path) -> None:
+    """export-hf and import-hf + export serve the same max_seq_length (sentence_bert_config.json), not the positions."""
+    hf_dir = _variant(tiny_hf_dir, tmp_path, sentence_bert_config__json=b'{"max_seq_length": 16}')
+    checkpoint = tmp_path / "ckpt"
+    assert seqserve_main(["import-hf", str(hf_dir), "--output", str(checkpoint)]) == 0
+    for argv in (["export", str(checkpoint)], ["export-hf", str(hf_dir)]):
+        name = argv[0]
+        assert seqserve_main([*argv, "-r", str(tmp_path / "repo"), "-n", name, "--log-level", "WARNING"]) == 0
+        manifest = json.loads((tmp_path / "repo" / name / "1" / "manifest.json").read_text())
+        assert manifest["limits"] == {"max_tokens": 16}, name
