@@ -112,9 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     job.add_argument("--window", type=whole(1), default=16, help="lines in flight at once (bounded concurrency)")
     job.add_argument("--on-error", choices=ON_ERROR, default="stop",
                      help="a failed line stops the job (rerun to resume) or becomes an empty line")
-    job.add_argument("--max-lines", type=whole(1), help="translate at most this many new lines, then stop (resume later)")
+    job.add_argument("--max-lines", type=whole(1),
+                     help="translate at most this many new lines, then stop (resume later)")
     job.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _decoding_arguments(job)
+    _decoding_arguments(job, hypotheses=False)
     return parser
 
 
@@ -152,7 +153,11 @@ def number(low: float | None, above: bool = False) -> Callable[[str], float]:
 
 def _command(commands: argparse._SubParsersAction, name: str, text: str) -> argparse.ArgumentParser:
     formatter = argparse.ArgumentDefaultsHelpFormatter
-    return commands.add_parser(name, help=text, description=text, formatter_class=formatter)
+    parser = commands.add_parser(name, help=text, description=text, formatter_class=formatter)
+    # also after the command (`translate --json ...`); SUPPRESS keeps a --json given before it
+    parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="write one JSON object per line (as --json before the command)")
+    return parser
 
 
 def _inference_arguments(parser: argparse.ArgumentParser, texts_help: str = "texts (else --input or stdin)") -> None:
@@ -165,13 +170,17 @@ def _inference_arguments(parser: argparse.ArgumentParser, texts_help: str = "tex
     parser.add_argument("--batch-size", type=whole(1), default=32, help="inputs per request")
 
 
-def _decoding_arguments(parser: argparse.ArgumentParser) -> None:
+def _decoding_arguments(parser: argparse.ArgumentParser, hypotheses: bool = True) -> None:
+    """Search options; ``hypotheses=False`` (translate-file, which writes only the best text) leaves out --n-best and
+    --token-scores, which would only add server work."""
     parser.add_argument("--beam", type=whole(1), default=1, help="beam size (1: greedy)")
-    parser.add_argument("--n-best", type=whole(1), default=1, help="hypotheses per text (at most --beam; translate only)")
+    if hypotheses:
+        parser.add_argument("--n-best", type=whole(1), default=1, help="hypotheses per text (at most --beam)")
     parser.add_argument("--length-penalty", type=number(None), default=0.0, help="alpha of ((5 + len) / 6) ** alpha")
     parser.add_argument("--max-tokens", type=whole(0), default=0, help="maximum output tokens (0: the model's limit)")
     parser.add_argument("--max-ratio", type=number(0.0), default=0.0, help="at most ratio * source tokens + 5 (0: off)")
-    parser.add_argument("--token-scores", action="store_true", help="return per-token log-probabilities (JSON)")
+    if hypotheses:
+        parser.add_argument("--token-scores", action="store_true", help="return per-token log-probabilities (JSON)")
 
 
 def connection_config(args: argparse.Namespace) -> ConnectionConfig:
@@ -193,7 +202,8 @@ def connection_config(args: argparse.Namespace) -> ConnectionConfig:
 def decoding_options(args: argparse.Namespace) -> DecodingOptions:
     return DecodingOptions(
         beam_size=args.beam, n_best=getattr(args, "n_best", 1), length_penalty=args.length_penalty,
-        max_output_tokens=args.max_tokens, max_output_ratio=args.max_ratio, return_token_scores=args.token_scores,
+        max_output_tokens=args.max_tokens, max_output_ratio=args.max_ratio,
+        return_token_scores=getattr(args, "token_scores", False),
     )
 
 
@@ -254,7 +264,11 @@ def run_translate(client: Client, args: argparse.Namespace, stdin: TextIO, stdou
 
 def run_nsp(client: Client, args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> int:
     model = args.model or pick_model(client, "nsp")
-    if args.texts and not all("\t" in text for text in args.texts):
+    tabs = sum("\t" in text for text in args.texts)
+    if 0 < tabs < len(args.texts):
+        raise UsageError("nsp takes either 'A<TAB>B' arguments or sentences in pairs (A B ...), not both: "
+                         f"{tabs} of {len(args.texts)} arguments hold a TAB")
+    if args.texts and not tabs:
         if len(args.texts) % 2:
             raise UsageError(f"nsp takes sentences in pairs (A B ...) or 'A<TAB>B' arguments; got {len(args.texts)}")
         pairs = list(zip(args.texts[0::2], args.texts[1::2]))
@@ -410,7 +424,10 @@ def read_inputs(args: argparse.Namespace, stdin: TextIO) -> tuple[list[str], lis
         with open(args.input, encoding="utf-8") as handle:
             return _non_blank(handle)
     if args.input == "-" or not stdin.isatty():
-        return _non_blank(stdin)
+        texts, places = _non_blank(stdin)
+        if not texts:  # cron or `docker run` without -t: say why nothing was printed
+            sys.stderr.write("seqserve-client: no input: stdin held no text (give texts as arguments or --input FILE)\n")
+        return texts, places
     raise UsageError("no input: give texts as arguments, --input FILE, or pipe them on stdin")
 
 

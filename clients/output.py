@@ -83,8 +83,8 @@ def models(stream: TextIO, infos: Iterable[ModelInfo], as_json: bool) -> None:
         state = info.state if not info.reason else f"{info.state} ({info.reason})"
         metrics = " ".join(f"{k}={v:.4g}" for k, v in sorted(info.metrics.items()) if k.endswith(QUALITY_METRICS))
         table.append(
-            (info.name, str(info.version), state, info.task, info.architecture, ",".join(info.capabilities),
-             info.quantization or "-", metrics or "-")
+            (info.name, str(info.version), state, info.task or "-", info.architecture or "-",
+             ",".join(info.capabilities) or "-", info.quantization or "-", metrics or "-")
         )
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
     for row in table:

@@ -417,3 +417,27 @@ def test_broken_pipe_exits_quietly(server, models):
     process.stdout.close()  # the reader is gone before the first line is written
     _, err = process.communicate(timeout=60)
     assert process.returncode == 141 and err == b""
+
+
+def test_json_may_come_after_the_command(server, models):
+    code, out = run_cli(server, "translate", "-m", models["translate"], "--json", "a c b")
+    assert code == 0 and json.loads(out)["source"] == "a c b"
+
+
+def test_translate_file_has_no_options_that_only_add_server_work(tmp_path, capsys):
+    source = write_lines(tmp_path / "in.txt", ["a b"])
+    for option in ("--n-best", "--token-scores"):
+        with pytest.raises(SystemExit):
+            main(["translate-file", str(source), str(tmp_path / "out.txt"), option, *(["3"] if option == "--n-best"
+                                                                                      else [])])
+        assert option in capsys.readouterr().err
+
+
+def test_nsp_arguments_mixing_tab_pairs_and_loose_sentences_are_a_usage_error(server, models, capsys):
+    assert run_cli(server, "nsp", "-m", models["nsp"], "a b\tc d", "e f", "g h") == (2, "")
+    assert "not both" in capsys.readouterr().err
+
+
+def test_empty_stdin_warns_that_there_was_no_input(server, models, capsys):
+    assert run_cli(server, "translate", "-m", models["translate"], stdin="") == (0, "")
+    assert "no input" in capsys.readouterr().err
