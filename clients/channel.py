@@ -59,7 +59,7 @@ class RetryPolicy:
 
     def __post_init__(self) -> None:
         if self.attempts is not None and self.attempts < 1:
-            raise ValueError(f"RetryPolicy.attempts must be at least 1 (or None: until the deadline), got {self.attempts}")
+            raise ValueError(f"RetryPolicy.attempts must be at least 1 (None: until the deadline), got {self.attempts}")
 
     def backoff(self, retry: int) -> float:
         """Seconds to wait before retry number ``retry`` (1-based)."""

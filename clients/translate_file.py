@@ -230,7 +230,7 @@ def translate_file(
             os.close(fd)
             bar.close()
             report.elapsed_s = time.monotonic() - started
-    if job.input_error is not None:
+    if job.input_error is not None and report.stopped_by is None:  # an earlier line's failure is told first
         job.input_error.report = report
         raise job.input_error
     return report
@@ -311,7 +311,7 @@ class _Job:
         self.next_line = start  # 0-based index of the next line OUT needs
         self.results: dict[int, str] = {}  # answered lines waiting for the ones before them
         self.sent: dict[int, str] = {}  # sent and not yet answered: resent when a stream is reopened
-        self.waiting: dict[int, tuple[float, str]] = {}  # index -> (when, text): lines to resend after a transient error
+        self.waiting: dict[int, tuple[float, str]] = {}  # index -> (when, text): resent after a transient error
         self.retriers: dict[int, Retrier] = {}
         self.retry = retry
         self.reorder_limit = reorder_limit

@@ -242,3 +242,11 @@ def test_stream_that_cannot_be_reopened_still_prints_summary_and_resume_hint(mod
     assert code == 1 and summary["complete"] is False and summary["done"] == held >= 20
     assert "UNAVAILABLE" in summary["error"] and summary["reconnects"] >= 1 and "elapsed_s" in summary
     assert f"holds the first {held} lines" in err and "rerun" in err and "--on-error empty" not in err
+
+
+def test_a_refused_line_before_a_non_utf8_line_is_the_one_reported(server, models, tmp_path, capsys):
+    source, target = tmp_path / "in.txt", tmp_path / "out.txt"
+    source.write_bytes(b"a b\nc d\n" + b"a " * 3000 + b"\ne f\n\xff\n")  # line 3 over the token limit, line 5 bad
+    code, _ = translate_file_cli(server, str(source), str(target), "-m", models["translate"], "--window", "8")
+    err = capsys.readouterr().err
+    assert code == 1 and "line 3:" in err and "holds the first 2 lines" in err and "UTF-8" not in err
