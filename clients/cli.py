@@ -4,7 +4,8 @@
 
 Commands: encode, translate, nsp, fill-mask (texts from arguments, --input FILE, or stdin; one result per line,
 or JSON lines with --json), models [list|load|unload], health (exit 0 when SERVING), translate-file IN OUT.
-Exit codes: 0 done, 1 the server refused or failed (the status code and message go to stderr), 2 bad usage.
+Exit codes: 0 done, 1 the server refused or failed (the status code and message go to stderr), 2 bad usage,
+141 the output was closed early (`| head`).
 """
 
 from __future__ import annotations
