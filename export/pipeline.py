@@ -383,7 +383,7 @@ def export_checkpoint(
     """A checkpoint folder (models/checkpoint.py) -> REPO/NAME/VERSION; returns the version folder."""
     from seqserve.models.checkpoint import load_checkpoint
 
-    ckpt = load_checkpoint(checkpoint_dir)
+    ckpt = load_checkpoint(checkpoint_dir).require_tokenizers()
     # An imported sentence-transformers model keeps its max_seq_length (models/hf.py writes it into metrics.json).
     max_tokens = ckpt.metrics.get("max_seq_length") if ckpt.family == "bert" else None
     if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):

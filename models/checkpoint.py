@@ -48,6 +48,15 @@ class Checkpoint:
     metrics: dict[str, Any]
     path: Path
 
+    def require_tokenizers(self) -> "Checkpoint":
+        """This checkpoint, or CheckpointError naming the tokenizer files it lacks (export and evaluation need them; a
+        weights-only checkpoint is fine for loading the model)."""
+        missing = [TOKENIZER_FILES[r] for r in FAMILY_TOKENIZERS[self.family] if r not in self.tokenizers]
+        if missing:
+            files = ", ".join(missing)
+            raise CheckpointError(f"{self.path} is not a complete {self.family} checkpoint: {files} missing")
+        return self
+
 
 def family_of(model: torch.nn.Module) -> str:
     for family, (module, _, cls) in FAMILIES.items():
@@ -163,10 +172,6 @@ def load_checkpoint(directory: str | os.PathLike, map_location: str = "cpu") -> 
                 tokenizers[role] = Tokenizer.from_file(str(path / name))
             except Exception as e:  # the tokenizers library raises a bare Exception
                 raise CheckpointError(f"{path / name} is not a tokenizer: {e}") from None
-    missing_roles = [TOKENIZER_FILES[r] for r in FAMILY_TOKENIZERS[meta["family"]] if r not in tokenizers]
-    if missing_roles:
-        raise CheckpointError(f"{path} is not a complete {meta['family']} checkpoint: {', '.join(missing_roles)} "
-                              f"missing")  # fmt: skip
     metrics_path = path / METRICS_FILE
     metrics = _read_json(metrics_path) if metrics_path.is_file() else {}
     if not isinstance(metrics, dict):

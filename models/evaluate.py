@@ -293,7 +293,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> dict[str, Any]:
-    checkpoint = load_checkpoint(args.checkpoint)
+    checkpoint = load_checkpoint(args.checkpoint).require_tokenizers()
     metrics: dict[str, Any]
     if args.tsv is not None:
         from seqserve.models.data import read_pairs
