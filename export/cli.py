@@ -12,22 +12,13 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from seqserve.models.arguments import positive_int
+
 log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Option values
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def version_number(text: str) -> int:

@@ -21,6 +21,7 @@ import sacrebleu
 import torch
 from tokenizers import Tokenizer
 
+from seqserve.models.arguments import positive_int
 from seqserve.models.batching import token_budget_batches
 from seqserve.models.checkpoint import Checkpoint, load_checkpoint, save_metrics
 
@@ -235,17 +236,6 @@ def evaluate_bert(
 # Command line: seqserve evaluate CKPT --tsv FILE | --prose FILE
 
 
-def _positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def _output_file(text: str) -> Path:
     """argparse type: a file that can be written: its folder exists and it is not itself a folder."""
     path = Path(text)
@@ -261,13 +251,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data = parser.add_mutually_exclusive_group(required=True)
     data.add_argument("--tsv", type=Path, help="translator: pairs source<TAB>target; reports BLEU and chrF")
     data.add_argument("--prose", type=Path, help="BERT: prose documents; reports masked-LM and next-sentence accuracy")
-    parser.add_argument("--limit", type=_positive_int, default=None,
+    parser.add_argument("--limit", type=positive_int, default=None,
                         help="evaluate only the first N pairs / documents")
-    parser.add_argument("--token-budget", type=_positive_int, default=4096, help="padded tokens per evaluation batch")
-    parser.add_argument("--max-len", type=_positive_int, default=128,
+    parser.add_argument("--token-budget", type=positive_int, default=4096, help="padded tokens per evaluation batch")
+    parser.add_argument("--max-len", type=positive_int, default=128,
                         help="BERT: truncate sentence pairs to this many tokens")
     parser.add_argument("--seed", type=int, default=0, help="BERT: seed of the masking and the random next sentences")
-    parser.add_argument("--threads", type=_positive_int, default=None,
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch intra-op threads; None leaves torch's choice")
     parser.add_argument("--hypotheses", type=_output_file, default=None,
                         help="translator: also write the translations here, one a line")
