@@ -16,30 +16,7 @@ from seqserve.clients import Client
 from seqserve.clients.cli import main
 from seqserve.clients.translate_file import translate_file
 from test_client import start_server
-from test_client_cli import corpus, run_cli, write_lines
-
-
-@pytest.fixture(scope="module")
-def server(tiny_repository):
-    server = start_server(Path(tiny_repository))
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with Client(server.address, timeout_s=60) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def models(client) -> dict[str, str]:
-    """capability -> the name of a ready model that has it."""
-    found: dict[str, str] = {}
-    for info in sorted(client.list_models(), key=lambda m: m.name):
-        for capability in info.capabilities:
-            found.setdefault(capability, info.name)
-    return found
+from test_client_cli import client, corpus, models, run_cli, server, write_lines  # noqa: F401 (fixtures)
 
 
 def translate_file_cli(server, *argv: str) -> tuple[int, str]:
