@@ -287,7 +287,10 @@ class Inference:
 
 class ModelsStub:
     """---------------------------------------------------------------------------------------------------------------
-    Model management (admin: load/unload can be restricted by token auth)
+    Model management. ListModels is open to every client. LoadModel and UnloadModel are open too unless the server is
+    started with an admin token (`seqserve serve --admin-token-file PATH` or $SEQSERVE_ADMIN_TOKEN): then a call must
+    send the metadata "authorization: Bearer <token>" (UNAUTHENTICATED without it or with a malformed one,
+    PERMISSION_DENIED with another token). `--no-admin` refuses both to everyone (PERMISSION_DENIED).
 
     """
 
@@ -316,7 +319,10 @@ class ModelsStub:
 
 class ModelsServicer:
     """---------------------------------------------------------------------------------------------------------------
-    Model management (admin: load/unload can be restricted by token auth)
+    Model management. ListModels is open to every client. LoadModel and UnloadModel are open too unless the server is
+    started with an admin token (`seqserve serve --admin-token-file PATH` or $SEQSERVE_ADMIN_TOKEN): then a call must
+    send the metadata "authorization: Bearer <token>" (UNAUTHENTICATED without it or with a malformed one,
+    PERMISSION_DENIED with another token). `--no-admin` refuses both to everyone (PERMISSION_DENIED).
 
     """
 
@@ -366,7 +372,10 @@ def add_ModelsServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Models:
     """---------------------------------------------------------------------------------------------------------------
-    Model management (admin: load/unload can be restricted by token auth)
+    Model management. ListModels is open to every client. LoadModel and UnloadModel are open too unless the server is
+    started with an admin token (`seqserve serve --admin-token-file PATH` or $SEQSERVE_ADMIN_TOKEN): then a call must
+    send the metadata "authorization: Bearer <token>" (UNAUTHENTICATED without it or with a malformed one,
+    PERMISSION_DENIED with another token). `--no-admin` refuses both to everyone (PERMISSION_DENIED).
 
     """
 
