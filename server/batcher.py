@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 from seqserve.server.config import BatchingConfig
-from seqserve.server.errors import Cancelled, DeadlineExceeded, LargerThanQueue, ModelUnavailable, QueueFull
+from seqserve.server.errors import Cancelled, DeadlineExceeded, LargerThanQueue, QueueFull, model_unavailable
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ class Batcher:
     async def submit(self, jobs: list[tuple[Any, int, int]], deadline: float | None) -> list[Any]:
         """Queue (job, length, cost) triples and wait for all; cancellation of the caller drops them from work."""
         if self._closed:
-            raise ModelUnavailable(self.name, self.version, "UNLOADING")
+            raise model_unavailable(self.name, self.version, "UNLOADING")
         if len(jobs) > self.max_queue:
             raise LargerThanQueue(self.name, len(jobs), self.max_queue)
         if self.queued + len(jobs) > self.max_queue:

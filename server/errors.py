@@ -130,17 +130,28 @@ class AnswerOverLimit(ServeError):
 
 
 class ModelUnavailable(ServeError):
-    """The model exists in the repository but is not ready (not loaded, loading, failed, unloading)."""
+    """The model exists in the repository but is not ready. As itself: LOADING, ready soon (clients retry it); the
+    other states are ModelNotLoaded. `model_unavailable` picks the class from the state."""
 
     code = grpc.StatusCode.UNAVAILABLE
 
     def __init__(self, name: str, version: int, state: str, reason: str = ""):
         self.name, self.version, self.state, self.reason = name, version, state, reason
-        if state == "FAILED":  # broken in the repository: no retry helps until it is fixed and loaded again
-            self.code = grpc.StatusCode.FAILED_PRECONDITION
         why = f": {reason}" if reason else ""
         advice = _UNAVAILABLE_ADVICE.get(state, "retry later")
         super().__init__(f"model {name} version {version} is not ready (state {state}{why}); {advice}")
+
+
+class ModelNotLoaded(ModelUnavailable):
+    """Not loaded (AVAILABLE), being unloaded, or FAILED: only a LoadModel (after a fix, for FAILED) changes that, so
+    not UNAVAILABLE, which clients retry until their deadline."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+def model_unavailable(name: str, version: int, state: str, reason: str = "") -> ModelUnavailable:
+    """The error for a version in `state` that is not READY."""
+    return (ModelUnavailable if state == "LOADING" else ModelNotLoaded)(name, version, state, reason)
 
 
 _UNAVAILABLE_ADVICE = {  # what may help, by the version's state

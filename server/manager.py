@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer
 
 from seqserve.server.config import ServerConfig
-from seqserve.server.errors import ModelUnavailable
+from seqserve.server.errors import ModelUnavailable, model_unavailable
 from seqserve.server.metrics import Metrics
 from seqserve.server.repository import (
     Manifest, ModelNotFound, ModelRepository, ProviderFailed, RepositoryError, SessionOptions,
@@ -91,7 +91,7 @@ class ModelManager:
         v = version or versions[-1]
         status = self._status.get((name, v))
         state = status.state if status else AVAILABLE
-        raise ModelUnavailable(name, v, state, status.reason if status else "")
+        raise model_unavailable(name, v, state, status.reason if status else "")
 
     def statuses(self, name: str = "") -> list[VersionStatus]:
         """Every version in the repository (and any still loaded after leaving it), with its state."""
@@ -166,7 +166,7 @@ class ModelManager:
                 self._status[key] = VersionStatus(key[0], key[1], FAILED, reason)
                 log.error("loading %s version %d failed: %s", key[0], key[1], reason)
                 await self._update_health(name)
-                raise ModelUnavailable(key[0], key[1], FAILED, reason) from exc
+                raise model_unavailable(key[0], key[1], FAILED, reason) from exc
             served.batcher.start()
             self._served[key] = served
             self._status[key] = VersionStatus(

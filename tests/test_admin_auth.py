@@ -91,7 +91,7 @@ def test_the_client_token_option_unloads_and_loads(guarded):
         assert client.unload_model(MODEL).state == "AVAILABLE"
         with pytest.raises(SeqServeError) as caught:
             client.translate(MODEL, ["a b c"])
-        assert caught.value.code == grpc.StatusCode.UNAVAILABLE  # the unload really happened
+        assert caught.value.code == grpc.StatusCode.FAILED_PRECONDITION  # the unload really happened
         assert client.load_model(MODEL).state == "READY"
         assert _translates(client)
 

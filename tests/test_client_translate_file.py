@@ -113,13 +113,17 @@ def test_unknown_model_or_capability_stops_before_out_is_created(server, models,
     assert code == 1 and not target.exists() and "does not translate" in capsys.readouterr().err
 
 
-def test_model_unloaded_for_a_moment_is_retried_not_written_empty(models, tiny_repository, tmp_path):
+def test_a_model_unloaded_mid_run_stops_the_job_resumably_never_with_empty_lines(models, tiny_repository, tmp_path):
+    """An unloaded model is FAILED_PRECONDITION (only a LoadModel helps): the job stops where it was, OUT a clean
+    prefix, and a rerun once the model is back completes it."""
+    import grpc
+
     name = models["translate"]
     own = start_server(Path(tiny_repository), models=(name,))
     source = write_lines(tmp_path / "in.txt", corpus(150, seed=14))
     target = tmp_path / "out.txt"
 
-    def unload_then_reload() -> None:
+    def unload() -> None:
         deadline = time.monotonic() + 60
         while not target.exists() or target.read_bytes().count(b"\n") < 20:
             if time.monotonic() > deadline:
@@ -127,20 +131,23 @@ def test_model_unloaded_for_a_moment_is_retried_not_written_empty(models, tiny_r
             time.sleep(0.002)
         with Client(own.address, timeout_s=60) as admin:
             admin.unload_model(name)
-            time.sleep(1.0)
-            admin.load_model(name)
 
-    changer = threading.Thread(target=unload_then_reload, daemon=True)
+    changer = threading.Thread(target=unload, daemon=True)
     changer.start()
     try:
         with Client(own.address, timeout_s=30) as client:
             expected = [t.text for t in client.translate(name, source.read_text().splitlines())]
             report = translate_file(client, name, source, target, window=4, on_error="empty", progress=False)
+            changer.join(60)
+            assert not report.complete and report.stopped_by.code == grpc.StatusCode.FAILED_PRECONDITION
+            assert report.failed_lines == []
+            written = target.read_text(encoding="utf-8").splitlines()
+            assert 20 <= len(written) < len(expected) and written == expected[: len(written)]
+            client.load_model(name)
+            rerun = translate_file(client, name, source, target, window=4, on_error="empty", progress=False)
     finally:
-        changer.join(60)
         own.stop()
-    assert report.complete and report.failed_lines == [] and report.retried_lines > 0
-    assert target.read_text(encoding="utf-8").splitlines() == expected
+    assert rerun.complete and target.read_text(encoding="utf-8").splitlines() == expected
 
 
 def test_a_full_server_queue_is_retried_not_written_empty(client, models, tiny_repository, tmp_path):

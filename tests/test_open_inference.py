@@ -211,13 +211,13 @@ def test_draining_not_ready_and_metrics(stub, running, tiny_repository):
         only = v2_grpc.GRPCInferenceServiceStub(ch)
         assert only.ServerReady(v2.ServerReadyRequest()).ready
         assert not only.ModelReady(v2.ModelReadyRequest(name="tiny-lstm")).ready  # in the repository, not loaded
-        _refused(lambda: only.ModelMetadata(v2.ModelMetadataRequest(name="tiny-lstm")), grpc.StatusCode.UNAVAILABLE,
-                 "tiny-lstm version 1 is not ready (state AVAILABLE")  # fmt: skip
+        _refused(lambda: only.ModelMetadata(v2.ModelMetadataRequest(name="tiny-lstm")),
+                 grpc.StatusCode.FAILED_PRECONDITION, "tiny-lstm version 1 is not ready (state AVAILABLE")  # fmt: skip
         one.call(one.server.manager.unload("tiny-gru", 1))
         assert not only.ServerReady(v2.ServerReadyRequest()).ready  # no version READY
         assert not only.ModelReady(v2.ModelReadyRequest(name="tiny-gru")).ready
-        _refused(lambda: only.ModelInfer(_raw_request("tiny-gru", {"text": ["a"]})), grpc.StatusCode.UNAVAILABLE,
-                 "not ready")  # fmt: skip
+        _refused(lambda: only.ModelInfer(_raw_request("tiny-gru", {"text": ["a"]})),
+                 grpc.StatusCode.FAILED_PRECONDITION, "not ready")  # fmt: skip
 
 
 def test_bad_requests_are_refused_with_what_was_wrong(stub, running):

@@ -205,10 +205,11 @@ def test_an_impossible_model_name_is_not_found_cut_and_escaped(inference, channe
     assert info.value.code() == NOT_FOUND and len(info.value.details()) < 1000
 
 
-def test_model_in_the_repository_but_not_loaded_is_unavailable(inference):
+def test_model_in_the_repository_but_not_loaded_is_failed_precondition(inference):
+    """Not UNAVAILABLE: only a LoadModel helps, and clients retry UNAVAILABLE until their deadline."""
     request = _translate(model=pb.ModelSpec(name="tiny-gru"), texts=["a"])
     code, details = _error(inference.Translate, request)
-    assert code == grpc.StatusCode.UNAVAILABLE and "tiny-gru" in details and "AVAILABLE" in details
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "tiny-gru" in details and "AVAILABLE" in details
 
 
 def test_invalid_utf8_in_a_string_field_is_refused_without_crashing(inference, channel):

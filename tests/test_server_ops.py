@@ -87,7 +87,7 @@ def test_unload_and_load_while_other_models_serve(models, inference):
         assert unloaded.state == pb.MODEL_STATE_AVAILABLE
         with pytest.raises(grpc.RpcError) as info:
             inference.Translate(pb.TranslateRequest(model=spec, texts=["a b"]))
-        assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "LoadModel" in info.value.details()
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "LoadModel" in info.value.details()
         loaded = models.LoadModel(pb.LoadModelRequest(model=spec))
         assert loaded.state == pb.MODEL_STATE_READY and loaded.version == 1
         assert len(busy.result(timeout=60).translations) == len(LONG_TEXTS)
@@ -361,7 +361,7 @@ def test_version_zero_is_the_highest_ready_version(tiny_repository, tmp_path):
         assert translate(stub, 0).model.version == 2  # at start only the highest version is loaded
         with pytest.raises(grpc.RpcError) as info:
             translate(stub, 1)
-        assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "version 1" in info.value.details()
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "version 1" in info.value.details()
         admin.LoadModel(pb.LoadModelRequest(model=pb.ModelSpec(name="tiny-lstm", version=1)))
         assert translate(stub, 1).model.version == 1
         assert translate(stub, 0).model.version == 2
