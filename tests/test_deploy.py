@@ -355,7 +355,8 @@ def _envoy_bootstrap(config: dict):
 
     from envoy_data_plane.envoy.config.bootstrap.v3 import Bootstrap
 
-    for module in ("filters.network.http_connection_manager.v3", "filters.http.router.v3", "upstreams.http.v3"):
+    for module in ("filters.network.http_connection_manager.v3", "filters.http.router.v3", "upstreams.http.v3",
+                   "retry.host.previous_hosts.v3"):
         importlib.import_module(f"envoy_data_plane.envoy.extensions.{module}")
     return Bootstrap.from_dict(config)
 
