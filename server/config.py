@@ -148,7 +148,8 @@ class ServerConfig:
             raise ConfigError("--host", self.host, "an address to listen on, such as [::] or 127.0.0.1")
         _check_int("--port", self.port, 0, MAX_PORT, " (0: any free port)")
         if self.metrics_port is not None:
-            _check_int("--metrics-port", self.metrics_port, 0, MAX_PORT, " (0: any free port; -1 or None: none)")
+            _check_int("--metrics-port", self.metrics_port, 0, MAX_PORT,
+                       " (0: any free port; no endpoint: -1 on the command line, None in ServerConfig)")
         if self.device not in ("cpu", "cuda"):
             raise ConfigError("--device", self.device, "cpu or cuda")
         _check_int("--device-id", self.device_id, 0)
@@ -157,9 +158,7 @@ class ServerConfig:
         _check_float("--grace-period", self.grace_period_s, 0.0, " seconds")
         _check_float("--drain-delay", self.drain_delay_s, 0.0, " seconds")
         if self.admin_token is not None and not _valid_token(self.admin_token):
-            # The token itself is never put in the message: it may be shown in logs.
-            raise ConfigError("--admin-token-file", "<hidden>",
-                              "a non-empty token of printable ASCII without spaces (it is sent as a header value)")
+            raise ConfigError("admin_token", "<hidden>", _TOKEN_RULE)  # never the token itself: messages get logged
         self.limits.validate()
         self.batching.validate()
         return self
@@ -177,17 +176,31 @@ class ServerConfig:
         return instances, threads
 
 
+_TOKEN_RULE = "a non-empty token of printable ASCII without spaces (it is sent as a header value)"
+
+
 def _valid_token(token: str) -> bool:
     return bool(token) and all(33 <= ord(c) <= 126 for c in token)
 
 
 def read_admin_token(path: str | os.PathLike[str] | None, environ: dict[str, str] | None = None) -> str | None:
     """The admin token from the file at `path` (surrounding whitespace stripped) or else from $SEQSERVE_ADMIN_TOKEN;
-    None when neither is given. Raises ConfigError for an empty file and OSError for an unreadable one."""
+    None when neither is given. Raises ConfigError naming where the token came from for an empty, non-UTF-8 or
+    unusable one, and OSError for an unreadable file."""
     if path is not None:
-        token = Path(path).read_text(encoding="utf-8").strip()
+        try:
+            token = Path(path).read_text(encoding="utf-8").strip()
+        except UnicodeDecodeError:
+            raise ConfigError("--admin-token-file", str(path), "a UTF-8 text file holding the token") from None
+        source, shown = "--admin-token-file", str(path)
         if not token:
-            raise ConfigError("--admin-token-file", str(path), "a file holding the token (this one is empty)")
-        return token
-    token = (os.environ if environ is None else environ).get(ADMIN_TOKEN_ENV, "").strip()
-    return token or None
+            raise ConfigError(source, shown, "a file holding the token (this one is empty)")
+    else:
+        token = (os.environ if environ is None else environ).get(ADMIN_TOKEN_ENV, "").strip()
+        if not token:
+            return None
+        source, shown = f"${ADMIN_TOKEN_ENV}", "<hidden>"
+    if not _valid_token(token):
+        # The token itself is never put in the message: it may be shown in logs.
+        raise ConfigError(source, shown, _TOKEN_RULE)
+    return token

@@ -30,7 +30,7 @@ def restore_logging():
         ("--port", "99999", "from 0 to 65535"),
         ("--port", "-1", "from 0 to 65535"),
         ("--metrics-port", "65536", "from 0 to 65535"),
-        ("--metrics-port", "-2", "-1 or None: none"),
+        ("--metrics-port", "-2", "no endpoint: -1 on the command line"),
         ("--instances", "-1", "at least 0"),
         ("--threads", "-2", "at least 0"),
         ("--stream-read-ahead", "0", "at least 1"),
@@ -123,6 +123,13 @@ def test_an_empty_or_unreadable_admin_token_file_is_exit_2_without_showing_a_tok
     assert "--admin-token-file" in capsys.readouterr().err
     assert main(["serve", "--repository", "/no/such/repository", "--admin-token-file", str(tmp_path / "nope")]) == 2
     assert "--admin-token-file" in capsys.readouterr().err
+    latin1 = tmp_path / "latin1"
+    latin1.write_bytes(b"caf\xe9")  # not UTF-8: one line and exit 2, not a traceback
+    assert main(["serve", "--repository", "/no/such/repository", "--admin-token-file", str(latin1)]) == 2
+    assert "a UTF-8 text file" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"^\$SEQSERVE_ADMIN_TOKEN") as caught:  # where it came from, not "file"
+        read_admin_token(None, {"SEQSERVE_ADMIN_TOKEN": "two words"})
+    assert "two words" not in str(caught.value)
     with pytest.raises(ConfigError) as caught:
         ServerConfig(admin_token="two words")
     assert "two words" not in str(caught.value)
