@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import threading
@@ -591,9 +592,9 @@ class ModelRepository:
             kind, minimum = SERVING_CONFIG_KEYS[key]
             # bool is an int in Python: a flag must be a bool, a number must not be one
             fits = isinstance(value, bool) if kind is bool else (
-                isinstance(value, kind) and not isinstance(value, bool) and value >= minimum)
+                isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value) and value >= minimum)
             if not fits:
-                number = "an integer" if kind is int else "a number"
+                number = "an integer" if kind is int else "a finite number"
                 wanted = "true or false" if kind is bool else f"{number} >= {minimum}"
                 raise RepositoryError(f"{path}: {key} = {json.dumps(value)}; it must be {wanted}")
         return data
