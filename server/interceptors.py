@@ -129,8 +129,8 @@ class ParseErrorsInterceptor(grpc.aio.ServerInterceptor):
                 async for response in behaviour(checked(requests), context):
                     yield response
             except _UnparsableItem as exc:
-                # The stream itself was counted when its servicer started; its failure was not.
-                _count_refusal(metrics, name, None, grpc.StatusCode.INVALID_ARGUMENT)
+                # TranslateStream counts each item as a request: the unparsable one, as an unknown model's.
+                _count_refusal(metrics, name, "other", grpc.StatusCode.INVALID_ARGUMENT)
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
         return grpc.stream_stream_rpc_method_handler(

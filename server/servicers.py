@@ -195,6 +195,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         state = self.state
         if state.draining:
             code, message = status_of(Draining())
+            state.metrics.requests.labels("TranslateStream", "other").inc()  # counted as an item refused
+            state.metrics.errors.labels("TranslateStream", code.name).inc()
             await context.abort(code, message)
         slots = asyncio.Semaphore(state.manager.config.limits.stream_read_ahead)
         done: asyncio.Queue[pb.TranslateStreamResponse | None] = asyncio.Queue()
@@ -202,6 +204,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
         async def one(item: pb.TranslateStreamRequest) -> None:
             response = pb.TranslateStreamResponse(id=item.id)
+            started = time.monotonic()
             asked = item.model.name
             state.metrics.requests.labels("TranslateStream", asked if state.manager.serves(asked) else "other").inc()
             try:
@@ -219,6 +222,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     message = exc.about(f"item {shown_name(item.id)}")
                 state.metrics.errors.labels("TranslateStream", code.name).inc()
                 response.error_code, response.error_message = code.value[0], message
+            state.metrics.latency.labels("TranslateStream").observe(time.monotonic() - started)  # an item's
             await done.put(response)
 
         async def read() -> None:

@@ -310,8 +310,11 @@ def test_stream_items_are_counted_under_their_model(running, inference):
     before = counted("tiny-lstm"), counted("other")
     items = [pb.TranslateStreamRequest(id=str(i), model=_spec("tiny-lstm"), text="a b") for i in range(3)]
     items.append(pb.TranslateStreamRequest(id="x", model=_spec("no-such-model"), text="a b"))
+    latencies = running.server.metrics.registry.get_sample_value
+    observed = latencies("seqserve_request_latency_seconds_count", {"method": "TranslateStream"}) or 0.0
     assert len(list(inference.TranslateStream(iter(items)))) == 4
     assert (counted("tiny-lstm"), counted("other")) == (before[0] + 3, before[1] + 1)
+    assert latencies("seqserve_request_latency_seconds_count", {"method": "TranslateStream"}) == observed + 4
 
 
 def test_stream_reports_a_failed_item_and_goes_on(inference):
