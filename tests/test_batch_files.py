@@ -172,17 +172,33 @@ def test_ctrl_c_exits_130_without_a_traceback_and_out_holds_whole_blocks(
     assert code == 0 and out.read_text(encoding="utf-8").splitlines() == worker.translate(SENTENCES)
 
 
-def test_an_interrupt_while_a_block_is_written_leaves_only_whole_blocks(tiny_repository: Path, tmp_path: Path):
+def test_an_interrupt_while_a_block_is_written_leaves_only_whole_blocks(tiny_repository: Path, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch):
+    """Ctrl-C in the middle of a block's write (half its bytes on disk): OUT is cut back to the blocks written whole,
+    and a rerun completes it."""
+    import io
+
     source, out = tmp_path / "in.txt", tmp_path / "out.txt"
     source.write_text("".join(line + "\n" for line in SENTENCES), encoding="utf-8")
+
+    class HalfWrite(io.FileIO):
+        writes = 0
+
+        def write(self, data) -> int:
+            HalfWrite.writes += 1
+            if HalfWrite.writes == 2:  # the second block: half of it reaches the file, then the interrupt
+                super().write(bytes(data)[: len(data) // 2])
+                raise KeyboardInterrupt
+            return super().write(data)
 
     def engine(job, blocks):
         for block in blocks:
             yield block.start, [f"line {block.start + i}" for i in range(len(block.lines))]
-            if block.start >= 2:
-                # The caller is writing now; an interrupt arrives before it is done with the next block.
-                raise KeyboardInterrupt
 
+    monkeypatch.setattr(batch, "open", lambda path, mode, buffering=-1: HalfWrite(path, mode), raising=False)
     with pytest.raises(KeyboardInterrupt):
         translate_file(BatchJob(tiny_repository, MODEL, block_lines=2), source, out, engine)
-    assert out.read_text(encoding="utf-8") == "".join(f"line {i}\n" for i in range(4))
+    assert out.read_text(encoding="utf-8") == "line 0\nline 1\n"  # not "line 0\nline 1\nli"
+    monkeypatch.undo()
+    translate_file(BatchJob(tiny_repository, MODEL, block_lines=2), source, out, engine)
+    assert out.read_text(encoding="utf-8") == "".join(f"line {i}\n" for i in range(len(SENTENCES)))
