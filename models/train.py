@@ -445,19 +445,26 @@ def _load_pairs(pairs: PairsArg) -> list[tuple[str, str]]:
     return list(pairs)
 
 
-def check_output(output_dir: Path, resume: bool, force: bool) -> None:
-    """Refuse an output that is a file, or one holding a checkpoint unless resuming it (or `force`: it is removed)."""
+def check_output(output_dir: Path, resume: bool, force: bool) -> list[Path]:
+    """Refuse an output that is a file, or one holding a checkpoint unless resuming it or `force`; returns the old
+    checkpoint's files that `force` replaces (removed by `remove_replaced` once the new run's data has loaded)."""
     if output_dir.exists() and not output_dir.is_dir():
         raise TrainingError(f"--output {output_dir} is not a folder")
     if resume:
-        return
+        return []
     found = [name for name in OUTPUT_FILES if (output_dir / name).exists()]
     if found and not force:
         raise TrainingError(f"{output_dir} holds a checkpoint already ({', '.join(found)}): pass --resume to continue "
                             f"it, --force to train a new one in its place, or choose another --output")  # fmt: skip
-    for name in found:
-        logger.warning("--force: removing %s", output_dir / name)
-        (output_dir / name).unlink()
+    return [output_dir / name for name in found]
+
+
+def remove_replaced(files: list[Path]) -> None:
+    """Remove the old checkpoint `--force` replaces: only once the new run's data and tokenizers are ready, so that a
+    wrong data path does not leave the user with no checkpoint at all."""
+    for path in files:
+        logger.warning("--force: removing %s", path)
+        path.unlink(missing_ok=True)
 
 
 def _seed_everything(config: TrainConfig) -> None:
@@ -487,7 +494,7 @@ def train_translator(
     from seqserve.models.checkpoint import load_checkpoint
 
     output_dir = Path(output_dir)
-    check_output(output_dir, resume, force)
+    replaced = check_output(output_dir, resume, force)
     _seed_everything(config)
     train_pairs, dev_pairs = _load_pairs(train), _load_pairs(dev)
     if resume:
@@ -508,6 +515,7 @@ def train_translator(
     if not train_examples:
         raise TrainingError(f"no training pairs within {config.max_len} tokens")
     logger.info("%d training pairs, %d dev pairs", len(train_examples), len(dev_examples))
+    remove_replaced(replaced)
     task = _TranslationTask(train_examples, dev_examples, dev_pairs, tokenizers, config)
     return _fit(task, model, config, output_dir, tokenizers, resume, stop_at)
 
@@ -595,7 +603,7 @@ def train_bert(
     from seqserve.models.evaluate import bert_examples
 
     output_dir = Path(output_dir)
-    check_output(output_dir, resume, force)
+    replaced = check_output(output_dir, resume, force)
     config = dataclasses.replace(config, arch="bert")
     _seed_everything(config)
     documents = _load_documents(corpus)
@@ -620,5 +628,6 @@ def train_bert(
     train_examples = bert_examples(tokenizer, make_nsp_pairs(documents, random.Random(config.seed)), max_len)
     dev_examples = bert_examples(tokenizer, make_nsp_pairs(dev_documents, random.Random(config.seed + 1)), max_len)
     logger.info("%d training pairs, %d dev pairs", len(train_examples), len(dev_examples))
+    remove_replaced(replaced)
     task = _BertTask(train_examples, dev_examples, tokenizer, config)
     return _fit(task, model, config, output_dir, {"text": tokenizer}, resume, stop_at)

@@ -62,6 +62,16 @@ def test_an_existing_checkpoint_is_not_replaced_without_resume_or_force(data, ca
     assert load_checkpoint(data / "ckpt").config.hidden_size == 12
 
 
+def test_force_keeps_the_old_checkpoint_when_the_new_run_cannot_start(data, caplog):
+    """--force removes the old checkpoint only once the new run's data has loaded: a wrong --train path leaves it."""
+    assert _train(data, data / "ckpt", "--hidden-size", "16") == 0
+    before = (data / "ckpt" / "model.safetensors").read_bytes()
+    (data / "train.tsv").rename(data / "moved.tsv")
+    assert _train(data, data / "ckpt", "--hidden-size", "12", "--force") != 0
+    assert (data / "ckpt" / "model.safetensors").read_bytes() == before
+    assert load_checkpoint(data / "ckpt").config.hidden_size == 16
+
+
 def test_resume_and_force_together_are_a_usage_error(data, capsys):
     assert _train(data, data / "ckpt", "--resume", "--force") == 2
     assert "choose one" in capsys.readouterr().err
