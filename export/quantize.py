@@ -74,6 +74,14 @@ class QualityGateError(Exception):
         )
 
 
+class UnusableSample(QualityGateError):
+    """A quality gate's sample that cannot measure anything (no token to mask, say)."""
+
+    def __init__(self, gate: str, why: str):
+        self.metric, self.fp32, self.int8, self.gate = gate, float("nan"), float("nan"), why
+        Exception.__init__(self, f"the int8 {gate} gate cannot use its sample: {why}")
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Optimisation and quantization
 
@@ -207,6 +215,9 @@ def mlm_agreement(
         positions += len(a)
         norms = np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-12)  # (P,)
         cosines.append((a * b).sum(-1) / norms)
+    if not positions:
+        raise UnusableSample("masked-LM", "no token to mask in it (only special tokens); give --sample documents "
+                                          "with words in them")  # fmt: skip
     cos = np.concatenate(cosines)
     return {
         "mlm_masked_positions": positions,

@@ -18,6 +18,7 @@ from seqserve.export.quantize import (
     QualityGateError,
     TranslationSetup,
     bert_quality,
+    mlm_agreement,
     translation_quality,
 )
 from seqserve.models.checkpoint import build_model, load_checkpoint
@@ -89,6 +90,14 @@ def test_embedding_gate_refuses_a_model_that_is_not_the_same(tiny_repository, ti
     with pytest.raises(QualityGateError, match="embedding cosine"):
         bert_quality(fp32, open_session(exported.path), ckpt.tokenizers["text"], ckpt.config.pooling, True, 64,
                      tiny_documents())  # fmt: skip
+
+
+def test_a_sample_with_nothing_to_mask_is_a_gate_error_not_a_crash(tiny_repository, tiny_checkpoints):
+    repo = ModelRepository(tiny_repository)
+    fp32, int8 = (load_model(repo.version_dir(name)).sessions["model"] for name in ("tiny-bert", "tiny-bert-int8"))
+    tokenizer = load_checkpoint(tiny_checkpoints["bert"]).tokenizers["text"]
+    with pytest.raises(QualityGateError, match="no token to mask"):
+        mlm_agreement(fp32, int8, tokenizer, ["", ""])
 
 
 def test_bleu_gate_refuses_an_untrained_translator(tiny_repository, tiny_checkpoints, tmp_path):
