@@ -89,9 +89,8 @@ class ModelManager:
         if not versions or (version and version not in versions):
             raise ModelNotFound(name, version or None, available)
         v = version or versions[-1]
-        status = self._status.get((name, v))
-        state = status.state if status else AVAILABLE
-        raise model_unavailable(name, v, state, status.reason if status else "")
+        status = self.status(name, v)  # a version never loaded is read: FAILED when its manifest is broken
+        raise model_unavailable(name, v, status.state, status.reason)
 
     def statuses(self, name: str = "") -> list[VersionStatus]:
         """Every version in the repository (and any still loaded after leaving it), with its state."""
@@ -162,7 +161,8 @@ class ModelManager:
                 # The default pool, not the inference pool: a slow load must not hold up requests to other models.
                 served = await loop.run_in_executor(None, self._build, version_dir)
             except Exception as exc:
-                reason = f"{type(exc).__name__}: {exc}"
+                # The repository's own errors say what is wrong; anything else is named by its type too.
+                reason = str(exc) if isinstance(exc, RepositoryError) else f"{type(exc).__name__}: {exc}"
                 self._status[key] = VersionStatus(key[0], key[1], FAILED, reason)
                 log.error("loading %s version %d failed: %s", key[0], key[1], reason)
                 await self._update_health(name)

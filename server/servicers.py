@@ -75,6 +75,7 @@ def rpc_method(method: Callable[..., Awaitable]) -> Callable[..., Awaitable]:
         # Label only with names being served: client-chosen strings must not create unbounded metric series.
         state.metrics.requests.labels(name, asked if state.manager.serves(asked) else "other").inc()
         started = time.monotonic()
+        deadline = deadline_of(context)
         try:
             if state.draining and not while_draining:
                 raise Draining()
@@ -84,11 +85,7 @@ def rpc_method(method: Callable[..., Awaitable]) -> Callable[..., Awaitable]:
                 raise AnswerOverLimit(response.ByteSize(), limit)
             return response
         except asyncio.CancelledError:
-            # gRPC cancels the handler both when the client cancels and when the deadline passes.
-            remaining = context.time_remaining()
-            expired = remaining is not None and remaining <= 0
-            code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
-            state.metrics.errors.labels(name, code.name).inc()
+            state.metrics.errors.labels(name, _cancelled_code(deadline).name).inc()
             raise
         except Exception as exc:
             code, message = status_of(exc)
@@ -103,6 +100,16 @@ def rpc_method(method: Callable[..., Awaitable]) -> Callable[..., Awaitable]:
                       extra={"rpc": name, "model": model, "ms": round(seconds * 1000, 2)})  # fmt: skip
 
     return wrapper
+
+
+def _cancelled_code(deadline: float | None) -> grpc.StatusCode:
+    """What a cancelled handler was: gRPC cancels it both when the client cancels and when the deadline passes (a
+    little before the deadline by this process's clock, at times: hence the slack)."""
+    expired = deadline is not None and time.monotonic() >= deadline - DEADLINE_SLACK_S
+    return grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+
+
+DEADLINE_SLACK_S = 0.05
 
 
 def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
@@ -199,6 +206,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             state.metrics.errors.labels("TranslateStream", code.name).inc()
             await context.abort(code, message)
         slots = asyncio.Semaphore(state.manager.config.limits.stream_read_ahead)
+        deadline = deadline_of(context)
         done: asyncio.Queue[pb.TranslateStreamResponse | None] = asyncio.Queue()
         in_flight: set[asyncio.Task] = set()
 
@@ -211,10 +219,12 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 served = state.manager.get(item.model.name, item.model.version)
                 response.model.CopyFrom(_ref(served))
                 [result] = await served.translate(
-                    [item.text], _options(item.options), _truncate(item.truncation), deadline_of(context)
+                    [item.text], _options(item.options), _truncate(item.truncation), deadline
                 )
                 response.translation.CopyFrom(_translation(result))
-            except asyncio.CancelledError:
+            except asyncio.CancelledError:  # the stream ended under it (cancelled, or its deadline)
+                state.metrics.errors.labels("TranslateStream", _cancelled_code(deadline).name).inc()
+                state.metrics.latency.labels("TranslateStream").observe(time.monotonic() - started)
                 raise
             except Exception as exc:
                 code, message = status_of(exc)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -315,6 +316,29 @@ def test_stream_items_are_counted_under_their_model(running, inference):
     assert len(list(inference.TranslateStream(iter(items)))) == 4
     assert (counted("tiny-lstm"), counted("other")) == (before[0] + 3, before[1] + 1)
     assert latencies("seqserve_request_latency_seconds_count", {"method": "TranslateStream"}) == observed + 4
+
+
+def test_a_cancelled_stream_counts_its_unfinished_items_as_cancelled(running, inference):
+    """Every item counted as a request is also timed, and those the cancellation cut short count as CANCELLED."""
+    sample = running.server.metrics.registry.get_sample_value
+
+    def counts() -> tuple[float, float, float]:
+        return (sample("seqserve_requests_total", {"method": "TranslateStream", "model": "tiny-lstm"}) or 0.0,
+                sample("seqserve_request_latency_seconds_count", {"method": "TranslateStream"}) or 0.0,
+                sample("seqserve_errors_total", {"method": "TranslateStream", "code": "CANCELLED"}) or 0.0)  # fmt: skip
+
+    before = counts()
+    options = pb.DecodingOptions(beam_size=8)
+    items = [pb.TranslateStreamRequest(id=str(i), model=_spec("tiny-lstm"), text="h g f e d c b a h g f e d c b",
+                                       options=options) for i in range(40)]  # fmt: skip
+    call = inference.TranslateStream(iter(items))
+    next(call)
+    call.cancel()
+    deadline = time.monotonic() + 10
+    while (now := counts())[0] - before[0] != now[1] - before[1] and time.monotonic() < deadline:
+        time.sleep(0.05)  # the server's item tasks finish counting after the client has gone
+    requests, timed, cancelled = (a - b for a, b in zip(counts(), before))
+    assert requests == timed and cancelled >= 1
 
 
 def test_stream_reports_a_failed_item_and_goes_on(inference):

@@ -187,6 +187,9 @@ def test_copied_version_folders_are_failed_and_leave_their_original_serving(tiny
         assert listed[("alias", 1)].state == pb.MODEL_STATE_FAILED and "folder is alias/1" in listed[("alias", 1)].reason
         assert listed[("tiny-lstm", 2)].state == pb.MODEL_STATE_FAILED
         assert listed[("odd", 1)].state == pb.MODEL_STATE_FAILED and "malformed manifest" in listed[("odd", 1)].reason
+        with pytest.raises(grpc.RpcError) as info:  # never loaded: a request says what ListModels says
+            stub.Encode(pb.EncodeRequest(model=pb.ModelSpec(name="odd"), texts=["a"]))
+        assert "state FAILED" in info.value.details() and "malformed manifest" in info.value.details()
         admin.UnloadModel(pb.UnloadModelRequest(model=pb.ModelSpec(name="alias")))
         request = pb.TranslateRequest(model=pb.ModelSpec(name="tiny-lstm"), texts=["a b"])
         assert stub.Translate(request).model.version == 1  # untouched by anything done to its copies
