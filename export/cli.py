@@ -148,7 +148,8 @@ def usage_problem(args: argparse.Namespace) -> str | None:
     if args.quantize is None:
         unused = [flag for flag, value in (("--dev", args.dev), ("--sample", args.sample)) if value is not None]
         if unused:
-            return f"{' and '.join(unused)} feed only the int8 quality gates: add --quantize int8, or leave them out"
+            verb = "feeds" if len(unused) == 1 else "feed"
+            return f"{' and '.join(unused)} {verb} only the int8 quality gates: add --quantize int8, or leave them out"
     return None
 
 

@@ -30,6 +30,7 @@ from seqserve.export.graphs import (
 )
 from seqserve.export.parity import (
     DEFAULT_TOLERANCE,
+    MAX_TOLERANCE,
     StepGraphs,
     bert_parity,
     check_onnx,
@@ -60,9 +61,6 @@ DEVICES = ("cpu", "cuda")
 # On an H200 the tiny test models' fp16 log-probabilities were off by up to 0.057 (the bidirectional LSTM).
 FP16_TOLERANCE = 5e-2
 FP16_RTOL = 1e-2
-# A larger difference is no rounding: the graph computes something else (a log-probability off by 0.1 is a 10% change
-# in probability). The gate must not be a switch.
-MAX_TOLERANCE = 0.1
 
 
 class ExportError(Exception):

@@ -215,10 +215,10 @@ def _fit(
                          if saved["config"].get(k) != v and k not in RUN_ONLY_SETTINGS)
         ignored = [k for k in changed if k in MODEL_SETTINGS and k in saved["config"]]
         if ignored:
-            logger.warning("resuming: the model and its vocabulary come from the checkpoint, so these options were "
-                           "ignored: %s (the checkpoint has %s); train without --resume to change them",
-                           ", ".join(f"--{k.replace('_', '-')}" for k in ignored),
-                           ", ".join(f"{k}={saved['config'][k]!r}" for k in ignored))  # fmt: skip
+            logger.warning("resuming: the model and its vocabulary are the checkpoint's (%s); the options for them "
+                           "(%s), given or by default, do not apply; train without --resume to change them",
+                           ", ".join(f"{k}={saved['config'][k]!r}" for k in ignored),
+                           ", ".join(f"--{k.replace('_', '-')}" for k in ignored))  # fmt: skip
             config = dataclasses.replace(config, **{k: saved["config"][k] for k in ignored})
         changed = [k for k in changed if k not in ignored]
         if changed:

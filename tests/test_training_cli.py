@@ -82,6 +82,6 @@ def test_resume_says_the_size_options_were_ignored(data, caplog):
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         assert _train(data, data / "ckpt", "--hidden-size", "64", "--steps", "6", "--resume") == 0
-    assert "options were ignored: --hidden-size (the checkpoint has hidden_size=16)" in caplog.text
+    assert "are the checkpoint's (hidden_size=16); the options for them (--hidden-size)" in caplog.text
     assert "changed settings ['steps']" in caplog.text  # honoured, and it changes the schedule
     assert load_checkpoint(data / "ckpt").config.hidden_size == 16
