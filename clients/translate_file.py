@@ -243,7 +243,7 @@ def _run(
     """Streams until OUT reaches ``end``, the job stops, or IN turns out not to be UTF-8; reopens dropped streams."""
     report = job.report
     retrier: Retrier | None = None  # while the stream keeps failing; progress starts a fresh one
-    while job.next_line < end and not job.stopping and job.input_error is None:
+    while job.next_line < end and not job.stopping and not job.at_bad_line():
         stream = client.translate_stream(model, job.items(), options, version=version, truncate=truncate, window=window)
         try:
             for result in stream:
@@ -262,7 +262,7 @@ def _run(
             time.sleep(wait)
             report.reconnects += 1
             continue
-        if job.next_line < end and not job.stopping and job.input_error is None:
+        if job.next_line < end and not job.stopping and not job.at_bad_line():
             unanswered = f"{len(job.sent)} sent lines unanswered"
             job.stop_at(job.next_line, SeqServeError(grpc.StatusCode.INTERNAL, f"the stream ended with {unanswered}"))
 
@@ -320,6 +320,11 @@ class _Job:
         self.stopping = False  # the job stops (a line or the stream failed, or the run is over): read no further
         self._lock = threading.Condition()
         self._stream = 0  # which stream's items() may read IN
+
+    def at_bad_line(self) -> bool:
+        """IN has a line that is not UTF-8 and every line before it is in OUT: nothing more can be done. (Lines before
+        it still unanswered when a stream drops are resent like any others.)"""
+        return self.input_error is not None and self.next_line >= self.input_error.line - 1
 
     def items(self) -> Iterator[tuple[str, str]]:
         """(id, text) for one stream: lines a dropped stream left unanswered, lines due for a retry, then new lines.
