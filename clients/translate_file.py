@@ -27,7 +27,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import stat
 import threading
 import time
 from dataclasses import dataclass, field
@@ -41,6 +40,8 @@ from seqserve.clients.channel import Retrier, RetryPolicy
 from seqserve.clients.client import Client
 from seqserve.clients.errors import SeqServeError
 from seqserve.clients.types import DecodingOptions, StreamResult
+from seqserve.textfiles import UnusablePath, check_paths, complete_lines, count_lines, line_text
+
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +56,6 @@ class OutputNotAPrefix(ValueError):
     def __init__(self, out_lines: int, in_lines: int):
         self.out_lines, self.in_lines = out_lines, in_lines
         super().__init__(f"OUT already holds {out_lines} lines but IN has only {in_lines}: not a partial run of IN")
-
-
-class UnusablePath(ValueError):
-    """IN or OUT cannot take part in a resumable job (the same file, or not a regular file); nothing was changed."""
 
 
 class InputNotUTF8(ValueError):
@@ -98,34 +95,6 @@ class TranslateFileReport:
         return self.stopped_by is not None and self.stopped_by.code in LINE_ERRORS
 
 
-def count_lines(path: Path) -> int:
-    """Lines in a file, a last line without "\\n" included."""
-    count, last = 0, b"\n"
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            count += chunk.count(b"\n")
-            last = chunk[-1:]
-    return count + (last != b"\n")
-
-
-def check_paths(source: Path, target: Path) -> None:
-    """Refuse IN and OUT that a job could not use safely, before anything is read from or written to them.
-
-    IN is read twice (counted, then translated) and OUT is counted, cut and appended to: both must be regular files,
-    and distinct. A device or FIFO as OUT (/dev/stdout, /dev/full) would be read forever or read from our own pipe.
-    """
-    if not source.exists():
-        raise UnusablePath(f"IN {source} does not exist")
-    if not stat.S_ISREG(source.stat().st_mode):
-        raise UnusablePath(f"IN {source} is not a regular file (it is read twice: counted, then translated)")
-    if not target.exists():
-        return
-    if not stat.S_ISREG(target.stat().st_mode):
-        raise UnusablePath(f"OUT {target} is not a regular file: translate-file appends to a file it can count")
-    if os.path.samefile(source, target):
-        raise UnusablePath(f"IN and OUT are the same file ({source}): OUT must be a different file")
-
-
 def check_model(client: Client, model: str, version: int) -> None:
     """Refuse a model the server does not have, or one that does not translate, before the job starts.
 
@@ -147,30 +116,6 @@ def check_model(client: Client, model: str, version: int) -> None:
         raise SeqServeError(
             grpc.StatusCode.INVALID_ARGUMENT, f"model {model!r} does not translate (it can: {', '.join(can)})"
         )
-
-
-def complete_lines(path: Path) -> int:
-    """How many whole lines OUT holds, after cutting off a partial last line left by a killed run."""
-    if not path.exists():
-        return 0
-    size = path.stat().st_size
-    count = count_lines(path)
-    with open(path, "r+b") as handle:
-        # Find the end of the last whole line, reading backwards from the end of the file.
-        end = size
-        while end > 0:
-            step = min(end, 1 << 16)
-            handle.seek(end - step)
-            newline = handle.read(step).rfind(b"\n")
-            if newline >= 0:
-                end = end - step + newline + 1
-                break
-            end -= step
-        if end < size:
-            log.info("%s: cutting a partial last line of %d bytes left by an interrupted run", path, size - end)
-            handle.truncate(end)
-            count -= 1
-    return count
 
 
 def translate_file(
@@ -202,7 +147,7 @@ def translate_file(
     if reorder_limit is not None and reorder_limit < 1:
         raise ValueError(f"reorder_limit must be at least 1, got {reorder_limit}")
     source, target = Path(source), Path(target)
-    check_paths(source, target)
+    check_paths(source, target, "translate-file")
     total = count_lines(source)
     # Validate OUT before changing it: a partial last line counts here, so a file that is not ours is refused
     # whole (only a run of this job leaves a partial line, and never past IN's last line).
@@ -279,12 +224,11 @@ def _numbered_lines(handle: BinaryIO, start: int, end: int) -> Iterator[tuple[in
             return
         if index >= start:
             try:
-                text = raw.decode("utf-8")
+                text = line_text(raw, first=index == 0)
             except UnicodeDecodeError as error:
                 yield index, InputNotUTF8(index + 1, offset + error.start, raw[error.start])
                 return
-            text = text.rstrip("\n").rstrip("\r")
-            yield index, text.removeprefix("\ufeff") if index == 0 else text
+            yield index, text
         offset += len(raw)
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import stat
 import time
 from dataclasses import dataclass
 from itertools import islice
@@ -32,6 +31,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 from seqserve.server.repository import ModelRepository, RepositoryError, SessionOptions, device_id_error
 from seqserve.server.translation import DecodeOptions, Translator
+from seqserve.textfiles import UnusablePath, check_paths, complete_lines, count_lines, line_text
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +53,6 @@ class OutputLongerThanInput(BatchError):
             f"{out} already holds {out_lines} lines but the input has only {in_lines}: it is not a partial output "
             f"of this input (remove it to start over)"
         )
-
-
-class UnusablePath(BatchError):
-    """IN or OUT that the job cannot use safely: not a regular file, or the same file."""
 
 
 class NotUtf8(BatchError):
@@ -167,23 +163,6 @@ class BlockTranslator:
 # Input, output, resume
 
 
-def check_paths(source: Path, out: Path) -> None:
-    """Refuse IN and OUT that a job could not use safely, before anything is written: both regular files, distinct.
-
-    OUT is counted, cut and appended to: a device or FIFO (/dev/stdout) would be read forever or from our own pipe,
-    and IN as OUT would lose its last line and be appended to itself."""
-    if not source.exists():
-        raise UnusablePath(f"input {source} does not exist")
-    if not stat.S_ISREG(source.stat().st_mode):
-        raise UnusablePath(f"input {source} is not a regular file (it is read twice: counted, then translated)")
-    if not out.exists():
-        return
-    if not stat.S_ISREG(out.stat().st_mode):
-        raise UnusablePath(f"output {out} is not a regular file: batch translate appends to a file it can count")
-    if os.path.samefile(source, out):
-        raise UnusablePath(f"input and output are the same file ({source}): OUT must be a different file")
-
-
 @dataclass(frozen=True)
 class InputScan:
     lines: int  # lines of IN, a last line without a line break included
@@ -220,40 +199,6 @@ def scan_input(path: Path, chunk: int = 1 << 20) -> InputScan:
     return InputScan(total) if bad is None else InputScan(total, *bad)
 
 
-def resume_point(out: Path) -> int:
-    """The complete lines OUT holds (0 when absent); a half-written last line is cut off so appending can go on."""
-    if not out.exists():
-        return 0
-    lines = count_lines(out)
-    with open(out, "rb+") as f:
-        size = f.seek(0, os.SEEK_END)
-        # Walk back from the end to the last line break (a partial line is short: a few reads at most).
-        end = size
-        while end > 0:
-            step = min(end, 1 << 16)
-            f.seek(end - step)
-            block = f.read(step)
-            if (i := block.rfind(b"\n")) >= 0:
-                end = end - step + i + 1
-                break
-            end -= step
-        if end < size:
-            log.info("%s: cutting a half-written last line (%d bytes)", out, size - end)
-            f.truncate(end)
-            lines -= 1
-    return lines
-
-
-def count_lines(path: Path, chunk: int = 1 << 20) -> int:
-    """Lines of a text file, a last line without a line break included."""
-    lines, last = 0, b"\n"
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            lines += block.count(b"\n")
-            last = block[-1:]
-    return lines + (last != b"\n")
-
-
 def read_blocks(path: Path, skip: int, block_lines: int, stop: int | None = None) -> Iterator[Block]:
     """Blocks of the input's lines skip..stop-1 (0-based; stop None: to the end), read lazily."""
     with open(path, "rb") as f:  # binary: lines end at b"\n" only, as count_lines counts them
@@ -267,15 +212,8 @@ def read_blocks(path: Path, skip: int, block_lines: int, stop: int | None = None
 
 
 def _text_of(raw: bytes, index: int, path: Path) -> str:
-    """An input line as text: its "\n" or "\r\n" removed, and a byte order mark before the first line."""
-    if raw.endswith(b"\n"):
-        raw = raw[:-1]
-    if raw.endswith(b"\r"):
-        raw = raw[:-1]
-    if index == 0 and raw.startswith(b"\xef\xbb\xbf"):
-        raw = raw[3:]
     try:
-        return raw.decode("utf-8")
+        return line_text(raw, first=index == 0)
     except UnicodeDecodeError as exc:  # scan_input stops the reading before such a line: IN changed meanwhile
         raise BatchError(f"{path} line {index + 1} is not UTF-8 ({exc.reason}): did the input change?") from None
 
@@ -304,13 +242,13 @@ def translate_file(job: BatchJob, source: Path, out: Path, engine: Engine = loca
     Raises NotUtf8 after translating the lines before IN's first line that is not UTF-8. Interrupted (Ctrl-C), OUT is
     left holding the blocks written in full, and KeyboardInterrupt goes on."""
     started = time.perf_counter()
-    check_paths(source, out)
+    check_paths(source, out, "batch translate")
     scan = scan_input(source)
     total = scan.lines
     # OUT must be a partial output of IN before anything of it is cut: a partial last line counts as a line here.
     if out.exists() and (held := count_lines(out)) > total:
         raise OutputLongerThanInput(out, held, total)
-    done = resume_point(out)
+    done = complete_lines(out)
     stop = total if scan.bad_line is None else scan.bad_line - 1
     if done:
         log.info("%s holds %d of %d lines: resuming", out, done, total)
@@ -391,7 +329,7 @@ def job_from_args(args: argparse.Namespace) -> BatchJob:
 def run(args: argparse.Namespace) -> int:
     try:
         job = job_from_args(args)
-        check_paths(args.input, args.output)
+        check_paths(args.input, args.output, "batch translate")
         if args.engine == "ray":
             from seqserve.server.batch_ray import ray_engine
 
@@ -399,7 +337,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             engine = local_engine
         result = translate_file(job, args.input, args.output, engine)
-    except (BatchError, RepositoryError, OSError) as exc:
+    except (BatchError, UnusablePath, RepositoryError, OSError) as exc:
         log.error("%s", exc)
         return 2
     except KeyboardInterrupt:

@@ -15,9 +15,9 @@ from seqserve.server.batch import (
     BatchJob,
     BlockTranslator,
     OutputLongerThanInput,
+    complete_lines,
     count_lines,
     read_blocks,
-    resume_point,
     translate_file,
 )
 
@@ -119,13 +119,13 @@ def test_blocks_after_a_resume_start_at_the_resume_line(source_file: Path):
     [(b"", 0, 0, b""), (b"a\n", 1, 1, b"a\n"), (b"a\nb", 2, 1, b"a\n"), (b"abc", 1, 0, b""),
      (b"a\n\n" + b"y" * 200_000, 3, 2, b"a\n\n")],
 )  # fmt: skip
-def test_resume_point_counts_complete_lines_and_cuts_the_rest(
+def test_complete_lines_counts_whole_lines_and_cuts_the_rest(
     tmp_path: Path, content: bytes, lines: int, resume: int, kept: bytes
 ):
     path = tmp_path / "out.txt"
     path.write_bytes(content)
     assert count_lines(path) == lines
-    assert resume_point(path) == resume
+    assert complete_lines(path) == resume
     assert path.read_bytes() == kept
 
 
