@@ -58,6 +58,20 @@ class Checkpoint:
         return self
 
 
+def load_weights(
+    model: torch.nn.Module, state: dict[str, torch.Tensor], misfit: str, error: type[Exception]
+) -> tuple[list[str], list[str]]:
+    """`model.load_state_dict(state, strict=False)` -> (missing, unexpected); a weight whose shape is not the
+    config's raises `error` as "MISFIT: the first size mismatch (and how many more)"."""
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        sizes = [line.strip() for line in str(e).splitlines() if "size mismatch" in line] or [str(e).strip()]
+        more = f" (and {len(sizes) - 1} more)" if len(sizes) > 1 else ""
+        raise error(f"{misfit}: {sizes[0]}{more}") from None
+    return list(missing), list(unexpected)
+
+
 def family_of(model: torch.nn.Module) -> str:
     for family, (module, _, cls) in FAMILIES.items():
         if type(model).__name__ == cls and type(model).__module__ == module:
@@ -155,11 +169,7 @@ def load_checkpoint(directory: str | os.PathLike, map_location: str = "cpu") -> 
         state = load_file(str(weights), device=map_location)
     except Exception as e:  # safetensors raises its own SafetensorError (truncated file, bad header) or OSError
         raise CheckpointError(f"{weights} cannot be read as safetensors: {e}") from None
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # shapes that do not fit config.json
-        first = str(e).strip().splitlines()[1:2] or [str(e)]
-        raise CheckpointError(f"{weights} does not fit {config_path}: {first[0].strip()}") from None
+    missing, unexpected = load_weights(model, state, f"{weights} does not fit {config_path}", CheckpointError)
     # Tied weights are stored twice and loaded once; anything else missing is an error.
     missing = [k for k in missing if k not in state]
     if missing or unexpected:

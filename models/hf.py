@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
 from seqserve.models.bert import Bert, BertConfig
-from seqserve.models.checkpoint import save_checkpoint
+from seqserve.models.checkpoint import load_weights, save_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -239,12 +239,7 @@ def load_hf_bert(hf_dir: str | Path) -> ImportedBert:
     model = Bert(config)
     if config.with_heads and config.tie_word_embeddings:
         state.pop("mlm.decoder.weight", None)  # Hugging Face ties it to the word embeddings too
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # a weight whose shape is not config.json's
-        sizes = [line.strip() for line in str(e).splitlines() if "size mismatch" in line]
-        raise HFImportError(f"{hf_dir}: the weights do not fit config.json: {(sizes or [str(e)])[0]}"
-                            f"{f' (and {len(sizes) - 1} more)' if len(sizes) > 1 else ''}") from None  # fmt: skip
+    missing, unexpected = load_weights(model, state, f"{hf_dir}: the weights do not fit config.json", HFImportError)
     missing = [k for k in missing if not (k == "mlm.decoder.weight" and config.tie_word_embeddings)]
     if missing or unexpected:
         raise HFImportError(f"{hf_dir}: weights missing for {missing[:5]}, weights without a place {unexpected[:5]}")

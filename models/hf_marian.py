@@ -25,7 +25,7 @@ import torch
 from tokenizers import AddedToken, Tokenizer, processors
 from tokenizers.models import Unigram
 
-from seqserve.models.checkpoint import save_checkpoint
+from seqserve.models.checkpoint import load_weights, save_checkpoint
 from seqserve.models.hf import HFImportError, check_output, read_config_object, read_hf_weights
 from seqserve.models.transformer import TransformerConfig, TransformerTranslator
 
@@ -243,11 +243,7 @@ def load_hf_marian(hf_dir: str | Path, max_len: int = 256) -> ImportedMarian:
     except (TypeError, ValueError) as e:  # TransformerConfigError names the numbers
         raise HFImportError(f"{hf_dir / 'config.json'}: {e}") from None
     state = map_marian_weights(read_hf_weights(hf_dir), config, banned_tokens(hf_dir, hf))
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # a weight whose shape is not config.json's
-        sizes = [line.strip() for line in str(e).splitlines() if "size mismatch" in line]
-        raise HFImportError(f"{hf_dir}: the weights do not fit config.json: {(sizes or [str(e)])[0]}") from None
+    missing, unexpected = load_weights(model, state, f"{hf_dir}: the weights do not fit config.json", HFImportError)
     tied = {"output.weight"} if config.tie_output_embedding else set()
     if config.share_embeddings:
         tied.add("tgt_embed.weight")
