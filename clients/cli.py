@@ -427,7 +427,9 @@ def read_inputs(args: argparse.Namespace, stdin: TextIO) -> tuple[list[str], lis
     if args.input == "-" or not stdin.isatty():
         texts, places = _non_blank(stdin)
         if not texts:  # cron or `docker run` without -t: say why nothing was printed
-            sys.stderr.write("seqserve-client: no input: stdin held no text (give texts as arguments or --input FILE)\n")
+            sys.stderr.write(
+                "seqserve-client: no input: stdin held no text (give texts as arguments or --input FILE)\n"
+            )
         return texts, places
     raise UsageError("no input: give texts as arguments, --input FILE, or pipe them on stdin")
 

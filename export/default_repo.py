@@ -157,7 +157,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="wall-clock training time of the translator, e.g. 240s or 4m")
     parser.add_argument("--bert-budget", type=_duration, default=defaults.bert_budget,
                         help="wall-clock training time of the BERT, e.g. 150s")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads for training (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads for training (default: torch's choice)")  # fmt: skip
 
 
 def _duration(text: str) -> float:

@@ -51,8 +51,10 @@ class ParityError(Exception):
         if max_abs_diff is None:
             message = f"{what}: {detail}"
         else:
-            advice = (" (raise it with --tolerance / tolerance= if this difference is acceptable)"
-                      if tolerance < MAX_TOLERANCE else " (the most --tolerance allows: the graph computes something else)")
+            advice = (
+                " (raise it with --tolerance / tolerance= if this difference is acceptable)" if tolerance < MAX_TOLERANCE
+                else " (the most --tolerance allows: the graph computes something else)"
+            )
             message = (
                 f"{what}: onnxruntime differs from PyTorch by {max_abs_diff:.3g}, over the tolerance {tolerance:g}"
                 f"{relative}{advice}{detail}"

@@ -311,7 +311,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("hf_dir", metavar="DIR", type=Path,
                         help="local Hugging Face BERT directory (config.json, model.safetensors or pytorch_model.bin, "
                              "tokenizer.json; sentence-transformers' modules.json and 1_Pooling/ when present), or "
-                             "a MarianMT (OPUS-MT) directory (config.json, weights, source.spm, target.spm, vocab.json)")
+                             "a MarianMT (OPUS-MT) directory (config.json, weights, source.spm, target.spm, "
+                             "vocab.json)")
     parser.add_argument("--output", "-o", required=True, type=Path, metavar="CKPT",
                         help="checkpoint folder to write (model.safetensors, config.json, tokenizer.json, "
                              "metrics.json)")

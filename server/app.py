@@ -108,6 +108,7 @@ class SeqServer:
             raise OSError(f"could not bind {config.host}:{config.port}")
         self.metrics_port: int | None = None
         self._stopped = asyncio.Event()
+        self._delay_skipped = asyncio.Event()
 
     async def start(self) -> None:
         """Load the models, start metrics and gRPC; overall health SERVING."""
@@ -127,7 +128,10 @@ class SeqServer:
         await self.health.enter_graceful_shutdown()  # every service NOT_SERVING, for good
         if delay > 0:
             log.info("draining: NOT_SERVING, still serving for %.1f s (drain delay)", delay)
-            await asyncio.sleep(delay)
+            try:
+                await asyncio.wait_for(self._delay_skipped.wait(), delay)
+            except asyncio.TimeoutError:
+                pass
         log.info("draining: no new work, %.1f s for in-flight requests", grace)
         self.state.draining = True
         await self.health.end_watches()  # each sends NOT_SERVING and ends: an open Watch held stop() for all of grace
@@ -137,6 +141,13 @@ class SeqServer:
         self.metrics.stop()
         self._stopped.set()
         log.info("stopped")
+
+    def skip_drain_delay(self) -> bool:
+        """End a running drain delay now (a second SIGTERM/SIGINT); False when none is running."""
+        if not self.state.not_ready or self.state.draining or self._delay_skipped.is_set():
+            return False
+        self._delay_skipped.set()
+        return True
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()

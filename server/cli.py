@@ -122,6 +122,8 @@ async def serve(config: ServerConfig, repository: ModelRepository) -> int:
         if not stopping:
             log.info("%s received", signame)
             stopping.append(loop.create_task(server.drain()))
+        elif server.skip_drain_delay():  # a second signal: on to the grace period at once
+            log.info("%s received again: skipping the rest of the drain delay", signame)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig.name)

@@ -403,7 +403,8 @@ def test_unload_then_load_changes_state_and_serving(model_server, client, models
         started = time.monotonic()
         with pytest.raises(SeqServeError) as failure:  # the default retry policy: not retried for a deadline's length
             client.score_next_sentence(name, [("a", "b")])
-        assert failure.value.code == grpc.StatusCode.FAILED_PRECONDITION and "LoadModel loads it" in failure.value.message
+        assert failure.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert "LoadModel loads it" in failure.value.message
         assert time.monotonic() - started < 5
     finally:
         assert client.load_model(name).state == "READY"

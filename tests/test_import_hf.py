@@ -199,7 +199,8 @@ def test_cli_refuses_a_non_empty_output_without_force(tiny_hf_dir: Path, tmp_pat
 
 
 def test_directory_without_weights_raises_naming_it(tmp_path: Path) -> None:
-    sizes = {"vocab_size": 10, "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 8}
+    sizes = {"vocab_size": 10, "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
+             "intermediate_size": 8}
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", **sizes}))
     with pytest.raises(HFImportError, match=r"has no model\.safetensors"):
         import_hf_bert(tmp_path, tmp_path / "out")

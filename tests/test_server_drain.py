@@ -107,7 +107,7 @@ def test_during_the_drain_delay_probes_say_not_serving_and_requests_are_still_se
     from seqserve.protos.inference import open_inference_pb2_grpc as v2_grpc
 
     root = tiny_repository if isinstance(tiny_repository, Path) else Path(tiny_repository.root)
-    proc = _serve(root, "--models", "tiny-lstm", "--drain-delay", "3", "--grace-period", "5")
+    proc = _serve(root, "--models", "tiny-lstm", "--drain-delay", "60", "--grace-period", "5")
     lines: list[str] = []
     try:
         port = _wait_ready(proc, lines)
@@ -125,11 +125,16 @@ def test_during_the_drain_delay_probes_say_not_serving_and_requests_are_still_se
             assert open_inference.ServerLive(v2.ServerLiveRequest()).live
             assert not open_inference.ModelReady(v2.ModelReadyRequest(name="tiny-lstm")).ready
             assert stub.Translate(request).translations[0].hypotheses[0].text.split() == ["b", "a"]
-        assert proc.wait(timeout=60) == 0
+            proc.send_signal(signal.SIGTERM)  # a second signal skips the rest of the 60 s delay
+        assert proc.wait(timeout=30) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert any("still serving for 3.0 s" in line for line in lines)
+    deadline = time.monotonic() + 10  # the log's reader thread may still be at work
+    while not any("skipping the rest of the drain delay" in line for line in lines) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert any("still serving for 60.0 s" in line for line in lines)
+    assert any("skipping the rest of the drain delay" in line for line in lines)
 
 
 def test_device_cuda_uses_the_cuda_provider_or_is_refused_clearly(tiny_repository):

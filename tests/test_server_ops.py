@@ -184,7 +184,8 @@ def test_copied_version_folders_are_failed_and_leave_their_original_serving(tiny
         assert "fix what the reason names" in info.value.details()  # not "LoadModel loads it": it just failed to
         admin.LoadModel(pb.LoadModelRequest(model=pb.ModelSpec(name="tiny-lstm", version=1)))
         listed = {(s.name, s.version): s for s in admin.ListModels(pb.ListModelsRequest()).models}
-        assert listed[("alias", 1)].state == pb.MODEL_STATE_FAILED and "folder is alias/1" in listed[("alias", 1)].reason
+        alias = listed[("alias", 1)]
+        assert alias.state == pb.MODEL_STATE_FAILED and "folder is alias/1" in alias.reason
         assert listed[("tiny-lstm", 2)].state == pb.MODEL_STATE_FAILED
         assert listed[("odd", 1)].state == pb.MODEL_STATE_FAILED and "malformed manifest" in listed[("odd", 1)].reason
         with pytest.raises(grpc.RpcError) as info:  # never loaded: a request says what ListModels says
