@@ -109,6 +109,7 @@ class SeqServer:
         self.metrics_port: int | None = None
         self._stopped = asyncio.Event()
         self._delay_skipped = asyncio.Event()
+        self._in_delay = False
 
     async def start(self) -> None:
         """Load the models, start metrics and gRPC; overall health SERVING."""
@@ -128,10 +129,12 @@ class SeqServer:
         await self.health.enter_graceful_shutdown()  # every service NOT_SERVING, for good
         if delay > 0:
             log.info("draining: NOT_SERVING, still serving for %.1f s (drain delay)", delay)
+            self._in_delay = True
             try:
                 await asyncio.wait_for(self._delay_skipped.wait(), delay)
             except asyncio.TimeoutError:
                 pass
+            self._in_delay = False
         log.info("draining: no new work, %.1f s for in-flight requests", grace)
         self.state.draining = True
         await self.health.end_watches()  # each sends NOT_SERVING and ends: an open Watch held stop() for all of grace
@@ -144,7 +147,7 @@ class SeqServer:
 
     def skip_drain_delay(self) -> bool:
         """End a running drain delay now (a second SIGTERM/SIGINT); False when none is running."""
-        if not self.state.not_ready or self.state.draining or self._delay_skipped.is_set():
+        if not self._in_delay or self._delay_skipped.is_set():
             return False
         self._delay_skipped.set()
         return True

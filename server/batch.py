@@ -31,7 +31,8 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 from seqserve.server.repository import ModelRepository, RepositoryError, SessionOptions, device_id_error
 from seqserve.server.translation import DecodeOptions, Translator
-from seqserve.textfiles import UnusablePath, check_paths, complete_lines, count_lines, line_text
+from seqserve import textfiles
+from seqserve.textfiles import complete_lines, count_lines, line_text
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,17 @@ class OutputLongerThanInput(BatchError):
             f"{out} already holds {out_lines} lines but the input has only {in_lines}: it is not a partial output "
             f"of this input (remove it to start over)"
         )
+
+
+class UnusablePath(textfiles.UnusablePath, BatchError):
+    """IN or OUT that the job cannot use safely (textfiles.check_paths' refusal, as a BatchError)."""
+
+
+def _check_paths(source: Path, out: Path) -> None:
+    try:
+        textfiles.check_paths(source, out, "batch translate")
+    except textfiles.UnusablePath as exc:
+        raise UnusablePath(str(exc)) from None
 
 
 class NotUtf8(BatchError):
@@ -242,7 +254,7 @@ def translate_file(job: BatchJob, source: Path, out: Path, engine: Engine = loca
     Raises NotUtf8 after translating the lines before IN's first line that is not UTF-8. Interrupted (Ctrl-C), OUT is
     left holding the blocks written in full, and KeyboardInterrupt goes on."""
     started = time.perf_counter()
-    check_paths(source, out, "batch translate")
+    _check_paths(source, out)
     scan = scan_input(source)
     total = scan.lines
     # OUT must be a partial output of IN before anything of it is cut: a partial last line counts as a line here.
@@ -329,7 +341,7 @@ def job_from_args(args: argparse.Namespace) -> BatchJob:
 def run(args: argparse.Namespace) -> int:
     try:
         job = job_from_args(args)
-        check_paths(args.input, args.output, "batch translate")
+        _check_paths(args.input, args.output)
         if args.engine == "ray":
             from seqserve.server.batch_ray import ray_engine
 
@@ -337,7 +349,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             engine = local_engine
         result = translate_file(job, args.input, args.output, engine)
-    except (BatchError, UnusablePath, RepositoryError, OSError) as exc:
+    except (BatchError, RepositoryError, OSError) as exc:
         log.error("%s", exc)
         return 2
     except KeyboardInterrupt:

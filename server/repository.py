@@ -307,6 +307,10 @@ class Manifest:
             raise RepositoryError(f"{path.parent} is not a model version: {MANIFEST_FILE} is missing") from exc
         except json.JSONDecodeError as exc:
             raise RepositoryError(f"{path}: not valid JSON ({exc})") from exc
+        except UnicodeDecodeError as exc:
+            raise RepositoryError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+        except OSError as exc:  # a folder named manifest.json, no permission to read it...
+            raise RepositoryError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
         return cls.from_dict(data, path)
 
 

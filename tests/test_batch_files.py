@@ -14,6 +14,7 @@ import pytest
 from seqserve.cli import main
 from seqserve.server import batch
 from seqserve.server.batch import (
+    BatchError,
     BatchJob,
     BlockTranslator,
     NotUtf8,
@@ -112,8 +113,9 @@ def test_the_same_file_as_in_and_out_is_refused_and_left_untouched(tiny_reposito
     assert source.read_bytes() == content
     link = tmp_path / "link.txt"
     os.link(source, link)
-    with pytest.raises(UnusablePath, match="same file"):
+    with pytest.raises(BatchError, match="same file") as caught:  # a BatchError, as every refusal of a job
         translate_file(BatchJob(tiny_repository, MODEL), source, link)
+    assert isinstance(caught.value, UnusablePath)
     assert source.read_bytes() == content
 
 

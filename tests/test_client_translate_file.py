@@ -186,6 +186,46 @@ def test_non_utf8_line_is_a_usage_error_naming_it_after_the_lines_before_it(serv
     assert target.read_text(encoding="utf-8").splitlines() == expected
 
 
+def test_a_stream_dropped_after_the_bad_line_was_read_still_writes_the_lines_before_it(client, models, tmp_path):
+    """IN's non-UTF-8 line is read while the lines before it are still unanswered, and then the stream drops: it is
+    reopened for them (they were lost, and the error said OUT held them)."""
+    import grpc
+
+    from seqserve.clients import SeqServeError
+    from seqserve.clients.translate_file import InputNotUTF8
+
+    lines = corpus(6, seed=18)
+    source, target = tmp_path / "in.txt", tmp_path / "out.txt"
+    source.write_bytes(b"".join(line.encode() + b"\n" for line in lines) + b"a \xff b\n")
+
+    class DropsItsFirstStream:
+        """The real client, but its first stream takes every line (and so reads the bad one), then drops."""
+
+        def __init__(self, real: Client):
+            self.real, self.dropped = real, False
+
+        def __getattr__(self, name: str):
+            return getattr(self.real, name)
+
+        def translate_stream(self, model, items, *args, **kwargs):
+            if self.dropped:
+                yield from self.real.translate_stream(model, items, *args, **kwargs)
+                return
+            self.dropped = True
+            for _ in range(len(lines)):
+                next(items)
+            # Reading on reaches the bad line, then waits for answers that never come: in a thread of its own.
+            threading.Thread(target=lambda: next(items, None), daemon=True).start()
+            time.sleep(0.3)
+            raise SeqServeError(grpc.StatusCode.UNAVAILABLE, "the server went away")
+
+    with pytest.raises(InputNotUTF8) as caught:
+        translate_file(DropsItsFirstStream(client), models["translate"], source, target, window=16, progress=False)
+    assert caught.value.line == len(lines) + 1 and caught.value.report.reconnects == 1
+    expected = [t.text for t in client.translate(models["translate"], lines)]
+    assert target.read_text(encoding="utf-8").splitlines() == expected
+
+
 def test_byte_order_mark_is_not_translated(server, client, models, tmp_path):
     lines = corpus(3, seed=17)
     source, target = tmp_path / "in.txt", tmp_path / "out.txt"

@@ -122,6 +122,17 @@ def test_unknown_format_version_is_refused(tmp_path):
         load_model(path)
 
 
+def test_a_manifest_that_cannot_be_read_as_text_is_a_repository_error(tmp_path):
+    path = _publish(tmp_path)
+    (path / "manifest.json").write_bytes(b'{"name": "caf\xe9"}')
+    with pytest.raises(RepositoryError, match="not UTF-8"):
+        Manifest.read(path)
+    (path / "manifest.json").unlink()
+    (path / "manifest.json").mkdir()  # a folder where the file goes
+    with pytest.raises(RepositoryError, match="cannot be read"):
+        Manifest.read(path)
+
+
 @pytest.mark.parametrize("content", ["[]", "3", '"manifest"', "null"])
 def test_a_manifest_that_is_not_a_json_object_is_a_repository_error(tmp_path, content):
     path = _publish(tmp_path)
