@@ -105,6 +105,7 @@ class AsyncClient:
         t.refuse_single_text(items, "items", "(id, text) pairs of str")
         build = t.stream_request_factory(model, options, version, truncate)
         slots = asyncio.Semaphore(window)
+        in_flight = t.InFlightIds()
         call = self._inference.TranslateStream(timeout=timeout, metadata=self.config.call_metadata())
         failure: list[Exception] = []  # what the caller's iterable (or a malformed item) raised
 
@@ -114,7 +115,11 @@ class AsyncClient:
                 await slots.acquire()  # the flow control: wait for an answer to free a slot, then read the next item
                 try:
                     item = await anext(pending, _END)
-                    request = None if item is _END else build(*t.stream_item(item))
+                    request = None
+                    if item is not _END:
+                        item_id, text = t.stream_item(item)
+                        in_flight.sent(item_id)
+                        request = build(item_id, text)
                 except Exception as error:  # noqa: BLE001 - without done_writing the reader would wait forever
                     failure.append(error)
                     call.cancel()
@@ -135,6 +140,7 @@ class AsyncClient:
                     raise
                 if response is grpc.aio.EOF or failure:
                     break
+                in_flight.answered(response.id)  # before the slot frees: the next item may reuse the id
                 slots.release()
                 yield t.stream_result(response)
             await writer  # surfaces a failed write

@@ -106,6 +106,7 @@ class Client:
         t.refuse_single_text(items, "items", "(id, text) pairs of str")
         build = t.stream_request_factory(model, options, version, truncate)
         slots = threading.Semaphore(window)
+        in_flight = t.InFlightIds()
         finished = threading.Event()
         calls: list[grpc.Future] = []  # the call, for the request thread to cancel
         failure: list[Exception] = []  # what the caller's iterable (or a malformed item) raised
@@ -122,7 +123,9 @@ class Client:
                     item = next(pending, _END)
                     if item is _END or finished.is_set():
                         return
-                    request = build(*t.stream_item(item))
+                    item_id, text = t.stream_item(item)
+                    in_flight.sent(item_id)
+                    request = build(item_id, text)
                 except Exception as error:  # noqa: BLE001 - grpc would log it and fail the call as UNKNOWN
                     failure.append(error)
                     if calls:
@@ -136,6 +139,7 @@ class Client:
             for response in call:
                 if failure:
                     break
+                in_flight.answered(response.id)  # before the slot frees: the next item may reuse the id
                 slots.release()
                 yield t.stream_result(response)
         except grpc.RpcError as error:

@@ -5,6 +5,7 @@ Letters: n number of texts, H hidden size.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -249,6 +250,26 @@ def stream_item(item: object) -> tuple[str, str]:
         shown = shown if len(shown) <= 80 else shown[:77] + "..."
         raise TypeError(f"translate_stream items must be (id, text) pairs of str, got {shown}")
     return item[0], item[1]
+
+
+class InFlightIds:
+    """The ids of a stream's items sent and not yet answered: an id sent again while it is in flight is refused,
+    since its two answers could not be told apart (an id may be reused once answered)."""
+
+    def __init__(self) -> None:
+        self._ids: set[str] = set()
+        self._lock = threading.Lock()  # the sync client sends from grpc's request thread, answers on the caller's
+
+    def sent(self, item_id: str) -> None:
+        with self._lock:
+            if item_id in self._ids:
+                raise ValueError(f"translate_stream item id {item_id!r} is already in flight: ids must differ among "
+                                 "the items not yet answered, or their answers cannot be told apart")  # fmt: skip
+            self._ids.add(item_id)
+
+    def answered(self, item_id: str) -> None:
+        with self._lock:
+            self._ids.discard(item_id)
 
 
 def stream_request_factory(

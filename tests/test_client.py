@@ -339,6 +339,26 @@ def test_translate_stream_refuses_a_malformed_item_before_sending_it(client, mod
             list(client.translate_stream(models["translate"], [("0", SOURCES[0]), malformed]))
 
 
+def test_translate_stream_refuses_an_id_still_in_flight_and_takes_one_already_answered(model_server, client, models):
+    """Two items in flight with one id could not be told apart; once answered, an id may come again."""
+    model = models["translate"]
+    # Sent as fast as the window lets: the reader would have to lose every race with the answers to miss them all.
+    same = [("a", SOURCES[i % len(SOURCES)]) for i in range(50)]
+    with pytest.raises(ValueError, match="'a' is already in flight"):
+        list(client.translate_stream(model, same, window=16))
+
+    async def consume(items, window: int) -> list[str]:
+        async with AsyncClient(model_server.address) as aclient:
+            return [r.id async for r in aclient.translate_stream(model, items, window=window)]
+
+    with pytest.raises(ValueError, match="'a' is already in flight"):
+        asyncio.run(asyncio.wait_for(consume(same, 16), 20))
+    # A window of one: each item is answered before the next is read, so reusing the id is unambiguous.
+    again = [("a", SOURCES[0]), ("a", SOURCES[1])]
+    assert [r.id for r in client.translate_stream(model, again, window=1)] == ["a", "a"]
+    assert asyncio.run(asyncio.wait_for(consume(again, 1), 20)) == ["a", "a"]
+
+
 def test_async_translate_stream_reraises_a_source_error_instead_of_hanging(model_server, models):
     async def failing():
         for item in failing_items():
