@@ -11,6 +11,7 @@ tiny-bert-int8, all exported through seqserve.export with their parity and quali
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -89,3 +90,13 @@ def tiny_repository(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoints: 
     export_checkpoint(tiny_checkpoints["bert"], root, "tiny-bert-int8", version=1, quantize="int8",
                       sample_documents=tiny_documents())  # fmt: skip
     return root
+
+
+@pytest.fixture
+def restore_logging():
+    """Commands that configure logging replace the root logger's handlers; put them back for the tests after."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)

@@ -29,16 +29,6 @@ MODEL = "tiny-lstm"
 SENTENCES = ["a b c", "d e f g", "h i", "b a d", "c c a", "e f", "g h i a", "a"]
 
 
-@pytest.fixture
-def restore_logging():
-    """The command's logging writes to the captured stderr; put the root handlers back afterwards."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-
-
 @pytest.fixture(scope="module")
 def worker(tiny_repository: Path) -> BlockTranslator:
     return BlockTranslator(BatchJob(tiny_repository, MODEL))

@@ -16,7 +16,9 @@ from seqserve.clients import Client
 from seqserve.clients.cli import main
 from seqserve.clients.translate_file import translate_file
 from test_client import start_server
-from test_client_cli import client, corpus, models, run_cli, server, write_lines  # noqa: F401 (fixtures)
+from test_client_cli import (  # noqa: F401 (fixtures)
+    client, corpus, models, run_cli, server, translate_across_a_restart, write_lines,
+)
 
 
 def translate_file_cli(server, *argv: str) -> tuple[int, str]:
@@ -66,35 +68,10 @@ def test_a_partial_last_line_within_in_is_still_cut_and_resumed(server, client, 
 # Retries
 
 
-def test_default_policy_rides_out_a_server_down_for_seconds(server, models, tiny_repository, tmp_path):
-    name = models["translate"]
-    source = write_lines(tmp_path / "in.txt", corpus(120, seed=12))
-    whole, restarted = tmp_path / "whole.txt", tmp_path / "restarted.txt"
-    assert translate_file_cli(server, str(source), str(whole), "-m", name)[0] == 0
-    first = start_server(Path(tiny_repository), models=(name,))
-    replacement = []
-
-    def restart_after_some_lines() -> None:
-        deadline = time.monotonic() + 60
-        while not restarted.exists() or restarted.read_bytes().count(b"\n") < 20:
-            if time.monotonic() > deadline:
-                return
-            time.sleep(0.002)
-        first.stop(0.0)
-        time.sleep(2.5)  # down longer than the old 1.5 s retry window
-        replacement.append(start_server(Path(tiny_repository), first.port, models=(name,)))
-
-    restarter = threading.Thread(target=restart_after_some_lines, daemon=True)
-    restarter.start()
-    try:
-        with Client(f"127.0.0.1:{first.port}", timeout_s=30) as client:
-            report = translate_file(client, name, source, restarted, window=1, progress=False)
-    finally:
-        restarter.join(60)
-        for running in replacement:
-            running.stop()
-    assert report.complete and report.reconnects >= 1
-    assert restarted.read_bytes() == whole.read_bytes()
+def test_default_policy_rides_out_a_server_down_for_seconds(models, tiny_repository, tmp_path):
+    # Down longer than the old 1.5 s retry window; the default policy retries until the 30 s timeout.
+    report, restarted, whole = translate_across_a_restart(models, tiny_repository, tmp_path, 120, 2.5, timeout_s=30)
+    assert report.complete and report.reconnects >= 1 and restarted == whole
 
 
 # --------------------------------------------------------------------------------------------------------------

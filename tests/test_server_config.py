@@ -3,7 +3,6 @@ for library users at construction, and for `seqserve serve` an exit 2 with one l
 
 from __future__ import annotations
 
-import logging
 import math
 from pathlib import Path
 
@@ -12,16 +11,6 @@ import pytest
 from seqserve.cli import build_command_parser, main
 from seqserve.server.config import BatchingConfig, ConfigError, Limits, ServerConfig, read_admin_token
 from seqserve.server.cli import config_from_args
-
-
-@pytest.fixture
-def restore_logging():
-    """`seqserve serve` replaces the root logger's handlers; put them back for the tests after this one."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 @pytest.mark.parametrize(
