@@ -71,11 +71,29 @@ class Limits:
         return self
 
 
-# What REPO/NAME/config.json may set for one model (BatchingConfig's fields): setting -> (type, minimum)
-SERVING_CONFIG_KEYS: dict[str, tuple[type | tuple[type, ...], float]] = {
-    "max_batch_tokens": (int, 1), "max_queue_delay_ms": ((int, float), 0), "dispatch_when_idle": (bool, 0),
-    "max_batch_size": (int, 1), "max_join_ms": ((int, float), 0), "inline_max_ms": ((int, float), 0),
+# BatchingConfig's settings, which REPO/NAME/config.json may also set for one model: key -> (the `seqserve serve`
+# option, type, minimum, note). One table for both: the CLI's and config.json's checks are the same checks.
+SERVING_CONFIG_KEYS: dict[str, tuple[str, type, float, str]] = {
+    "max_batch_tokens": ("--max-batch-tokens", int, 1, ""),
+    "max_batch_size": ("--max-batch-size", int, 1, ""),
+    "max_queue_delay_ms": ("--max-queue-delay-ms", float, 0.0, ""),
+    "max_join_ms": ("--max-join-ms", float, 0.0, ""),
+    "inline_max_ms": ("--inline-max-ms", float, 0.0, " (0: never inline)"),
+    "dispatch_when_idle": ("dispatch_when_idle (--always-wait)", bool, 0, ""),
 }
+
+
+def check_batching_setting(key: str, value: object, name: str | None = None) -> None:
+    """ConfigError, naming the setting as `name` (default: its serve option), for a value outside its range."""
+    option, kind, low, note = SERVING_CONFIG_KEYS[key]
+    name = name or option
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(name, value, "true or false")
+    elif kind is int:
+        _check_int(name, value, int(low), note=note)
+    else:
+        _check_float(name, value, low, note)
 
 
 @dataclass(frozen=True)
@@ -104,13 +122,8 @@ class BatchingConfig:
 
     def validate(self) -> "BatchingConfig":
         """Raise ConfigError for a setting outside its range; returns self."""
-        _check_int("--max-batch-tokens", self.max_batch_tokens, 1)
-        _check_int("--max-batch-size", self.max_batch_size, 1)
-        _check_float("--max-queue-delay-ms", self.max_queue_delay_ms, 0.0)
-        _check_float("--max-join-ms", self.max_join_ms, 0.0)
-        _check_float("--inline-max-ms", self.inline_max_ms, 0.0, " (0: never inline)")
-        if not isinstance(self.dispatch_when_idle, bool):
-            raise ConfigError("dispatch_when_idle (--always-wait)", self.dispatch_when_idle, "true or false")
+        for key in SERVING_CONFIG_KEYS:
+            check_batching_setting(key, getattr(self, key))
         return self
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 import threading
@@ -25,7 +24,7 @@ from typing import Any
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from seqserve.server.config import SERVING_CONFIG_KEYS
+from seqserve.server.config import SERVING_CONFIG_KEYS, ConfigError, check_batching_setting
 
 log = logging.getLogger(__name__)
 
@@ -593,12 +592,8 @@ class ModelRepository:
         for key, value in data.items():
             if key not in SERVING_CONFIG_KEYS:
                 raise RepositoryError(f"{path}: unknown setting {key!r}; known: {', '.join(SERVING_CONFIG_KEYS)}")
-            kind, minimum = SERVING_CONFIG_KEYS[key]
-            # bool is an int in Python: a flag must be a bool, a number must not be one
-            fits = isinstance(value, bool) if kind is bool else (
-                isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value) and value >= minimum)
-            if not fits:
-                number = "an integer" if kind is int else "a finite number"
-                wanted = "true or false" if kind is bool else f"{number} >= {minimum}"
-                raise RepositoryError(f"{path}: {key} = {json.dumps(value)}; it must be {wanted}")
+            try:
+                check_batching_setting(key, value, name=key)
+            except ConfigError as exc:
+                raise RepositoryError(f"{path}: {exc}") from None
         return data

@@ -178,11 +178,11 @@ def test_a_version_number_the_api_cannot_carry_is_no_version(tmp_path):
 
 
 @pytest.mark.parametrize("content, message", [
-    ('{"max_batch_tokens": "lots"}', 'max_batch_tokens = "lots"; it must be an integer >= 1'),
-    ('{"max_queue_delay_ms": -5}', "max_queue_delay_ms = -5; it must be a finite number >= 0"),
-    ('{"max_join_ms": Infinity}', "max_join_ms = Infinity; it must be a finite number >= 0"),
-    ('{"dispatch_when_idle": 1}', "dispatch_when_idle = 1; it must be true or false"),
-    ('{"max_batch_size": true}', "max_batch_size = true; it must be an integer >= 1"),
+    ('{"max_batch_tokens": "lots"}', "max_batch_tokens 'lots' is not valid: an integer of at least 1"),
+    ('{"max_queue_delay_ms": -5}', "max_queue_delay_ms -5 is not valid: a finite number of at least 0"),
+    ('{"max_join_ms": Infinity}', "max_join_ms inf is not valid: a finite number of at least 0"),
+    ('{"dispatch_when_idle": 1}', "dispatch_when_idle 1 is not valid: true or false"),
+    ('{"max_batch_size": true}', "max_batch_size True is not valid: an integer of at least 1"),
     ('{"max_batch_tokenz": 1}', "unknown setting 'max_batch_tokenz'; known: max_batch_tokens"),
     ("[1, 2]", "a JSON object of batching settings is expected, not a list"),
 ])  # fmt: skip
