@@ -178,11 +178,10 @@ class ModelManager:
             return self._status[key]
 
     def _build(self, version_dir: Any) -> ServedModel:
-        from seqserve.server.repository import check_location, load_model
+        from seqserve.server.repository import load_model
 
-        check_location(Manifest.read(version_dir), version_dir)  # these two before any session is opened
-        overrides = self.repository.serving_config(version_dir.parent.name)
-        loaded = load_model(version_dir, self.session_options)
+        overrides = self.repository.serving_config(version_dir.parent.name)  # checked before any session opens
+        loaded = load_model(version_dir, self.session_options, in_repository=True)
         batching = self.config.batching.with_overrides(overrides)
         workers = self.config.resolved_threads()[0]  # concurrent runs: the executor's size
         return ServedModel(loaded, self.executor, batching, self.config.limits, self.metrics, workers)

@@ -478,11 +478,16 @@ class LoadedModel:
     path: Path
 
 
-def load_model(version_dir: str | os.PathLike, options: SessionOptions | None = None) -> LoadedModel:
-    """Read a version's manifest, verify its files and open one onnxruntime session per graph."""
+def load_model(
+    version_dir: str | os.PathLike, options: SessionOptions | None = None, in_repository: bool = False
+) -> LoadedModel:
+    """Read a version's manifest, verify its files and open one onnxruntime session per graph. `in_repository`: the
+    folder is REPO/NAME/VERSION, and its manifest must name that model and version (check_location)."""
     options = options or SessionOptions()
     root = Path(version_dir)
     manifest = Manifest.read(root)
+    if in_repository:
+        check_location(manifest, root)
     if options.verify_hashes:
         verify_files(root, manifest)
     options.providers()  # a missing provider fails here, before any graph is opened
@@ -573,9 +578,7 @@ class ModelRepository:
         return manifest
 
     def load(self, name: str, version: int | None = None, options: SessionOptions | None = None) -> LoadedModel:
-        version_dir = self.version_dir(name, version)
-        check_location(Manifest.read(version_dir), version_dir)
-        return load_model(version_dir, options)
+        return load_model(self.version_dir(name, version), options, in_repository=True)
 
     def serving_config(self, name: str) -> dict[str, Any]:
         """REPO/NAME/config.json, checked (a model's batching settings, SERVING_CONFIG_KEYS), or {} when absent."""

@@ -80,9 +80,9 @@ def rpc_method(method: Callable[..., Awaitable]) -> Callable[..., Awaitable]:
             if state.draining and not while_draining:
                 raise Draining()
             response = await method(self, request, context)
-            limit = state.manager.config.limits.max_message_bytes
-            if response.ByteSize() > limit:  # gRPC would fail to send it, with a traceback in the log and no metric
-                raise AnswerOverLimit(response.ByteSize(), limit)
+            limit, size = state.manager.config.limits.max_message_bytes, response.ByteSize()
+            if size > limit:  # gRPC would fail to send it, with a traceback in the log and no metric
+                raise AnswerOverLimit(size, limit)
             return response
         except asyncio.CancelledError:
             state.metrics.errors.labels(name, _cancelled_code(deadline).name).inc()
