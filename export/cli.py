@@ -35,7 +35,7 @@ def version_number(text: str) -> int:
 
 
 def tolerance_value(text: str) -> float:
-    """argparse type: a finite tolerance above 0 and within export.pipeline.MAX_TOLERANCE."""
+    """argparse type: a finite tolerance above 0 and within export.parity.MAX_TOLERANCE."""
     from seqserve.export.pipeline import ExportError, check_tolerance
 
     try:

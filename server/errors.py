@@ -45,10 +45,11 @@ class InputTooLong(OneTextError):
         self.tokens, self.limit = tokens, limit
         super().__init__(index)
 
-    def about(self, subject: str) -> str:
+    def about(self, subject: str, truncation: str = "ask for truncation (TRUNCATION_TRUNCATE)") -> str:
+        """The message about `subject`; `truncation`: how this protocol asks to cut it to the limit."""
         return (
             f"{subject} has {self.tokens} tokens, over the model's limit of {self.limit} tokens "
-            "(max_tokens_per_text); shorten it or ask for truncation (TRUNCATION_TRUNCATE)"
+            f"(max_tokens_per_text); shorten it or {truncation}"
         )
 
 

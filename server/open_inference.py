@@ -92,12 +92,9 @@ def _token_limit(pairs: list[str] | None) -> Iterator[None]:
     try:
         yield
     except InputTooLong as exc:
-        what = f"elements {exc.index} of {TEXT} and {PAIR} together have" if pairs is not None else (
-            f"input {TEXT}: element {exc.index} has")
-        raise InvalidRequest(
-            f"{what} {exc.tokens} tokens, over the model's limit of {exc.limit} tokens; shorten it or set parameter "
-            "truncate (bool_param true) to cut it to the limit"
-        ) from None
+        subject = f"the pair of elements {exc.index} of {TEXT} and {PAIR}" if pairs is not None else (
+            f"input {TEXT}: element {exc.index}")
+        raise InvalidRequest(exc.about(subject, "set parameter truncate (bool_param true) to cut it to the limit"))
 
 
 @functools.cache

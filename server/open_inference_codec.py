@@ -9,7 +9,7 @@ import struct
 
 from seqserve.protos.inference import open_inference_pb2 as pb
 from seqserve.server.config import Limits
-from seqserve.server.errors import InvalidRequest, OptionOutOfRange
+from seqserve.server.errors import InvalidRequest, OptionOutOfRange, TextTooLong
 from seqserve.server.repository import VERSION_PATTERN
 from seqserve.server.served import ServedModel
 from seqserve.server.translation import DecodeOptions
@@ -120,10 +120,8 @@ def read_inputs(
             except UnicodeDecodeError as exc:
                 raise InvalidRequest(f"input {name}: element {j} is not UTF-8 ({exc.reason} at byte {exc.start})")
             if len(text) > limits.max_chars_per_text:
-                raise InvalidRequest(
-                    f"input {name}: element {j} has {len(text)} characters, over the limit of "
-                    f"{limits.max_chars_per_text} characters (max_chars_per_text)"
-                )
+                too_long = TextTooLong(len(text), limits.max_chars_per_text, j)
+                raise InvalidRequest(too_long.about(f"input {name}: element {j}"))
             texts.append(text)
         found[name] = (texts, shape)
     if TEXT not in found:

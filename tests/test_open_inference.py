@@ -279,7 +279,7 @@ def test_bad_requests_are_refused_with_what_was_wrong(stub, running):
     _refused(infer(**gru, inputs=[_text("text", ["a", "a " * 80])]), invalid,
              "input text: element 1 has 81 tokens, over the model's limit of 64 tokens", "set parameter truncate")
     _refused(infer(**bert, inputs=[_text("text", ["a " * 40]), _text("text_pair", ["b " * 40])]), invalid,
-             "elements 0 of text and text_pair together have", "over the model's limit of 32 tokens",
+             "the pair of elements 0 of text and text_pair has", "over the model's limit of 32 tokens",
              "set parameter truncate")  # fmt: skip
     shared = _text("text", ["a"])
     shared.parameters["shared_memory_region"].string_param = "region0"
