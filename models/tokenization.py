@@ -3,10 +3,14 @@
 A tokenizer is one `tokenizers.Tokenizer`, saved as ``tokenizer.json`` and read by the server with the same library.
 The pipeline, shared by every role:
 
-- normalizer: NFKC, whitespace runs folded to one space, ends stripped (so round trips hold up to whitespace);
+- normalizer: Unicode normalization, whitespace runs folded to one space, ends stripped. NFKC for what is only read
+  (``source``, ``bert``: "…" and "..." become one spelling); NFC for what a model writes (``target``, ``joint``), so
+  a translator can produce every character its references hold ("…", "½", "ﬁ") and a target round trip holds up to
+  whitespace. (Tokenizers trained before this kept NFKC on every role; their tokenizer.json keeps it.)
 - pre-tokenizer: BPE splits at spaces with a Metaspace marker (``▁``, SentencePiece style), isolates punctuation and
   single digits, so the decoder can rebuild the text exactly by concatenation; WordPiece uses BERT's whitespace and
-  punctuation split, digits kept together (decoding then puts spaces around some punctuation, as BERT's do);
+  punctuation split, digits kept together (decoding then puts spaces around punctuation, as BERT's do: "Jahr :",
+  so WordPiece is refused for the ``target`` and ``joint`` roles, whose decoded text is a translation);
 - model: BPE or WordPiece with the role's unknown token;
 - post-processor by role (docs/design.md "Special tokens"):
   ``source`` / ``joint``: ``$A </s>``; ``target``: none (the training code frames ``<s> y`` / ``y </s>``);
@@ -46,8 +50,12 @@ def _specials(role: str) -> dict[str, str]:
     return BERT_SPECIALS if role == "bert" else TRANSLATOR_SPECIALS
 
 
-def _normalizer() -> normalizers.Normalizer:
-    return normalizers.Sequence([normalizers.NFKC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Strip()])
+WRITTEN_ROLES: tuple[str, ...] = ("target", "joint")  # decoded into the text a translator answers
+
+
+def _normalizer(role: str) -> normalizers.Normalizer:
+    unicode = normalizers.NFC() if role in WRITTEN_ROLES else normalizers.NFKC()
+    return normalizers.Sequence([unicode, normalizers.Replace(Regex(r"\s+"), " "), normalizers.Strip()])
 
 
 def _build(kind: str, role: str) -> tuple[Tokenizer, trainers.Trainer]:
@@ -69,7 +77,7 @@ def _build(kind: str, role: str) -> tuple[Tokenizer, trainers.Trainer]:
         tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tokenizer.decoder = decoders.WordPiece(prefix=WORDPIECE_PREFIX, cleanup=True)
         trainer_cls = trainers.WordPieceTrainer
-    tokenizer.normalizer = _normalizer()
+    tokenizer.normalizer = _normalizer(role)
     return tokenizer, trainer_cls
 
 
@@ -101,6 +109,9 @@ def train_tokenizer(
         raise TokenizerError(f"unknown tokenizer kind {kind!r}; choose one of {', '.join(KINDS)}")
     if role not in ROLES:
         raise TokenizerError(f"unknown tokenizer role {role!r}; choose one of {', '.join(ROLES)}")
+    if kind == "wordpiece" and role in WRITTEN_ROLES:
+        raise TokenizerError(f"a {role} tokenizer cannot be WordPiece: its decoder puts spaces around punctuation, so "
+                             "translations would read 'Jahr :' for 'Jahr:'; use bpe for translators")
     specials = list(_specials(role).values())
     if vocab_size <= len(specials):
         raise TokenizerError(f"vocab_size={vocab_size} leaves no room beside {len(specials)} special tokens")
@@ -138,6 +149,9 @@ def train_translation_tokenizers(
     min_frequency: int = 2,
 ) -> tuple[Tokenizer, Tokenizer]:
     """Source and target tokenizers for a translator; with `joint` one tokenizer (the same object) serves both."""
+    if kind == "wordpiece":  # before the source's training: the target's would be refused after it
+        raise TokenizerError("translators cannot use WordPiece: its decoder puts spaces around punctuation, so "
+                             "translations would read 'Jahr :' for 'Jahr:'; use bpe")
     if joint:
         texts = (text for pair in pairs for text in pair)
         tokenizer = train_tokenizer(texts, kind, vocab_size, role="joint", min_frequency=min_frequency)

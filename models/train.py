@@ -72,7 +72,7 @@ class TrainConfig:
     max_len: int = 128  # longer training examples are dropped (tokens, per side)
     # tokenizers (used only when none are given)
     vocab_size: int = 8000
-    vocab_kind: str = "bpe"  # bpe | wordpiece (the tokenizers library's WordPiece trainer is not repeatable)
+    vocab_kind: str = "bpe"  # bpe | wordpiece (bert only; the tokenizers library's WordPiece trainer is not repeatable)
     joint_vocab: bool = False
     # optimisation
     token_budget: int = 4096  # padded tokens per batch
@@ -95,6 +95,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.arch not in (*TRANSLATOR_ARCHS, "bert"):
             raise TrainingError(f"unknown arch {self.arch!r}; known: {', '.join((*TRANSLATOR_ARCHS, 'bert'))}")
+        if self.vocab_kind not in ("bpe", "wordpiece"):
+            raise TrainingError(f"unknown vocab_kind {self.vocab_kind!r}; known: bpe, wordpiece")
+        if self.vocab_kind == "wordpiece" and self.arch != "bert":
+            raise TrainingError(f"vocab_kind wordpiece is for bert only: its decoder puts spaces around "
+                                f"punctuation, so a {self.arch} translator would write 'Jahr :' for 'Jahr:'; use bpe")
         if self.schedule not in SCHEDULES:
             raise TrainingError(f"unknown schedule {self.schedule!r}; known: {', '.join(SCHEDULES)}")
         for name in ("steps", "validate_every", "token_budget", "max_len", "vocab_size", "embed_size", "hidden_size",

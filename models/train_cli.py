@@ -40,8 +40,9 @@ def _add_common(parser: argparse.ArgumentParser, defaults: TrainConfig) -> None:
     vocab = parser.add_argument_group("vocabulary (trained on the training data)")
     vocab.add_argument("--vocab-size", type=int, default=defaults.vocab_size, help="tokenizer vocabulary size")
     vocab.add_argument("--vocab-kind", choices=("bpe", "wordpiece"), default=defaults.vocab_kind,
-                       help="tokenizer model. The tokenizers library's WordPiece trainer breaks ties in a random "
-                            "order (its vocabulary differs from run to run), so only bpe repeats a run bit for bit")
+                       help="tokenizer model; wordpiece for bert only (its decoding puts spaces around punctuation). "
+                            "The tokenizers library's WordPiece trainer breaks ties in a random order (its vocabulary "
+                            "differs from run to run), so only bpe repeats a run bit for bit")
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--token-budget", type=int, default=defaults.token_budget,
                      help="padded tokens per batch; batches group examples of similar length")

@@ -45,10 +45,34 @@ def wordpiece_bert() -> Tokenizer:
     return train_tokenizer(CORPUS, kind="wordpiece", vocab_size=300, role="bert")
 
 
-@pytest.mark.parametrize("kind", ["bpe", "wordpiece"])
-def test_translator_special_ids_are_fixed(kind: str) -> None:
-    tokenizer = train_tokenizer(CORPUS, kind=kind, vocab_size=200, role="target")
+@pytest.mark.parametrize("kind, role", [("bpe", "target"), ("bpe", "joint"), ("wordpiece", "source")])
+def test_translator_special_ids_are_fixed(kind: str, role: str) -> None:
+    tokenizer = train_tokenizer(CORPUS, kind=kind, vocab_size=200, role=role)
     assert special_token_ids(tokenizer) == {"pad": 0, "bos": 1, "eos": 2, "unk": 3}
+
+
+@pytest.mark.parametrize("role", ["target", "joint"])
+def test_wordpiece_is_refused_where_a_translation_is_decoded(role: str) -> None:
+    # Its decoder puts spaces around punctuation: a perfect translator would lose ~10 BLEU to its own tokenizer.
+    with pytest.raises(TokenizerError, match="spaces around punctuation.*use bpe"):
+        train_tokenizer(CORPUS, kind="wordpiece", vocab_size=200, role=role)
+    with pytest.raises(TokenizerError, match="translators cannot use WordPiece"):
+        train_translation_tokenizers(list(zip(ENGLISH, GERMAN)) * 4, "wordpiece", 200, joint=role == "joint")
+
+
+COMPATIBILITY_TEXT = "Warte… das kostet ½ Euro, die ﬁrma sagt „ja“ – x²."
+
+
+@pytest.mark.parametrize("joint", [False, True])
+def test_a_target_keeps_the_characters_a_reference_holds(joint: bool) -> None:
+    # NFKC would turn "…" into "...", "½" into "1⁄2", "ﬁ" into "fi", "²" into "2": a translator could never write
+    # them and BLEU would be scored against references that hold them. The target side normalizes with NFC.
+    pairs = [(e, g) for e, g in zip(ENGLISH, GERMAN)] * 4 + [("Wait... it costs half.", COMPATIBILITY_TEXT)] * 4
+    source, target = train_translation_tokenizers(pairs, "bpe", 300, joint=joint, min_frequency=1)
+    ids = target.encode(COMPATIBILITY_TEXT, add_special_tokens=False).ids
+    assert target.decode(ids) == COMPATIBILITY_TEXT
+    if not joint:  # the source, only read, folds compatibility forms together
+        assert source.normalizer.normalize_str("Warte… ﬁ") == "Warte... fi"
 
 
 @pytest.mark.parametrize("kind", ["bpe", "wordpiece"])

@@ -38,7 +38,8 @@ def _train(data: Path, output: Path, *extra: str) -> int:
 
 
 @pytest.mark.parametrize("option, value", [("--steps", "0"), ("--dropout", "1.5"), ("--lr", "-1"),
-                                           ("--threads", "-1"), ("--hidden-size", "0")])  # fmt: skip
+                                           ("--threads", "-1"), ("--hidden-size", "0"),
+                                           ("--vocab-kind", "wordpiece")])  # fmt: skip
 def test_impossible_option_values_are_usage_errors(data, capsys, option, value):
     assert _train(data, data / "ckpt", option, value) == 2
     err = capsys.readouterr().err
