@@ -68,7 +68,7 @@ class TrainConfig:
     dropout: float = 0.1
     attention: str = "general"  # RNN attention score
     peephole: bool = False  # LSTM gates see the cell state
-    norm: str = "pre"  # Transformer/BERT layer norm placement
+    norm: str = "pre"  # the Transformer translator's layer norm placement (BERT is post-norm)
     max_len: int = 128  # longer training examples are dropped (tokens, per side)
     # tokenizers (used only when none are given)
     vocab_size: int = 8000

@@ -86,9 +86,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rnn = translator.add_argument_group("RNN and Transformer options")
     rnn.add_argument("--embed-size", type=int, default=defaults.embed_size, help="embedding size of the RNN")
     rnn.add_argument("--attention", choices=ATTENTIONS, default=defaults.attention,
-                     help="RNN attention score: dot, general (bilinear), additive (Bahdanau), scaled_dot")
+                     help="RNN attention score (Luong-style, queried by the decoder output after its step): dot, "
+                          "general (bilinear), additive (Bahdanau's score), scaled_dot; over a birnn encoder dot and "
+                          "scaled_dot gain a key projection, as general has")
     rnn.add_argument("--peephole", action="store_true", help="LSTM gates also see the cell state (lstm archs only)")
-    rnn.add_argument("--norm", choices=("pre", "post"), default=defaults.norm, help="Transformer layer-norm placement")
+    rnn.add_argument("--norm", choices=("pre", "post"), default=defaults.norm,
+                     help="Transformer layer-norm placement (pre: x + f(LN(x)) with a final LayerNorm; post: the "
+                          "paper's LN(x + f(x)))")
     rnn.add_argument("--joint-vocab", action="store_true", help="one vocabulary shared by source and target")
     rnn.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing,
                      help="label smoothing of the cross-entropy (0 = none)")
