@@ -109,6 +109,26 @@ def test_resume_continues_identically(tmp_path, reversal_tokenizers, arch):
         torch.testing.assert_close(b["model"][name], tensor, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("arch", ["gru", "transformer"])
+def test_gradients_are_clipped_to_the_global_norm_before_each_step(tmp_path, reversal_tokenizers, arch, monkeypatch):
+    # A spy on the real optimizer (not a stand-in): what Adam.step sees is the clipped gradient of every parameter.
+    seen: list[float] = []
+    step = torch.optim.Adam.step
+
+    def spying_step(self, *args, **kwargs):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        seen.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", spying_step)
+    clip = 0.05  # far below these tiny models' gradient norms (0.3-3 at the start)
+    config = dataclasses.replace(S.TINY_TRANSLATOR, arch=arch, **S.TINY_OVERRIDES.get(arch, {}))
+    config = dataclasses.replace(config, steps=6, validate_every=6, bleu_sample=0, clip_norm=clip)
+    T.train_translator(config, S.reversal_pairs(300, 0), S.reversal_pairs(20, 1), tmp_path, reversal_tokenizers)
+    assert len(seen) == 6
+    assert all(n == pytest.approx(clip, rel=1e-4) for n in seen), seen  # each step's gradient was larger, and cut
+
+
 def test_same_seed_repeats_a_run(tmp_path, reversal_tokenizers):
     first = _short_run("gru", tmp_path / "a", 15, reversal_tokenizers)
     second = _short_run("gru", tmp_path / "b", 15, reversal_tokenizers)
