@@ -144,8 +144,10 @@ class Batcher:
 
     @property
     def queued(self) -> int:
-        """Sequences waiting: in the queue, and in batches no worker has taken up yet."""
-        return len(self._queue) + sum(len(batch) for batch in self._waiting.values())
+        """Sequences waiting: in the queue, and in batches no worker has taken up yet (read under the lock: workers
+        take batches out of _waiting while the event loop asks)."""
+        with self._lock:
+            return len(self._queue) + sum(len(batch) for batch in self._waiting.values())
 
     async def submit(self, jobs: list[tuple[Any, int, int]], deadline: float | None) -> list[Any]:
         """Queue (job, length, cost) triples and wait for all; cancellation of the caller drops them from work."""
