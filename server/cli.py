@@ -117,18 +117,30 @@ async def serve(config: ServerConfig, repository: ModelRepository) -> int:
     server, port = create_server(config, repository)
     loop = asyncio.get_running_loop()
     stopping: list[asyncio.Task] = []
+    starting = loop.create_task(server.start())
+
+    async def stop_starting() -> None:
+        """A signal before ready: stop loading (a load under way finishes and is dropped), serve nothing, stop."""
+        starting.cancel()
+        await asyncio.gather(starting, return_exceptions=True)
+        await server.drain(delay=0)  # nothing was served: no load balancer to wait for
 
     def on_signal(signame: str) -> None:
         if not stopping:
-            log.info("%s received", signame)
-            stopping.append(loop.create_task(server.drain()))
+            log.info("%s received%s", signame, "" if starting.done() else " while starting: not serving")
+            stopping.append(loop.create_task(server.drain() if starting.done() else stop_starting()))
         elif server.skip_drain_delay():  # a second signal: on to the grace period at once
             log.info("%s received again: skipping the rest of the drain delay", signame)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig.name)
-    await server.start()
-    log.info("ready: gRPC port %d, metrics port %s", port, server.metrics_port)
+    try:
+        await asyncio.shield(starting)  # a signal cancels the start, not this wait
+    except asyncio.CancelledError:
+        if not stopping:
+            raise
+    if not stopping:
+        log.info("ready: gRPC port %d, metrics port %s", port, server.metrics_port)
     await server.wait_stopped()
     return 0
 

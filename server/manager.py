@@ -11,7 +11,7 @@ import asyncio
 import logging
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Awaitable, Coroutine
 
 from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer
@@ -61,7 +61,7 @@ class ModelManager:
         self._served: dict[tuple[str, int], ServedModel] = {}
         self._status: dict[tuple[str, int], VersionStatus] = {}
         self._locks: dict[tuple[str, int], asyncio.Lock] = {}
-        self._unloading: set[asyncio.Task] = set()  # unloads that outlive their callers (see unload)
+        self._background: set[asyncio.Task] = set()  # loads and unloads that outlive their callers (see load)
 
     # ---------------------------------------------------------------------------------------------------------
     # Lookup
@@ -148,11 +148,22 @@ class ModelManager:
             return
 
     async def load(self, name: str, version: int = 0) -> VersionStatus:
-        """Load a version (0: the repository's highest); a failure is recorded as FAILED and raised."""
+        """Load a version (0: the repository's highest); a failure is recorded as FAILED and raised. The load runs to
+        its end, READY or FAILED, even when the caller stops waiting (a LoadModel past its deadline): a cancelled one
+        left the version LOADING for good, every request told to retry."""
         version_dir = self.repository.version_dir(name, version or None)  # ModelNotFound when absent
-        key = (name, int(version_dir.name))
-        lock = self._locks.setdefault(key, asyncio.Lock())
-        async with lock:
+        return await self._outliving(self._load(name, (name, int(version_dir.name)), version_dir))
+
+    def _outliving(self, work: Coroutine[Any, Any, VersionStatus]) -> Awaitable[VersionStatus]:
+        """`work` as a task the caller's cancellation does not reach; close() waits for it."""
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(_settled)
+        task.add_done_callback(self._background.discard)
+        return asyncio.shield(task)
+
+    async def _load(self, name: str, key: tuple[str, int], version_dir: Any) -> VersionStatus:
+        async with self._locks.setdefault(key, asyncio.Lock()):
             if key in self._served:
                 return self._status[key]
             self._status[key] = VersionStatus(key[0], key[1], LOADING)
@@ -197,10 +208,7 @@ class ModelManager:
             if exc.state in (AVAILABLE, FAILED):
                 return self.status(exc.name, exc.version)
             raise  # LOADING or UNLOADING: the client may retry
-        task = asyncio.ensure_future(self._unload(served))
-        self._unloading.add(task)
-        task.add_done_callback(self._unloading.discard)
-        return await asyncio.shield(task)
+        return await self._outliving(self._unload(served))
 
     async def _unload(self, served: ServedModel) -> VersionStatus:
         name, key = served.name, (served.name, served.version)
@@ -214,7 +222,7 @@ class ModelManager:
             return self.status(*key)
 
     async def close(self) -> None:
-        await asyncio.gather(*self._unloading, return_exceptions=True)
+        await asyncio.gather(*self._background, return_exceptions=True)
         for key in list(self._served):
             served = self._served.pop(key)
             await served.batcher.close()
@@ -223,3 +231,10 @@ class ModelManager:
         ready = any(n == name for (n, _) in self._served)
         await self.health.set(name, SERVING if ready else NOT_SERVING)
         self.metrics.models_ready.set(len(self._served))
+
+
+def _settled(task: asyncio.Task) -> None:
+    """Mark a background task's failure as seen: a caller that stopped waiting was told nothing, and the failure is
+    already recorded (FAILED, logged); asyncio would otherwise log it again as never retrieved."""
+    if not task.cancelled():
+        task.exception()

@@ -80,6 +80,28 @@ def test_sigterm_drains_without_losing_in_flight_requests(tiny_repository):
     assert any(m.startswith("draining") for m in messages)
 
 
+def test_sigterm_while_the_models_load_stops_the_start_and_exits(tiny_repository):
+    """A signal before ready (a pod deleted while starting): the start stops, nothing is served or announced, the
+    process exits. It went on loading, logged "ready" after "stopped", and hung with its port unanswered."""
+    root = tiny_repository if isinstance(tiny_repository, Path) else Path(tiny_repository.root)
+    proc = _serve(root, "--grace-period", "5", "--drain-delay", "30")  # the delay must not apply: nothing served
+    lines: list[str] = []
+    try:
+        for line in proc.stderr:
+            lines.append(line)
+            if " is READY " in line:  # the first of the repository's versions: the others are still to load
+                proc.send_signal(signal.SIGTERM)
+                break
+        assert proc.wait(timeout=30) == 0, "".join(lines)
+        lines.extend(proc.stderr)
+        log = "".join(lines)
+        assert "SIGTERM received while starting: not serving" in log and "stopped" in log
+        assert "ready: gRPC port" not in log and "Traceback" not in log and "never awaited" not in log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 def test_an_open_health_watch_ends_at_sigterm_and_does_not_hold_the_shutdown(tiny_repository):
     """A load balancer's Watch stream gets NOT_SERVING, then its end; the process does not wait out the grace."""
     root = tiny_repository if isinstance(tiny_repository, Path) else Path(tiny_repository.root)

@@ -124,6 +124,33 @@ def test_an_unload_whose_caller_gives_up_still_completes(models, inference):
     assert models.LoadModel(pb.LoadModelRequest(model=spec)).state == pb.MODEL_STATE_READY
 
 
+def test_a_load_whose_caller_gives_up_still_ends_ready(running, models, inference):
+    """LoadModel past its deadline while the sessions open: the load goes on to READY (it was left LOADING for good,
+    every request told "retry shortly", until someone loaded it again)."""
+    import asyncio
+
+    from seqserve.server.manager import LOADING
+
+    spec = pb.ModelSpec(name="tiny-birnn")
+    models.UnloadModel(pb.UnloadModelRequest(model=spec))
+    manager = running.server.manager
+
+    async def load_and_give_up() -> str:
+        caller = asyncio.ensure_future(manager.load("tiny-birnn"))
+        while manager.status("tiny-birnn", 1).state != LOADING:  # the sessions are opening in a worker thread
+            await asyncio.sleep(0.001)
+        caller.cancel()  # what gRPC does to a handler whose deadline passed
+        await asyncio.gather(caller, return_exceptions=True)
+        return manager.status("tiny-birnn", 1).state
+
+    assert running.call(load_and_give_up()) == LOADING  # given up while loading
+    deadline = time.monotonic() + 30
+    while (state := _state(models, "tiny-birnn")) == pb.MODEL_STATE_LOADING and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert state == pb.MODEL_STATE_READY
+    assert len(inference.Translate(pb.TranslateRequest(model=spec, texts=["c b a"])).translations) == 1
+
+
 def test_unloading_a_version_that_is_not_loaded_leaves_it_as_it_is(models):
     spec = pb.ModelSpec(name="tiny-lstm-int8")
     unloads = [models.UnloadModel(pb.UnloadModelRequest(model=spec)) for _ in range(3)]  # the first one unloads
