@@ -6,6 +6,7 @@ into a (code, message) pair, used by the servicers for whole RPCs and by Transla
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import grpc
@@ -205,3 +206,19 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
     log.exception("internal error while serving a request", exc_info=exc)
     return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); the server log has the details"
+
+
+async def abort_call(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
+    """`context.abort(code, message)` for a call that may have ended meanwhile: when its deadline passed first, gRPC's
+    core can no longer send a status and raised an internal error that it logged with a traceback, one per request of
+    a short-deadline storm (the client had its DEADLINE_EXCEEDED already). Such a call unwinds as cancelled."""
+    try:
+        await context.abort(code, message)
+    except grpc.aio.AbortError:
+        raise  # the normal way out: gRPC sends the status
+    except Exception:
+        remaining = context.time_remaining()
+        if not (context.done() or context.cancelled() or (remaining is not None and remaining <= 0)):
+            raise
+        log.debug("%s not sent: the call had ended (%s)", code.name, message)
+        raise asyncio.CancelledError() from None

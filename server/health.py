@@ -13,6 +13,7 @@ import grpc
 from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer
 
+from seqserve.server.errors import abort_call
 from seqserve.server.repository import shown_name
 
 SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
@@ -27,7 +28,7 @@ class Health(HealthServicer):
     async def Check(self, request: health_pb2.HealthCheckRequest, context) -> health_pb2.HealthCheckResponse:
         if request.service not in self._server_status:
             models = sorted(s for s in self._server_status if s)
-            await context.abort(
+            await abort_call(context, 
                 grpc.StatusCode.NOT_FOUND,
                 f"no health service {shown_name(request.service)!r}: ask for '' (the server) or a model's name "
                 f"({', '.join(models) or 'none in the repository'})",

@@ -26,6 +26,7 @@ from google.protobuf.message import DecodeError
 
 from seqserve.protos.v1 import seqserve_pb2 as pb
 from seqserve.server.config import ADMIN_TOKEN_ENV
+from seqserve.server.errors import abort_call
 
 if TYPE_CHECKING:
     from seqserve.server.config import ServerConfig
@@ -131,7 +132,7 @@ class ParseErrorsInterceptor(grpc.aio.ServerInterceptor):
             except _UnparsableItem as exc:
                 # TranslateStream counts each item as a request: the unparsable one, as an unknown model's.
                 _count_refusal(metrics, name, "other", grpc.StatusCode.INVALID_ARGUMENT)
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+                await abort_call(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
         return grpc.stream_stream_rpc_method_handler(
             guarded, request_deserializer=cls._safe(handler, f"stream item of {what}"),
@@ -146,7 +147,7 @@ class ParseErrorsInterceptor(grpc.aio.ServerInterceptor):
         async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
             if isinstance(request, _Unparsable):
                 _count_refusal(metrics, name, model, grpc.StatusCode.INVALID_ARGUMENT)
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+                await abort_call(context, grpc.StatusCode.INVALID_ARGUMENT, request.message)
             return await behaviour(request, context)
 
         return grpc.unary_unary_rpc_method_handler(
@@ -211,7 +212,7 @@ class AdminAccessInterceptor(grpc.aio.ServerInterceptor):
             _count_refusal(metrics, name, "other", code)
             log.warning("%s from %s refused: %s %s", name, context.peer(), code.name, message,
                         extra={"rpc": name, "code": code.name})  # fmt: skip
-            await context.abort(code, message)
+            await abort_call(context, code, message)
 
         # No deserializer: the request's bytes are never parsed for a caller that may not send it.
         return grpc.unary_unary_rpc_method_handler(refuse)

@@ -16,7 +16,7 @@ import grpc
 
 from seqserve.protos.v1 import seqserve_pb2 as pb
 from seqserve.protos.v1 import seqserve_pb2_grpc as pb_grpc
-from seqserve.server.errors import AnswerOverLimit, Draining, InvalidRequest, OneTextError, status_of
+from seqserve.server.errors import AnswerOverLimit, Draining, InvalidRequest, OneTextError, abort_call, status_of
 from seqserve.server.manager import ModelManager, VersionStatus
 from seqserve.server.metrics import Metrics
 from seqserve.server.repository import shown_name
@@ -92,7 +92,7 @@ def rpc_method(method: Callable[..., Awaitable]) -> Callable[..., Awaitable]:
             state.metrics.errors.labels(name, code.name).inc()
             log.info("%s for %s: %s %s", name, model or "-", code.name, message,
                      extra={"rpc": name, "model": model, "code": code.name})  # fmt: skip
-            await context.abort(code, message)
+            await abort_call(context, code, message)
         finally:
             seconds = time.monotonic() - started
             state.metrics.latency.labels(name).observe(seconds)
@@ -204,7 +204,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             code, message = status_of(Draining())
             state.metrics.requests.labels("TranslateStream", "other").inc()  # counted as an item refused
             state.metrics.errors.labels("TranslateStream", code.name).inc()
-            await context.abort(code, message)
+            await abort_call(context, code, message)
         slots = asyncio.Semaphore(state.manager.config.limits.stream_read_ahead)
         deadline = deadline_of(context)
         done: asyncio.Queue[pb.TranslateStreamResponse | None] = asyncio.Queue()
