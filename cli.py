@@ -8,10 +8,11 @@ module is imported, so `seqserve serve` never imports torch.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import sys
-from typing import Sequence
+from typing import Iterator, Sequence
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -28,6 +29,23 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("seqserve.server.cli", "serve a model repository over gRPC"),
     "batch": ("seqserve.server.batch", "batch translation of a file in-process, locally or on Ray Data"),
 }
+
+# Top-level modules of the [train] extra (training and export); a core-only install (`pip install .`, the Docker
+# runtime image) lacks them.
+TRAIN_EXTRA_MODULES = frozenset(
+    {"torch", "onnx", "onnxscript", "sacrebleu", "safetensors", "transformers", "sentencepiece"}
+)
+
+
+class MissingExtra(Exception):
+    """A subcommand's module needs a dependency of the [train] extra that is not installed."""
+
+    def __init__(self, command: str, module: str) -> None:
+        self.command, self.module = command, module
+        super().__init__(
+            f"seqserve {command}: needs the training/export extra (torch, onnx, sacrebleu): "
+            f"pip install '.[train]' (missing: {module})"
+        )
 
 
 def _top_parser() -> argparse.ArgumentParser:
@@ -48,14 +66,29 @@ def _version() -> str:
     return f"seqserve {__version__}"
 
 
+@contextlib.contextmanager
+def _train_extra_of(command: str) -> Iterator[None]:
+    """Turn the ImportError of a missing [train] dependency into MissingExtra; any other ImportError stays itself."""
+    try:
+        yield
+    except ImportError as exc:
+        # Only a missing optional dependency is the user's to install; a broken seqserve module keeps its traceback.
+        missing = (exc.name or "").partition(".")[0]
+        if missing not in TRAIN_EXTRA_MODULES:
+            raise
+        raise MissingExtra(command, missing) from exc
+
+
 def build_command_parser(name: str) -> tuple[argparse.ArgumentParser, object]:
-    """The full parser of one subcommand and the module that runs it."""
+    """The full parser of one subcommand and the module that runs it (MissingExtra where it needs the [train] extra)."""
     module_name, text = COMMANDS[name]
-    module = importlib.import_module(module_name)
     parser = argparse.ArgumentParser(
         prog=f"seqserve {name}", description=text, formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    module.add_arguments(parser)
+    # Some modules import their dependencies in add_arguments or run rather than at the top.
+    with _train_extra_of(name):
+        module = importlib.import_module(module_name)
+        module.add_arguments(parser)
     return parser, module
 
 
@@ -64,12 +97,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not argv or argv[0] not in COMMANDS:
         _top_parser().parse_args(argv[:1] or ["--help"])
         return 2
-    parser, module = build_command_parser(argv[0])
-    args = parser.parse_args(argv[1:])
-    # A default for every command; a command with its own logging options reconfigures with force=True.
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return int(module.run(args) or 0)
-
+    try:
+        parser, module = build_command_parser(argv[0])
+        args = parser.parse_args(argv[1:])
+        # A default for every command; a command with its own logging options reconfigures with force=True.
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        with _train_extra_of(argv[0]):
+            return int(module.run(args) or 0)
+    except MissingExtra as exc:
+        print(exc, file=sys.stderr)
+        return 2
 
 if __name__ == "__main__":
     sys.exit(main())

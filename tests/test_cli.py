@@ -64,3 +64,51 @@ def test_device_id_reaches_the_server_config_and_the_batch_job() -> None:
     args = parser.parse_args(["translate", "in.txt", "out.txt", "--repository", "repo", "--model", "m",
                               "--device", "cuda", "--device-id", "2"])  # fmt: skip
     assert job_from_args(args).device_id == 2
+
+
+# Runs `seqserve ARGS` in a process where the named top-level modules cannot be imported, as in a core-only install.
+WITHOUT_MODULES = """
+import importlib.abc, sys
+blocked = set(sys.argv[1].split(","))
+
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if any(name == b or name.startswith(b + ".") for b in blocked):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, Block())
+from seqserve.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def _run_without(modules: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", WITHOUT_MODULES, modules, *args],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "import-hf", "export", "export-hf"])
+@pytest.mark.parametrize("args", [["--help"], []], ids=["help", "use"])
+def test_training_commands_without_the_train_extra_say_how_to_install_it(command: str, args: list[str]) -> None:
+    out = _run_without("torch,sacrebleu,onnx", command, *args)
+    assert out.returncode == 2, out.stderr
+    assert out.stdout == ""
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert lines[0].startswith(f"seqserve {command}: needs the training/export extra")
+    assert "pip install '.[train]'" in lines[0]
+    assert "(missing: " in lines[0] and "Traceback" not in out.stderr
+
+
+def test_train_without_torch_names_torch() -> None:
+    out = _run_without("torch", "train", "--help")
+    assert out.returncode == 2
+    assert out.stderr.strip() == ("seqserve train: needs the training/export extra (torch, onnx, sacrebleu): "
+                                  "pip install '.[train]' (missing: torch)")  # fmt: skip
+
+
+def test_a_broken_seqserve_module_keeps_its_traceback() -> None:
+    out = _run_without("seqserve.models", "train", "--help")
+    assert out.returncode == 1
+    assert "Traceback" in out.stderr and "ModuleNotFoundError" in out.stderr
