@@ -8,6 +8,8 @@ is READY. Requests naming version 0 get the highest READY version.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import gc
 import logging
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -208,16 +210,22 @@ class ModelManager:
             if exc.state in (AVAILABLE, FAILED):
                 return self.status(exc.name, exc.version)
             raise  # LOADING or UNLOADING: the client may retry
-        return await self._outliving(self._unload(served))
+        key = (served.name, served.version)
+        del served  # the sessions' memory goes back when _unload drops the last reference
+        return await self._outliving(self._unload(key))
 
-    async def _unload(self, served: ServedModel) -> VersionStatus:
-        name, key = served.name, (served.name, served.version)
+    async def _unload(self, key: tuple[str, int]) -> VersionStatus:
+        name = key[0]
         async with self._locks.setdefault(key, asyncio.Lock()):
-            self._served.pop(key, None)
+            served = self._served.pop(key, None)
+            if served is None:  # unloaded meanwhile by another caller
+                return self.status(*key)
             self._status[key] = VersionStatus(key[0], key[1], UNLOADING, manifest=served.manifest)
             await self._update_health(name)
             await served.batcher.close()
             self._status.pop(key, None)
+            del served
+            await asyncio.get_running_loop().run_in_executor(None, release_freed_memory)
             log.info("model %s version %d unloaded", key[0], key[1])
             return self.status(*key)
 
@@ -231,6 +239,26 @@ class ModelManager:
         ready = any(n == name for (n, _) in self._served)
         await self.health.set(name, SERVING if ready else NOT_SERVING)
         self.metrics.models_ready.set(len(self._served))
+
+
+def release_freed_memory() -> None:
+    """Collect the unloaded version's objects and hand the freed heap back to the system. glibc keeps what the
+    sessions freed in the arenas of the threads that allocated it (loads run in worker threads): measured, each
+    unload/load cycle of make serve's en-de added ~30-50 MB of resident memory that was never reused (188 MB, then
+    1343 MB after 80 cycles), all of it returned by malloc_trim. Elsewhere than glibc, only the collection."""
+    gc.collect()
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
+
+def _find_malloc_trim() -> Any:
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc's; absent from musl, macOS, Windows
+    except (AttributeError, OSError):
+        return None
+
+
+_malloc_trim = _find_malloc_trim()
 
 
 def _settled(task: asyncio.Task) -> None:
