@@ -30,6 +30,10 @@ FAMILIES: dict[str, tuple[str, str, str]] = {
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 METRICS_FILE = "metrics.json"
+# What `seqserve evaluate` (models/evaluate.py) merges into metrics.json: scores of the weights it read, stale once
+# new weights are saved. Training's own keys (dev_*, step, train_loss, steps_trained, ...) are not among them.
+EVALUATION_KEYS = frozenset({"bleu", "chrf", "exact_match", "mlm_accuracy", "nsp_accuracy"})
+EVALUATION_PREFIX = "eval_"
 TOKENIZER_FILES = {"source": "source_tokenizer.json", "target": "target_tokenizer.json", "text": "tokenizer.json"}
 # The tokenizers each family needs: a checkpoint without one is incomplete.
 FAMILY_TOKENIZERS = {"rnn": ("source", "target"), "transformer": ("source", "target"), "bert": ("text",)}
@@ -114,9 +118,12 @@ def save_checkpoint(
     tokenizers: dict[str, Tokenizer],
     metrics: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a checkpoint folder (weights, config, tokenizers, metrics)."""
+    """Write a checkpoint folder (weights, config, tokenizers, metrics); the evaluation scores of the weights it
+    replaces leave metrics.json."""
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
+    # Before the weights change, so that metrics.json never shows old scores beside new weights (--resume, export).
+    _forget_evaluation(path)
     family = family_of(model)
     config = model.config
     _write_json(path / CONFIG_FILE, {"family": family, "config": dataclasses.asdict(config)})
@@ -140,6 +147,21 @@ def save_metrics(directory: str | os.PathLike, metrics: dict[str, Any]) -> None:
     current = json.loads(path.read_text()) if path.exists() else {}
     current.update(metrics)
     _write_json(path, current)
+
+
+def is_evaluation_key(key: str) -> bool:
+    """Whether a metrics.json key is a score `seqserve evaluate` gave particular weights."""
+    return key in EVALUATION_KEYS or key.startswith(EVALUATION_PREFIX)
+
+
+def _forget_evaluation(directory: Path) -> None:
+    path = directory / METRICS_FILE
+    if not path.exists():
+        return
+    current = json.loads(path.read_text())
+    kept = {k: v for k, v in current.items() if not is_evaluation_key(k)}
+    if kept != current:
+        _write_json(path, kept)
 
 
 def _read_json(path: Path) -> Any:

@@ -284,3 +284,33 @@ def test_batch_stream_resumes_at_its_position():
     second = BatchStream(lengths, 200, seed=1, position=first.position)
     assert head + [next(second) for _ in range(63)] == expected
     assert second.position.epoch >= 1 and isinstance(second.position, BatchPosition)
+
+
+def _evaluate_and_save(checkpoint: Path, tmp_path: Path, capsys) -> dict:
+    """Run `seqserve evaluate` as a user would: its scores merge into the checkpoint's metrics.json."""
+    tsv = tmp_path / "test.tsv"
+    tsv.write_text("".join(f"{s}\t{t}\n" for s, t in S.reversal_pairs(10, 7)), encoding="utf-8")
+    assert cli_main(["evaluate", str(checkpoint), "--tsv", str(tsv)]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_resuming_into_new_weights_drops_the_old_weights_evaluation(tmp_path, reversal_tokenizers, capsys):
+    run = tmp_path / "run"
+    _short_run("lstm", run, 20, reversal_tokenizers)
+    evaluated = _evaluate_and_save(run, tmp_path, capsys)
+    before = json.loads((run / "metrics.json").read_text())
+    assert set(evaluated) <= set(before) and "bleu" in before and "eval_sentences" in before
+    _short_run("lstm", run, 60, reversal_tokenizers, resume=True)
+    after = json.loads((run / "metrics.json").read_text())
+    assert after["step"] > before["step"]  # new best weights were saved
+    assert not set(evaluated) & set(after), after
+    assert after["steps_trained"] == 60 and "dev_loss" in after and "dev_bleu" in after  # training's own stay
+
+
+def test_evaluation_stays_while_the_weights_do(tmp_path, reversal_tokenizers, capsys):
+    run = tmp_path / "run"
+    _short_run("lstm", run, 20, reversal_tokenizers)
+    evaluated = _evaluate_and_save(run, tmp_path, capsys)
+    _short_run("lstm", run, 20, reversal_tokenizers, resume=True)  # nothing left to train: the weights stay
+    after = json.loads((run / "metrics.json").read_text())
+    assert {k: after[k] for k in evaluated} == evaluated
