@@ -88,7 +88,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantize", choices=["int8"], default=None,
                         help="onnxruntime dynamic int8 quantization (per-channel weights), gated on task quality "
                              "(docs/training.md, int8 gates)")
-    parser.add_argument("--no-optimize", dest="optimize", action="store_false",
+    parser.set_defaults(optimize=True)  # SUPPRESS below: the help must not read "(default: True)"
+    parser.add_argument("--no-optimize", dest="optimize", action="store_false", default=argparse.SUPPRESS,
                         help="skip onnxruntime's offline transformer optimizer (BERT and Transformer graphs)")
     parser.add_argument("--tolerance", type=tolerance_value, default=DEFAULT_TOLERANCE,
                         help=f"largest absolute difference allowed between onnxruntime and PyTorch outputs, above 0 "

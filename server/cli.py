@@ -57,7 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-queue-delay-ms", type=float, default=bat.max_queue_delay_ms,
                         help="with --always-wait, how long a request waits for others to batch with; otherwise how "
                              "long a sentence a running decode leaves waiting gets before a batch of its own")
-    parser.add_argument("--always-wait", dest="dispatch_when_idle", action="store_false",
+    parser.set_defaults(dispatch_when_idle=True)  # SUPPRESS below: the help must not read "(default: True)"
+    parser.add_argument("--always-wait", dest="dispatch_when_idle", action="store_false", default=argparse.SUPPRESS,
                         help="wait --max-queue-delay-ms for company even when a worker is free (by default a "
                              "request starts at once then, and gathers with others only while the workers are "
                              "busy)")  # fmt: skip

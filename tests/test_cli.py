@@ -112,3 +112,21 @@ def test_a_broken_seqserve_module_keeps_its_traceback() -> None:
     out = _run_without("seqserve.models", "train", "--help")
     assert out.returncode == 1
     assert "Traceback" in out.stderr and "ModuleNotFoundError" in out.stderr
+
+
+OFF_BY_DEFAULT_FLAGS = [("serve", "--always-wait", "dispatch_when_idle", ["--repository", "repo"]),
+                        ("export", "--no-optimize", "optimize", ["--repository", "repo", "--name", "m", "ckpt"]),
+                        ("export-hf", "--no-optimize", "optimize", ["--repository", "repo", "--name", "m", "hf"])]
+
+
+@pytest.mark.parametrize("command, flag, dest, required", OFF_BY_DEFAULT_FLAGS)
+def test_an_off_by_default_flag_shows_no_default_true(command: str, flag: str, dest: str, required: list[str]) -> None:
+    parser, _ = build_command_parser(command)
+    lines = parser.format_help().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.lstrip().startswith(flag))
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].lstrip().startswith("-")), len(lines))
+    entry = " ".join(" ".join(lines[start:end]).split())  # the flag's own help, on one line
+    assert entry.startswith(flag) and "default: True" not in entry, entry
+    # The parsed values are unchanged: the destination is True without the flag, False with it.
+    assert getattr(parser.parse_args(required), dest) is True
+    assert getattr(parser.parse_args([*required, flag]), dest) is False
