@@ -28,9 +28,12 @@ class Health(HealthServicer):
     async def Check(self, request: health_pb2.HealthCheckRequest, context) -> health_pb2.HealthCheckResponse:
         if request.service not in self._server_status:
             models = sorted(s for s in self._server_status if s)
+            # shown_name quotes (and escapes) a name unless it could be a model's: quote those here, so all once.
+            shown = shown_name(request.service)
+            shown = repr(shown) if shown == request.service else shown
             await abort_call(context, 
                 grpc.StatusCode.NOT_FOUND,
-                f"no health service {shown_name(request.service)!r}: ask for '' (the server) or a model's name "
+                f"no health service {shown}: ask for '' (the server) or a model's name "
                 f"({', '.join(models) or 'none in the repository'})",
             )
         return await super().Check(request, context)

@@ -268,6 +268,10 @@ def test_health_is_serving_overall_and_per_model(channel, models):
         health.Check(health_pb2.HealthCheckRequest(service="no-such-model"))
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
     assert "no health service 'no-such-model'" in info.value.details() and "tiny-lstm" in info.value.details()
+    with pytest.raises(grpc.RpcError) as info:  # not a model's name: shown_name quotes it, and only it
+        health.Check(health_pb2.HealthCheckRequest(service="seqserve.v1.Inference"))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert info.value.details().startswith("no health service 'seqserve.v1.Inference': ask"), info.value.details()
 
 
 def test_reflection_lists_and_describes_the_api(channel):
