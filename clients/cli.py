@@ -311,10 +311,9 @@ def run_models(client: Client, args: argparse.Namespace, stdin: TextIO, stdout: 
 
 def run_health(client: Client, args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> int:
     service = args.service if args.service is not None else args.model
-    try:
-        status = client.health(service)
-    except SeqServeError as error:  # unreachable or unknown service: not healthy, and say why
-        status = f"{error.code.name}: {error.message}"
+    # An unreachable server or an unknown service raises: main puts its code and message on stderr, exit 1, as for
+    # every command. A status (SERVING, NOT_SERVING, ...) is the answer, on stdout.
+    status = client.health(service)
     if args.json:
         output.json_line(stdout, {"service": service, "status": status})
     else:

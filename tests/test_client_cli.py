@@ -152,11 +152,31 @@ def test_health_exits_zero_when_serving(server, models):
     assert run_cli(server, "health", models["translate"]) == (0, "SERVING\n")
 
 
-def test_health_exits_one_for_unknown_model_and_unreachable_server(server):
-    code, out = run_cli(server, "--json", "health", "no-such-model")
-    assert code == 1 and json.loads(out)["status"].startswith("NOT_FOUND")
-    code = main(["--server", f"127.0.0.1:{free_port()}", "--retries", "1", "health"], stdout=io.StringIO())
-    assert code == 1
+@pytest.mark.parametrize("json_flag", [[], ["--json"]], ids=["text", "json"])
+def test_health_exits_one_for_unknown_model_with_the_error_on_stderr(server, capsys, json_flag):
+    code, out = run_cli(server, *json_flag, "health", "no-such-model")
+    err = capsys.readouterr().err
+    assert code == 1 and out == ""
+    assert err.startswith("seqserve-client: error: NOT_FOUND") and "no health service 'no-such-model'" in err, err
+
+
+def test_health_exits_one_for_unreachable_server_with_the_error_on_stderr(capsys):
+    out = io.StringIO()
+    code = main(["--server", f"127.0.0.1:{free_port()}", "--retries", "1", "health"], stdout=out)
+    assert code == 1 and out.getvalue() == ""
+    assert capsys.readouterr().err.startswith("seqserve-client: error: UNAVAILABLE")
+
+
+def test_health_not_serving_is_an_answer_on_stdout(server, client, models, capsys):
+    name = models["fill_mask"]
+    client.unload_model(name)
+    try:
+        assert run_cli(server, "health", name) == (1, "NOT_SERVING\n")
+        code, out = run_cli(server, "--json", "health", name)
+        assert code == 1 and json.loads(out) == {"service": name, "status": "NOT_SERVING"}
+        assert capsys.readouterr().err == ""
+    finally:
+        client.load_model(name)
 
 
 # --------------------------------------------------------------------------------------------------------------
