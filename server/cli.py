@@ -141,7 +141,8 @@ async def serve(config: ServerConfig, repository: ModelRepository) -> int:
         if not stopping:
             raise
     if not stopping:
-        log.info("ready: gRPC port %d, metrics port %s", port, server.metrics_port)
+        metrics = "metrics off" if server.metrics_port is None else f"metrics port {server.metrics_port}"
+        log.info("ready: gRPC port %d, %s", port, metrics)
     await server.wait_stopped()
     return 0
 

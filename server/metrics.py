@@ -15,6 +15,13 @@ _SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 _TOKEN_BUCKETS = (16, 64, 256, 1024, 4096, 16384, 65536)
 
 
+def http_url(host: str, port: int, path: str = "/") -> str:
+    """An http URL of host and port: an IPv6 host (the default "::") goes in brackets, as URLs need."""
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"http://{host}:{port}{path}"
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
@@ -49,7 +56,7 @@ class Metrics:
         """Start the /metrics HTTP endpoint (port 0 picks a free one); returns the port."""
         self._http, _ = start_http_server(port, addr=addr, registry=self.registry)
         bound = self._http.server_port
-        log.info("metrics on http://%s:%d/metrics", addr, bound)
+        log.info("metrics on %s", http_url(addr, bound, "/metrics"))
         return bound
 
     def stop(self) -> None:

@@ -282,6 +282,16 @@ def test_reflection_lists_and_describes_the_api(channel):
     assert "Translate" in [m.name for s in described.service for m in s.method]
 
 
+@pytest.mark.parametrize("host, url", [("::", "http://[::]:9161/metrics"), ("::1", "http://[::1]:9161/metrics"),
+                                       ("[::]", "http://[::]:9161/metrics"),
+                                       ("0.0.0.0", "http://0.0.0.0:9161/metrics"),
+                                       ("localhost", "http://localhost:9161/metrics")])  # fmt: skip
+def test_metrics_url_brackets_an_ipv6_host(host, url):
+    from seqserve.server.metrics import http_url
+
+    assert http_url(host, 9161, "/metrics") == url
+
+
 def test_metrics_endpoint_counts_rise(running, inference):
     def scrape() -> str:
         with urllib.request.urlopen(running.metrics_url, timeout=10) as response:
