@@ -115,7 +115,9 @@ class UnknownFormatVersion(RepositoryError):
 class ProviderUnavailable(RepositoryError):
     def __init__(self, provider: str, available: list[str]):
         self.provider, self.available = provider, available
-        hint = " (install onnxruntime-gpu: pip install 'seqserve[cuda]')" if provider == "cuda" else ""
+        # seqserve is not on PyPI: its [cuda] extra installs from a checkout (or a built wheel).
+        hint = (" (install onnxruntime-gpu: pip install '.[cuda]' in a seqserve checkout, or pip install "
+                "onnxruntime-gpu)") if provider == "cuda" else ""
         super().__init__(
             f"execution provider {provider!r} ({_PROVIDERS.get(provider, provider)}) is not available in this "
             f"onnxruntime; available: {', '.join(available)}{hint}"

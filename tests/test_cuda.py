@@ -169,3 +169,10 @@ def test_cuda_a_gpu_this_machine_lacks_is_refused_not_served_on_another(tiny_rep
     config = ServerConfig(port=0, metrics_port=None, instances=1, threads=1, device="cuda", device_id=99)
     with pytest.raises(ProviderFailed, match=lacks):
         ServerThread(config, ModelRepository(root), start_timeout=60)
+
+
+def test_a_missing_cuda_provider_says_how_to_install_it_from_a_checkout():
+    # seqserve is not on PyPI: `pip install 'seqserve[cuda]'` finds nothing.
+    message = str(ProviderUnavailable("cuda", ["CPUExecutionProvider"]))
+    assert "pip install '.[cuda]'" in message and "pip install onnxruntime-gpu" in message
+    assert "seqserve[" not in message
