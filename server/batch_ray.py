@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 class RayMissing(BatchError):
     def __init__(self, error: ImportError):
-        super().__init__(f"--engine ray needs Ray Data ({error}): pip install 'seqserve[ray]'")
+        super().__init__(f"--engine ray needs Ray Data ({error}): pip install '.[ray]' in a seqserve checkout")
 
 
 class RayBlockTranslator:
