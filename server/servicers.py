@@ -40,7 +40,22 @@ class ServingState:
         self.manager = manager
         self.metrics = metrics
         self.not_ready = False  # from SIGTERM on: health and readiness say NOT_SERVING (work is still served)
-        self.draining = False  # after the drain delay: no new work
+        self._draining = asyncio.Event()  # after the drain delay: no new work
+
+    @property
+    def draining(self) -> bool:
+        return self._draining.is_set()
+
+    @draining.setter
+    def draining(self, value: bool) -> None:  # on the server's event loop
+        self._draining.set() if value else self._draining.clear()
+
+    def start_draining(self) -> None:
+        self.draining = True
+
+    async def drained(self) -> None:
+        """Return once the server takes no new work (open streams stop reading then)."""
+        await self._draining.wait()
 
 
 def _asked(request: Any) -> str:
@@ -235,9 +250,26 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             state.metrics.latency.labels("TranslateStream").observe(time.monotonic() - started)  # an item's
             await done.put(response)
 
+        stopped_reading: list[bool] = []  # set when the server started draining: the stream ends UNAVAILABLE
+
         async def read() -> None:
+            items = aiter(request_iterator)
+            draining = asyncio.ensure_future(state.drained())
             try:
-                async for item in request_iterator:
+                while True:
+                    # The next item, unless the server starts draining first: then the items read so far are
+                    # answered and the stream ends, so the client sends the rest elsewhere instead of being cut
+                    # off by gRPC with its items in flight at the end of the grace period.
+                    following = asyncio.ensure_future(anext(items))
+                    await asyncio.wait((following, draining), return_when=asyncio.FIRST_COMPLETED)
+                    if not following.done():
+                        following.cancel()
+                        stopped_reading.append(True)
+                        break
+                    try:
+                        item = following.result()
+                    except StopAsyncIteration:
+                        break
                     await slots.acquire()
                     task = asyncio.get_running_loop().create_task(one(item))
                     in_flight.add(task)
@@ -245,6 +277,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 while in_flight:
                     await asyncio.gather(*list(in_flight), return_exceptions=True)
             finally:  # also when the request stream breaks: the responses end, and `await reader` raises its error
+                draining.cancel()
                 await done.put(None)
 
         reader = asyncio.get_running_loop().create_task(read())
@@ -255,6 +288,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 # responses stalls its own stream instead of growing the server's memory.
                 slots.release()
             await reader  # surfaces a broken request stream
+            if stopped_reading:
+                code, message = status_of(Draining())
+                await abort_call(context, code, message)
         finally:
             reader.cancel()
             for task in list(in_flight):

@@ -197,7 +197,11 @@ def test_draining_not_ready_and_metrics(stub, running, tiny_repository):
     before = requests("seqserve_requests_total", {"method": "ModelInfer", "model": "tiny-gru"}) or 0.0
     stub.ModelInfer(_raw_request("tiny-gru", {"text": ["a b"]}))
     assert requests("seqserve_requests_total", {"method": "ModelInfer", "model": "tiny-gru"}) == before + 1
-    running.server.state.draining = True  # what drain() sets first: no new work, probes still answered
+
+    async def draining(value: bool) -> None:  # on the server's loop: the state is an asyncio event
+        running.server.state.draining = value
+
+    running.call(draining(True))  # what drain() sets first: no new work, probes still answered
     try:
         assert stub.ServerLive(v2.ServerLiveRequest()).live  # a restart would not help
         assert not stub.ServerReady(v2.ServerReadyRequest()).ready  # send no more work here
@@ -205,7 +209,7 @@ def test_draining_not_ready_and_metrics(stub, running, tiny_repository):
                  "shutting down")  # fmt: skip
         _refused(lambda: stub.ModelReady(v2.ModelReadyRequest(name="tiny-gru")), grpc.StatusCode.UNAVAILABLE)
     finally:
-        running.server.state.draining = False
+        running.call(draining(False))
     config = ServerConfig(port=0, metrics_port=None, instances=1, threads=1, limits=LIMITS, models=["tiny-gru"])
     with ServerThread(config, ModelRepository(tiny_repository)) as one, grpc.insecure_channel(one.address) as ch:
         only = v2_grpc.GRPCInferenceServiceStub(ch)

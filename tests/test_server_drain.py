@@ -196,3 +196,46 @@ def test_json_log_lines_carry_extra_fields():
                                     "rpc": "Translate", "code": "NOT_FOUND"})  # fmt: skip
     line = json.loads(JsonFormatter().format(record))
     assert line["message"] == "Translate for m" and line["rpc"] == "Translate" and line["code"] == "NOT_FOUND"
+
+
+def test_an_open_stream_stops_being_read_at_the_drain_and_ends_unavailable(tiny_repository):
+    """After the drain delay an open TranslateStream answers what it read and ends UNAVAILABLE "shutting down", so
+    its client sends the rest elsewhere. It was read on until the grace period ran out and then cut off by gRPC
+    ("Cancelling all calls"), holding the shutdown for the whole grace period."""
+    from seqserve.server.config import ServerConfig
+    from seqserve.server.repository import ModelRepository
+    from seqserve.server.testing import ServerThread
+
+    config = ServerConfig(port=0, metrics_port=None, instances=1, threads=1, models=("tiny-gru",))
+    running = ServerThread(config, ModelRepository(tiny_repository))
+    sending = threading.Event()
+    sending.set()
+
+    def items():
+        n = 0
+        while sending.is_set():
+            yield pb.TranslateStreamRequest(id=str(n), model=pb.ModelSpec(name="tiny-gru"), text="c b a")
+            n += 1
+            time.sleep(0.03)
+
+    stopper = threading.Thread(target=running.stop, kwargs={"grace": 60.0})
+    answered, began = [], 0.0
+    try:
+        with grpc.insecure_channel(running.address) as channel:
+            stream = pb_grpc.InferenceStub(channel).TranslateStream(items(), timeout=120)
+            with pytest.raises(grpc.RpcError) as ended:
+                for response in stream:
+                    assert not response.error_code, response.error_message
+                    answered.append(response.id)
+                    if len(answered) == 3:
+                        began = time.monotonic()
+                        stopper.start()  # SIGTERM's drain, no delay: from now on no new work
+        assert ended.value.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in ended.value.details()
+        assert time.monotonic() - began < 30  # not the 60 s grace period
+        assert len(set(answered)) == len(answered) >= 3
+    finally:
+        sending.clear()
+        if stopper.ident:
+            stopper.join(90)
+        else:
+            running.stop(0.1)
