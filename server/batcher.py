@@ -192,7 +192,10 @@ class Batcher:
                 # it left waiting max_queue_delay_ms, and only on a free worker: on a busy one that batch would just
                 # wait, and while it waits the running decode takes no more (`pull`), so newcomers would trickle
                 # into small batches queued one behind the other. Until a worker frees, they wait to be pulled.
-                waited = time.monotonic() - self._queue[0].enqueued
+                oldest = self._oldest_enqueued()
+                if oldest is None:
+                    continue
+                waited = time.monotonic() - oldest
                 if waited < delay:
                     loop.call_later(delay - waited, self._wakeup.set)
                     continue
@@ -207,8 +210,8 @@ class Batcher:
                     self._wakeup.clear()
             else:
                 # Collect: wait for company until the delay passes or the budget is full.
-                opened = self._queue[0].enqueued
-                while self._queued_cost() < self.config.max_batch_tokens:
+                opened = self._oldest_enqueued()
+                while opened is not None and self._queued_cost() < self.config.max_batch_tokens:
                     remaining = opened + delay - time.monotonic()
                     if remaining <= 0:
                         break
@@ -220,7 +223,8 @@ class Batcher:
             with self._lock:
                 items = list(self._queue)
                 self._queue.clear()
-            self._start(loop, items)
+            if items:  # running decodes may have pulled every one meanwhile
+                self._start(loop, items)
 
     def _clear_abandoned(self) -> int:
         """Drop queued sequences whose request was cancelled or is past its deadline (their clients are gone); returns
@@ -253,7 +257,13 @@ class Batcher:
             self._wakeup.set()
 
     def _queued_cost(self) -> int:
-        return sum(it.length * it.cost for it in self._queue)
+        with self._lock:  # running decodes pull joiners out of the queue from their worker threads
+            return sum(it.length * it.cost for it in self._queue)
+
+    def _oldest_enqueued(self) -> float | None:
+        """When the longest-waiting item was queued; None once workers pulled the queue empty."""
+        with self._lock:
+            return self._queue[0].enqueued if self._queue else None
 
     def _refuse(self, it: WorkItem) -> bool:
         """Fail an item that must not run (cancelled, past its deadline); True when it was refused."""

@@ -352,15 +352,17 @@ def test_a_running_decode_takes_at_most_the_limit_it_asks_for():
     assert taken == [[], ["a", "b"], ["c"]]
 
 
-def test_the_queue_length_is_read_under_the_lock_that_workers_change_it_under():
-    # The event loop asks `queued` on every submit while worker threads take started batches out of `_waiting`
-    # (under the batcher's lock): unlocked, the sum over the dict raised "dictionary changed size during iteration",
-    # an INTERNAL answer under load (~1 read in 800 here).
+def test_the_queue_is_read_under_the_lock_that_workers_change_it_under():
+    # The event loop reads the queue (`queued` on every submit, its cost and oldest item while batching) while worker
+    # threads take started batches out of `_waiting` and running decodes pull joiners out of `_queue`, under the
+    # batcher's lock: unlocked, "dictionary changed size during iteration" (an INTERNAL answer under load) and "deque
+    # mutated during iteration" (which would stop the model's batching loop).
     import sys
 
     batcher = Batcher("m", 1, lambda items, ctx: None, ThreadPoolExecutor(1), BatchingConfig(), 4096)
     for key in range(200):
         batcher._waiting[-1 - key] = [_item(1)]
+        batcher._queue.append(_item(1))
     stop = threading.Event()
 
     def worker() -> None:  # as _start adds a started batch and a worker then takes one up
@@ -370,6 +372,9 @@ def test_the_queue_length_is_read_under_the_lock_that_workers_change_it_under():
                 batcher._waiting[key] = [_item(1)]
             with batcher._lock:
                 batcher._waiting.pop(key - 50, None)
+            with batcher._lock:  # as `pull` takes a joiner and a submit queues another
+                batcher._queue.append(_item(1))
+                batcher._queue.popleft()
             key += 1
 
     switch = sys.getswitchinterval()
@@ -377,9 +382,10 @@ def test_the_queue_length_is_read_under_the_lock_that_workers_change_it_under():
     thread = threading.Thread(target=worker)
     thread.start()
     try:
-        lengths = [batcher.queued for _ in range(50_000)]
+        lengths = [batcher.queued + batcher._queued_cost() for _ in range(25_000)]
+        assert all(batcher._oldest_enqueued() is not None for _ in range(25_000))
     finally:
         stop.set()
         thread.join()
         sys.setswitchinterval(switch)
-    assert min(lengths) >= 200
+    assert min(lengths) >= 600  # 200 queued + 200 or more waiting, and the queue's cost 200: never an exception
