@@ -222,3 +222,10 @@ async def abort_call(context: grpc.aio.ServicerContext, code: grpc.StatusCode, m
             raise
         log.debug("%s not sent: the call had ended (%s)", code.name, message)
         raise asyncio.CancelledError() from None
+
+
+def outcome_seen(future: asyncio.Future) -> None:
+    """A done callback for a future nobody awaits any more: retrieve its exception, so asyncio does not log it as
+    never retrieved (whoever dropped it has logged or recorded what matters)."""
+    if not future.cancelled():
+        future.exception()

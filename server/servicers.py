@@ -16,7 +16,15 @@ import grpc
 
 from seqserve.protos.v1 import seqserve_pb2 as pb
 from seqserve.protos.v1 import seqserve_pb2_grpc as pb_grpc
-from seqserve.server.errors import AnswerOverLimit, Draining, InvalidRequest, OneTextError, abort_call, status_of
+from seqserve.server.errors import (
+    AnswerOverLimit,
+    Draining,
+    InvalidRequest,
+    OneTextError,
+    abort_call,
+    outcome_seen,
+    status_of,
+)
 from seqserve.server.manager import ModelManager, VersionStatus
 from seqserve.server.metrics import Metrics
 from seqserve.server.repository import shown_name
@@ -255,6 +263,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         async def read() -> None:
             items = aiter(request_iterator)
             draining = asyncio.ensure_future(state.drained())
+            following: asyncio.Future | None = None
             try:
                 while True:
                     # The next item, unless the server starts draining first: then the items read so far are
@@ -263,7 +272,6 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     following = asyncio.ensure_future(anext(items))
                     await asyncio.wait((following, draining), return_when=asyncio.FIRST_COMPLETED)
                     if not following.done():
-                        following.cancel()
                         stopped_reading.append(True)
                         break
                     try:
@@ -278,6 +286,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     await asyncio.gather(*list(in_flight), return_exceptions=True)
             finally:  # also when the request stream breaks: the responses end, and `await reader` raises its error
                 draining.cancel()
+                if following is not None:  # a read still waiting (drain, cancellation, deadline) is dropped, quietly
+                    following.cancel()
+                    following.add_done_callback(outcome_seen)
                 await done.put(None)
 
         reader = asyncio.get_running_loop().create_task(read())

@@ -239,3 +239,43 @@ def test_an_open_stream_stops_being_read_at_the_drain_and_ends_unavailable(tiny_
             stopper.join(90)
         else:
             running.stop(0.1)
+
+
+def test_a_stream_cancelled_while_waiting_for_its_next_item_leaves_nothing_behind(tiny_repository, caplog):
+    """The read waiting for the next item is dropped with the stream: it was left pending, and asyncio logged "Task
+    exception was never retrieved" for every stream a client cancelled or let run past its deadline."""
+    import gc
+    import logging
+
+    from seqserve.server.config import ServerConfig
+    from seqserve.server.repository import ModelRepository
+    from seqserve.server.testing import ServerThread
+
+    config = ServerConfig(port=0, metrics_port=None, instances=1, threads=1, models=("tiny-gru",))
+    caplog.set_level(logging.ERROR, logger="asyncio")
+    with ServerThread(config, ModelRepository(tiny_repository)) as running, \
+            grpc.insecure_channel(running.address) as channel:  # fmt: skip
+        stub = pb_grpc.InferenceStub(channel)
+        for timeout in (30.0, 0.5):  # the client cancels; the deadline passes
+            hold = threading.Event()
+
+            def items():
+                yield pb.TranslateStreamRequest(id="1", model=pb.ModelSpec(name="tiny-gru"), text="c b a")
+                hold.wait(10)  # the stream stays open: the server waits for the next item
+
+            call = stub.TranslateStream(items(), timeout=timeout)
+            assert next(call).id == "1"
+            if timeout > 1:
+                call.cancel()
+            with pytest.raises(grpc.RpcError) as ended:
+                list(call)
+            hold.set()
+            assert ended.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED)
+        time.sleep(0.3)
+
+        async def collect() -> None:  # on the server's loop, where a dropped task's error would be reported
+            gc.collect()
+
+        running.call(collect())
+        time.sleep(0.2)
+    assert not [r for r in caplog.records if r.name == "asyncio"], [r.getMessage() for r in caplog.records]
