@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import importlib.util
 import logging
 import sys
 from typing import Iterator, Sequence
@@ -74,9 +75,18 @@ def _train_extra_of(command: str) -> Iterator[None]:
     except ImportError as exc:
         # Only a missing optional dependency is the user's to install; a broken seqserve module keeps its traceback.
         missing = (exc.name or "").partition(".")[0]
-        if missing not in TRAIN_EXTRA_MODULES:
-            raise
+        if missing not in TRAIN_EXTRA_MODULES or _installed(missing):
+            raise  # installed but broken (too old, a native library missing): its own message says what
         raise MissingExtra(command, missing) from exc
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+    except (ImportError, ValueError):
+        return True
 
 
 def build_command_parser(name: str) -> tuple[argparse.ArgumentParser, object]:
@@ -107,6 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MissingExtra as exc:
         print(exc, file=sys.stderr)
         return 2
+
 
 if __name__ == "__main__":
     sys.exit(main())

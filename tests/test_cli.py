@@ -108,6 +108,14 @@ def test_train_without_torch_names_torch() -> None:
                                   "pip install '.[train]' (missing: torch)")  # fmt: skip
 
 
+def test_an_installed_but_broken_dependency_keeps_its_own_error() -> None:
+    # torch is installed but cannot load (here its native part; elsewhere too old, a library missing): "pip install"
+    # would not help, so the real error is shown.
+    out = _run_without("torch._C", "train", "--help")
+    assert out.returncode == 1
+    assert "Traceback" in out.stderr and "torch._C" in out.stderr and "pip install '.[train]'" not in out.stderr
+
+
 def test_a_broken_seqserve_module_keeps_its_traceback() -> None:
     out = _run_without("seqserve.models", "train", "--help")
     assert out.returncode == 1
