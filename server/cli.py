@@ -126,12 +126,21 @@ async def serve(config: ServerConfig, repository: ModelRepository) -> int:
         await asyncio.gather(starting, return_exceptions=True)
         await server.drain(delay=0)  # nothing was served: no load balancer to wait for
 
+    failed = loop.create_future()  # a stop that raised: serve() ends with its error instead of waiting for good
+
+    def stop_failed(task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None and not failed.done():
+            failed.set_exception(task.exception())
+
     def on_signal(signame: str) -> None:
         if not stopping:
             log.info("%s received%s", signame, "" if starting.done() else " while starting: not serving")
             stopping.append(loop.create_task(server.drain() if starting.done() else stop_starting()))
+            stopping[0].add_done_callback(stop_failed)
         elif server.skip_drain_delay():  # a second signal: on to the grace period at once
             log.info("%s received again: skipping the rest of the drain delay", signame)
+        else:
+            log.info("%s received again: already stopping", signame)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig.name)
@@ -143,7 +152,11 @@ async def serve(config: ServerConfig, repository: ModelRepository) -> int:
     if not stopping:
         metrics = "metrics off" if server.metrics_port is None else f"metrics port {server.metrics_port}"
         log.info("ready: gRPC port %d, %s", port, metrics)
-    await server.wait_stopped()
+    stopped = loop.create_task(server.wait_stopped())
+    await asyncio.wait((stopped, failed), return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if failed.done():
+        failed.result()  # raises the stop's error
     return 0
 
 
