@@ -250,3 +250,58 @@ def test_server_still_serves_after_every_bad_request(inference):
     assert after.translations[0].hypotheses[0].text.split() == ["c", "b", "a"]
     vectors = inference.Encode(pb.EncodeRequest(model=pb.ModelSpec(name="tiny-bert"), texts=["forest"]))
     assert list(vectors.embeddings.shape)[0] == 1 and len(vectors.embeddings.data) > 0
+
+
+def test_an_abort_after_the_deadline_passed_unwinds_quietly_and_a_live_one_is_sent(caplog):
+    """errors.abort_call: gRPC's core cannot send a status on a call whose deadline passed meanwhile and raised an
+    internal error there (logged with a traceback, one per request of a short-deadline storm); such a call now
+    unwinds as cancelled, and a live call still gets its status and message."""
+    import asyncio
+    import logging
+    import time
+
+    from seqserve.server.errors import abort_call
+
+    async def late(request: bytes, context) -> bytes:
+        time.sleep(0.03)  # a busy loop: the 10 ms deadline passes before the handler answers
+        await abort_call(context, grpc.StatusCode.INVALID_ARGUMENT, "too late to say")
+        return b""
+
+    async def live(request: bytes, context) -> bytes:
+        await abort_call(context, grpc.StatusCode.INVALID_ARGUMENT, "said")
+        return b""
+
+    def same(data: bytes) -> bytes:
+        return data
+
+    handlers = {name: grpc.unary_unary_rpc_method_handler(f, request_deserializer=same, response_serializer=same)
+                for name, f in (("late", late), ("live", live))}  # fmt: skip
+
+    async def run() -> tuple[dict[str, int], grpc.aio.AioRpcError]:
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("t.T", handlers),))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        codes: dict[str, int] = {}
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                for _ in range(20):
+                    try:
+                        await channel.unary_unary("/t.T/late")(b"x", timeout=0.01)
+                    except grpc.aio.AioRpcError as exc:
+                        codes[exc.code().name] = codes.get(exc.code().name, 0) + 1
+                await asyncio.sleep(0.2)
+                try:
+                    await channel.unary_unary("/t.T/live")(b"x", timeout=5)
+                except grpc.aio.AioRpcError as exc:
+                    return codes, exc
+        finally:
+            await server.stop(0)
+        raise AssertionError("the live call was not aborted")
+
+    caplog.set_level(logging.DEBUG)
+    codes, live_error = asyncio.run(run())
+    assert codes == {"DEADLINE_EXCEEDED": 20}
+    assert live_error.code() == grpc.StatusCode.INVALID_ARGUMENT and live_error.details() == "said"
+    assert any("not sent: the call had ended" in r.getMessage() for r in caplog.records)  # the path was taken
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]

@@ -137,7 +137,9 @@ def test_a_load_whose_caller_gives_up_still_ends_ready(running, models, inferenc
 
     async def load_and_give_up() -> str:
         caller = asyncio.ensure_future(manager.load("tiny-birnn"))
+        waited = time.monotonic() + 10
         while manager.status("tiny-birnn", 1).state != LOADING:  # the sessions are opening in a worker thread
+            assert time.monotonic() < waited, manager.status("tiny-birnn", 1)
             await asyncio.sleep(0.001)
         caller.cancel()  # what gRPC does to a handler whose deadline passed
         await asyncio.gather(caller, return_exceptions=True)
@@ -430,6 +432,29 @@ def test_max_batch_size_bounds_a_decode_with_its_joiners(tiny_repository, model)
         sample = server.server.metrics.registry.get_sample_value
         rows, steps = (sample(f"seqserve_decode_{kind}_total", {"model": model}) for kind in ("rows", "steps"))
         assert steps > 0 and rows == steps  # one greedy row a step: never two sentences together
+
+
+def test_an_unload_drops_the_sessions_and_trims_the_heap(running, models, monkeypatch):
+    """After UnloadModel nothing holds the version's sessions (a caller's frame did) and the freed heap is handed
+    back once; two unloads at once unload it once."""
+    import asyncio
+    import weakref
+
+    from seqserve.server import manager as manager_module
+
+    trims: list[int] = []
+    trim = manager_module.release_freed_memory
+    monkeypatch.setattr(manager_module, "release_freed_memory", lambda: (trims.append(1), trim()))
+    spec = pb.ModelSpec(name="tiny-gru")
+    served = weakref.ref(running.server.manager.get("tiny-gru"))
+
+    async def unload_twice() -> list[str]:
+        statuses = await asyncio.gather(*(running.server.manager.unload("tiny-gru") for _ in range(2)))
+        return [s.state for s in statuses]
+
+    assert running.call(unload_twice()) == ["AVAILABLE", "AVAILABLE"]
+    assert served() is None and trims == [1]
+    assert models.LoadModel(pb.LoadModelRequest(model=spec)).state == pb.MODEL_STATE_READY
 
 
 TRIM_PROBE = """
