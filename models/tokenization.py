@@ -5,8 +5,8 @@ The pipeline, shared by every role:
 
 - normalizer: Unicode normalization, whitespace runs folded to one space, ends stripped. NFKC for what is only read
   (``source``, ``bert``: "…" and "..." become one spelling); NFC for what a model writes (``target``, ``joint``), so
-  a translator can produce every character its references hold ("…", "½", "ﬁ") and a target round trip holds up to
-  whitespace. (Tokenizers trained before this kept NFKC on every role; their tokenizer.json keeps it.)
+  a translator can produce every character its references hold ("…", "½", "ﬁ"); round trips hold up to whitespace
+  and the role's normalization. (Tokenizers trained before this kept NFKC on every role; their tokenizer.json keeps it.)
 - pre-tokenizer: BPE splits at spaces with a Metaspace marker (``▁``, SentencePiece style), isolates punctuation and
   single digits, so the decoder can rebuild the text exactly by concatenation; WordPiece uses BERT's whitespace and
   punctuation split, digits kept together (decoding then puts spaces around punctuation, as BERT's do: "Jahr :",
@@ -51,6 +51,8 @@ def _specials(role: str) -> dict[str, str]:
 
 
 WRITTEN_ROLES: tuple[str, ...] = ("target", "joint")  # decoded into the text a translator answers
+WORDPIECE_WRITES_BADLY = ("WordPiece's decoder puts spaces around punctuation, so a translation would read 'Jahr :' "
+                          "for 'Jahr:'; translators use bpe")
 
 
 def _normalizer(role: str) -> normalizers.Normalizer:
@@ -110,8 +112,7 @@ def train_tokenizer(
     if role not in ROLES:
         raise TokenizerError(f"unknown tokenizer role {role!r}; choose one of {', '.join(ROLES)}")
     if kind == "wordpiece" and role in WRITTEN_ROLES:
-        raise TokenizerError(f"a {role} tokenizer cannot be WordPiece: its decoder puts spaces around punctuation, so "
-                             "translations would read 'Jahr :' for 'Jahr:'; use bpe for translators")
+        raise TokenizerError(f"a {role} tokenizer cannot be WordPiece: {WORDPIECE_WRITES_BADLY}")
     specials = list(_specials(role).values())
     if vocab_size <= len(specials):
         raise TokenizerError(f"vocab_size={vocab_size} leaves no room beside {len(specials)} special tokens")
@@ -150,8 +151,7 @@ def train_translation_tokenizers(
 ) -> tuple[Tokenizer, Tokenizer]:
     """Source and target tokenizers for a translator; with `joint` one tokenizer (the same object) serves both."""
     if kind == "wordpiece":  # before the source's training: the target's would be refused after it
-        raise TokenizerError("translators cannot use WordPiece: its decoder puts spaces around punctuation, so "
-                             "translations would read 'Jahr :' for 'Jahr:'; use bpe")
+        raise TokenizerError(f"translators cannot use WordPiece: {WORDPIECE_WRITES_BADLY}")
     if joint:
         texts = (text for pair in pairs for text in pair)
         tokenizer = train_tokenizer(texts, kind, vocab_size, role="joint", min_frequency=min_frequency)

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from seqserve.models.batching import BatchPosition, BatchStream, token_budget_batches
 from seqserve.models.checkpoint import build_model, save_checkpoint, save_metrics
+from seqserve.models.tokenization import WORDPIECE_WRITES_BADLY
 
 logger = logging.getLogger(__name__)
 
@@ -98,8 +99,7 @@ class TrainConfig:
         if self.vocab_kind not in ("bpe", "wordpiece"):
             raise TrainingError(f"unknown vocab_kind {self.vocab_kind!r}; known: bpe, wordpiece")
         if self.vocab_kind == "wordpiece" and self.arch != "bert":
-            raise TrainingError(f"vocab_kind wordpiece is for bert only: its decoder puts spaces around "
-                                f"punctuation, so a {self.arch} translator would write 'Jahr :' for 'Jahr:'; use bpe")
+            raise TrainingError(f"vocab_kind wordpiece is for bert only, not {self.arch}: {WORDPIECE_WRITES_BADLY}")
         if self.schedule not in SCHEDULES:
             raise TrainingError(f"unknown schedule {self.schedule!r}; known: {', '.join(SCHEDULES)}")
         for name in ("steps", "validate_every", "token_budget", "max_len", "vocab_size", "embed_size", "hidden_size",

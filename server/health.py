@@ -31,7 +31,8 @@ class Health(HealthServicer):
             # shown_name quotes (and escapes) a name unless it could be a model's: quote those here, so all once.
             shown = shown_name(request.service)
             shown = repr(shown) if shown == request.service else shown
-            await abort_call(context, 
+            await abort_call(
+                context,
                 grpc.StatusCode.NOT_FOUND,
                 f"no health service {shown}: ask for '' (the server) or a model's name "
                 f"({', '.join(models) or 'none in the repository'})",
