@@ -13,6 +13,7 @@ import gc
 import logging
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Awaitable, Coroutine
 
 from grpc_health.v1 import health_pb2
@@ -154,7 +155,7 @@ class ModelManager:
         its end, READY or FAILED, even when the caller stops waiting (a LoadModel past its deadline): a cancelled one
         left the version LOADING for good, every request told to retry."""
         version_dir = self.repository.version_dir(name, version or None)  # ModelNotFound when absent
-        return await self._outliving(self._load(name, (name, int(version_dir.name)), version_dir))
+        return await self._outliving(self._load((name, int(version_dir.name)), version_dir))
 
     def _outliving(self, work: Coroutine[Any, Any, VersionStatus]) -> Awaitable[VersionStatus]:
         """`work` as a task the caller's cancellation does not reach; close() waits for it."""
@@ -164,7 +165,8 @@ class ModelManager:
         task.add_done_callback(self._background.discard)
         return asyncio.shield(task)
 
-    async def _load(self, name: str, key: tuple[str, int], version_dir: Any) -> VersionStatus:
+    async def _load(self, key: tuple[str, int], version_dir: Path) -> VersionStatus:
+        name = key[0]
         async with self._locks.setdefault(key, asyncio.Lock()):
             if key in self._served:
                 return self._status[key]
@@ -190,7 +192,7 @@ class ModelManager:
             log.info("model %s version %d is READY (%s)", key[0], key[1], ", ".join(served.capabilities))
             return self._status[key]
 
-    def _build(self, version_dir: Any) -> ServedModel:
+    def _build(self, version_dir: Path) -> ServedModel:
         from seqserve.server.repository import load_model
 
         overrides = self.repository.serving_config(version_dir.parent.name)  # checked before any session opens
