@@ -262,9 +262,18 @@ def test_an_abort_after_the_deadline_passed_unwinds_quietly_and_a_live_one_is_se
 
     from seqserve.server.errors import abort_call
 
+    outcomes: list[str] = []
+
     async def late(request: bytes, context) -> bytes:
-        time.sleep(0.03)  # a busy loop: the 10 ms deadline passes before the handler answers
-        await abort_call(context, grpc.StatusCode.INVALID_ARGUMENT, "too late to say")
+        time.sleep(0.3)  # a busy loop: the 0.1 s deadline passes before the handler answers
+        try:
+            await abort_call(context, grpc.StatusCode.INVALID_ARGUMENT, "too late to say")
+        except asyncio.CancelledError:
+            outcomes.append("cancelled")
+            raise
+        except BaseException as exc:
+            outcomes.append(type(exc).__name__)
+            raise
         return b""
 
     async def live(request: bytes, context) -> bytes:
@@ -285,12 +294,12 @@ def test_an_abort_after_the_deadline_passed_unwinds_quietly_and_a_live_one_is_se
         codes: dict[str, int] = {}
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                for _ in range(20):
+                for _ in range(3):
                     try:
-                        await channel.unary_unary("/t.T/late")(b"x", timeout=0.01)
+                        await channel.unary_unary("/t.T/late")(b"x", timeout=0.1)
                     except grpc.aio.AioRpcError as exc:
                         codes[exc.code().name] = codes.get(exc.code().name, 0) + 1
-                await asyncio.sleep(0.2)
+                await asyncio.sleep(0.4)
                 try:
                     await channel.unary_unary("/t.T/live")(b"x", timeout=5)
                 except grpc.aio.AioRpcError as exc:
@@ -299,9 +308,10 @@ def test_an_abort_after_the_deadline_passed_unwinds_quietly_and_a_live_one_is_se
             await server.stop(0)
         raise AssertionError("the live call was not aborted")
 
-    caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.DEBUG, logger="seqserve.server.errors")
+    caplog.set_level(logging.WARNING)
     codes, live_error = asyncio.run(run())
-    assert codes == {"DEADLINE_EXCEEDED": 20}
+    assert codes == {"DEADLINE_EXCEEDED": 3}
+    assert outcomes and set(outcomes) == {"cancelled"}, outcomes  # not gRPC's internal error, not a sent abort
     assert live_error.code() == grpc.StatusCode.INVALID_ARGUMENT and live_error.details() == "said"
-    assert any("not sent: the call had ended" in r.getMessage() for r in caplog.records)  # the path was taken
     assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
