@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -29,6 +30,9 @@ DEFAULT_TARGET = "localhost:50051"
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
 ATTEMPTS_WITHOUT_DEADLINE = 5  # the cap when neither a deadline nor RetryPolicy.attempts bounds the retries
 LAST_ATTEMPT_MIN_S = 0.05  # less time than this left before the deadline: give up rather than try again
+# grpc keeps a deadline as int64 nanoseconds from its clock's epoch, so about 7.4e9 s from now overflows into a
+# deadline already past. Anything above this (float("inf") included) is sent as no deadline: it would never be hit.
+MAX_GRPC_TIMEOUT_S = 1e9  # about 31 years
 T = TypeVar("T")
 
 
@@ -111,6 +115,7 @@ class ConnectionConfig:
         if not all(len(pair) == 2 and all(isinstance(part, str) for part in pair) for pair in pairs):
             raise ValueError(f"metadata must be a dict or (key, value) pairs of str, got {self.metadata!r}")
         object.__setattr__(self, "metadata", pairs)
+        check_timeout(self.timeout_s, "timeout_s")
 
     def channel_options(self) -> list[tuple[str, Any]]:
         options: list[tuple[str, Any]] = [
@@ -136,10 +141,7 @@ class ConnectionConfig:
         return headers
 
     def resolve_timeout(self, timeout: Timeout) -> float | None:
-        resolved = self.timeout_s if isinstance(timeout, _Default) else timeout
-        if resolved is not None and not resolved >= 0:
-            raise ValueError(f"timeout must be seconds from 0, or None for no deadline; got {resolved!r}")
-        return resolved
+        return self.timeout_s if isinstance(timeout, _Default) else check_timeout(timeout)
 
     def warn_if_token_in_plaintext(self) -> None:
         """A bearer token over a plaintext channel can be read on the way; say so unless the server is this host."""
@@ -165,6 +167,22 @@ class ConnectionConfig:
         return grpc.aio.secure_channel(
             self.target, self.tls.credentials(), options=self.channel_options(), interceptors=interceptors
         )
+
+
+def check_timeout(timeout: float | None, name: str = "timeout") -> float | None:
+    """``timeout`` if it is seconds from 0 (inf included) or None; a TypeError or ValueError naming ``name``."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"{name} must be seconds (a number), or None for no deadline; got {timeout!r}")
+    if not timeout >= 0:  # NaN too
+        raise ValueError(f"{name} must be seconds from 0, or None for no deadline; got {timeout!r}")
+    return timeout
+
+
+def grpc_timeout(timeout: float | None) -> float | None:
+    """The timeout to hand grpc: None (no deadline) for one too far away for grpc to represent."""
+    return None if timeout is None or timeout > MAX_GRPC_TIMEOUT_S else timeout
 
 
 def closed_error(client: str) -> SeqServeError:
@@ -213,7 +231,8 @@ class Retrier:
         return wait
 
     def remaining(self) -> float | None:
-        return _remaining(self.deadline)
+        """Seconds left for the next attempt, as grpc takes them (None: no deadline)."""
+        return grpc_timeout(_remaining(self.deadline))
 
     @staticmethod
     def _gave_up(failure: SeqServeError, how: str) -> SeqServeError:

@@ -18,7 +18,15 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from seqserve.clients import types as t
-from seqserve.clients.channel import DEFAULT, ConnectionConfig, Timeout, call_with_retry, closed_error
+from seqserve.clients.channel import (
+    DEFAULT,
+    ConnectionConfig,
+    Timeout,
+    call_with_retry,
+    check_timeout,
+    closed_error,
+    grpc_timeout,
+)
 from seqserve.clients.errors import SeqServeError
 from seqserve.clients.types import DecodingOptions, ModelInfo, StreamResult, TokenCandidate, Translation
 from seqserve.protos.v1 import seqserve_pb2 as pb
@@ -101,6 +109,7 @@ class Client:
         """
         if self._closed:
             raise closed_error("Client")
+        timeout = grpc_timeout(check_timeout(timeout))
         if window < 1:
             raise ValueError(f"window must be at least 1, got {window}")
         t.refuse_single_text(items, "items", "(id, text) pairs of str")
