@@ -215,6 +215,7 @@ class ServedModel:
             raise InvalidRequest("send either texts or pairs, not both")
         pooling = pooling or self.bert.pooling
         count, hidden = len(pairs) or len(texts), self.hidden_size()
+        check_count(count, self.limits)  # too many texts is the request's fault (INVALID_ARGUMENT), whatever its size
         if count * hidden * 4 > self.limits.max_message_bytes:  # the float32 vectors alone
             raise AnswerTooLarge(f"{count} texts x {hidden} dimensions", count * hidden * 4,
                                  self.limits.max_message_bytes, "send fewer texts a request")  # fmt: skip

@@ -156,6 +156,14 @@ def test_a_fill_mask_answer_over_the_message_limit_is_refused_before_the_work(ti
         assert min(c.ByteSize() + 2 for c in candidates) >= FILL_MASK_ENTRY_BYTES
 
 
+def test_more_texts_than_a_request_may_hold_is_invalid_argument_whatever_the_answer_size(inference):
+    # 200 vectors would also be over the 16 KiB message limit; the count is the request's fault, INVALID_ARGUMENT,
+    # which no client retries (RESOURCE_EXHAUSTED was answered first, and clients retry that one as a full queue).
+    encode = pb.EncodeRequest(model=pb.ModelSpec(name="tiny-bert"), texts=["a"] * 200)
+    code, details = _error(inference.Encode, encode)
+    assert code == INVALID and "request has 200 texts" in details and "(max_texts)" in details
+
+
 def test_fill_mask_without_a_mask_is_invalid_argument(inference):
     request = pb.FillMaskRequest(model=pb.ModelSpec(name="tiny-bert"), texts=["forest five"])
     code, details = _error(inference.FillMask, request)
