@@ -15,6 +15,7 @@ import asyncio
 import logging
 import math
 import random
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -241,16 +242,33 @@ class Retrier:
 
 
 def call_with_retry(
-    method: str, invoke: Callable[[float | None], T], timeout: float | None, retry: RetryPolicy
+    method: str,
+    invoke: Callable[[float | None], T],
+    timeout: float | None,
+    retry: RetryPolicy,
+    closed: threading.Event | None = None,
 ) -> T:
-    """Run ``invoke(remaining_timeout)``, retrying UNAVAILABLE with backoff until the deadline (or the attempt cap)."""
+    """Run ``invoke(remaining_timeout)``, retrying UNAVAILABLE with backoff until the deadline (or the attempt cap).
+
+    ``closed`` is set when the client closes: the backoff ends at once, and the call fails as closed_error.
+    """
+    closed = closed or threading.Event()
     retrier = Retrier(method, retry, timeout)
     while True:
+        if closed.is_set():
+            raise closed_error("Client")
         try:
             return invoke(retrier.remaining())
         except grpc.RpcError as error:
+            if closed.is_set():  # the channel closed under the call ("Channel closed!")
+                raise closed_error("Client") from None
             failure = SeqServeError.from_rpc_error(error)
-        time.sleep(retrier.wait_after(failure))  # raises failure when there is no next attempt
+        except ValueError:  # grpc's "Cannot invoke RPC on closed channel!"
+            if closed.is_set():
+                raise closed_error("Client") from None
+            raise
+        if closed.wait(retrier.wait_after(failure)):  # wait_after raises failure when there is no next attempt
+            raise closed_error("Client")
 
 
 async def call_with_retry_async(

@@ -52,7 +52,7 @@ class Client:
         self._inference = pb_grpc.InferenceStub(self._channel)
         self._models = pb_grpc.ModelsStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
-        self._closed = False
+        self._closed = threading.Event()  # set by close; ends a retry's backoff at once
 
     # ----------------------------------------------------------------------------------------------------------
     # Inference
@@ -107,7 +107,7 @@ class Client:
         failed stream raises SeqServeError and is not retried (the caller knows which ids are done and resumes).
         ``timeout`` bounds the whole stream (default None: a batch job has no deadline).
         """
-        if self._closed:
+        if self._closed.is_set():
             raise closed_error("Client")
         timeout = grpc_timeout(check_timeout(timeout))
         if window < 1:
@@ -152,6 +152,8 @@ class Client:
                 slots.release()
                 yield t.stream_result(response)
         except grpc.RpcError as error:
+            if self._closed.is_set():
+                raise closed_error("Client") from None
             if not failure:  # a call we cancelled because the caller's iterable failed raises that instead
                 raise SeqServeError.from_rpc_error(error) from None
         finally:
@@ -216,7 +218,7 @@ class Client:
     # ----------------------------------------------------------------------------------------------------------
 
     def close(self) -> None:
-        self._closed = True
+        self._closed.set()
         self._channel.close()
 
     def __enter__(self) -> "Client":
@@ -226,7 +228,7 @@ class Client:
         self.close()
 
     def _unary(self, method: str, rpc: grpc.UnaryUnaryMultiCallable, request: Any, timeout: Timeout) -> Any:
-        if self._closed:
+        if self._closed.is_set():
             raise closed_error("Client")
         metadata = self.config.call_metadata()
         return call_with_retry(
@@ -234,4 +236,5 @@ class Client:
             lambda remaining: rpc(request, timeout=remaining, metadata=metadata),
             self.config.resolve_timeout(timeout),
             self.config.retry,
+            self._closed,
         )

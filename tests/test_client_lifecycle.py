@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import math
+import socket
+import threading
+import time
 from pathlib import Path
 
 import grpc
 import pytest
 
-from seqserve.clients import AsyncClient, Client, ConnectionConfig, SeqServeError
+from seqserve.clients import AsyncClient, Client, ConnectionConfig, RetryPolicy, SeqServeError
 from seqserve.server.config import ServerConfig
 from seqserve.server.repository import ModelRepository
 from seqserve.server.testing import ServerThread
@@ -72,3 +75,56 @@ def test_a_bad_config_timeout_is_refused_at_construction():
         ConnectionConfig(timeout_s=-1)
     with pytest.raises(ValueError, match="timeout_s"):
         Client("127.0.0.1:1", timeout_s=math.nan)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Closing a client with calls in flight
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+SLOW_RETRY = RetryPolicy(initial_backoff_s=5.0, max_backoff_s=5.0, jitter=0.0)  # a call waits 5 s between attempts
+
+
+def test_closing_a_client_ends_a_retry_backoff_at_once_with_the_closed_error():
+    client = Client(f"127.0.0.1:{free_port()}", retry=SLOW_RETRY, timeout_s=60)  # nothing listens there
+    outcome: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            client.health()
+        except BaseException as error:  # noqa: BLE001 - the test reports whatever it was
+            outcome.append(error)
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    time.sleep(0.5)  # the first attempt has failed; the call waits out its backoff
+    closed_at = time.monotonic()
+    client.close()
+    caller.join(10)
+    assert time.monotonic() - closed_at < 2
+    assert isinstance(outcome[0], SeqServeError), outcome
+    assert outcome[0].code == grpc.StatusCode.CANCELLED and "Client is closed" in outcome[0].message
+
+
+def test_a_stream_cut_off_by_close_raises_the_closed_error(model_server, translator):
+    client = Client(model_server.address)
+    release = threading.Event()
+
+    def items():
+        yield ("1", "a b")
+        release.wait(10)  # the stream stays open, waiting for the caller's next item
+
+    stream = client.translate_stream(translator, items())
+    assert next(stream).id == "1"
+    threading.Timer(0.3, client.close).start()
+    try:
+        with pytest.raises(SeqServeError, match="Client is closed") as failure:
+            next(stream)
+    finally:
+        release.set()
+    assert failure.value.code == grpc.StatusCode.CANCELLED
