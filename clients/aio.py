@@ -27,6 +27,7 @@ from seqserve.clients.channel import (
     call_with_retry_async,
     check_timeout,
     closed_error,
+    closed_under_call,
     grpc_timeout,
 )
 from seqserve.clients.errors import SeqServeError
@@ -53,7 +54,7 @@ class AsyncClient:
         self._inference = pb_grpc.InferenceStub(self._channel)
         self._models = pb_grpc.ModelsStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
-        self._closed = False
+        self._closed = asyncio.Event()  # set by close; ends a retry's backoff at once
 
     # ----------------------------------------------------------------------------------------------------------
     # Inference
@@ -106,7 +107,7 @@ class AsyncClient:
 
         At most ``window`` items are in flight; failed items and streams behave as in Client.translate_stream.
         """
-        if self._closed:
+        if self._closed.is_set():
             raise closed_error("AsyncClient")
         timeout = grpc_timeout(check_timeout(timeout))
         if window < 1:
@@ -154,8 +155,14 @@ class AsyncClient:
                 yield t.stream_result(response)
             await writer  # surfaces a failed write
         except grpc.RpcError as error:
+            if self._closed.is_set():
+                raise closed_error("AsyncClient") from None
             if not failure:
                 raise SeqServeError.from_rpc_error(error) from None
+        except (asyncio.CancelledError, grpc.aio.UsageError):
+            if closed_under_call(self._closed):
+                raise closed_error("AsyncClient") from None
+            raise
         finally:
             if not writer.done():
                 writer.cancel()
@@ -219,7 +226,7 @@ class AsyncClient:
     # ----------------------------------------------------------------------------------------------------------
 
     async def close(self) -> None:
-        self._closed = True
+        self._closed.set()
         await self._channel.close()
 
     async def __aenter__(self) -> "AsyncClient":
@@ -229,14 +236,15 @@ class AsyncClient:
         await self.close()
 
     async def _unary(self, method: str, rpc: Any, request: Any, timeout: Timeout) -> Any:
-        if self._closed:
+        if self._closed.is_set():
             raise closed_error("AsyncClient")
         metadata = self.config.call_metadata()
 
         async def invoke(remaining: float | None) -> Any:
             return await rpc(request, timeout=remaining, metadata=metadata)
 
-        return await call_with_retry_async(method, invoke, self.config.resolve_timeout(timeout), self.config.retry)
+        timeout_s = self.config.resolve_timeout(timeout)
+        return await call_with_retry_async(method, invoke, timeout_s, self.config.retry, self._closed)
 
 
 async def _aiter(items: Iterable[T] | AsyncIterable[T]) -> AsyncIterator[T]:

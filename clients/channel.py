@@ -271,14 +271,46 @@ def call_with_retry(
             raise closed_error("Client")
 
 
+def task_being_cancelled() -> bool:
+    """Whether someone asked the current task to cancel (Task.cancelling, Python 3.11+; on 3.10: False)."""
+    cancelling = getattr(asyncio.current_task(), "cancelling", None)
+    return bool(cancelling and cancelling())
+
+
+def closed_under_call(closed: asyncio.Event) -> bool:
+    """Whether a CancelledError (or grpc's UsageError) came from closing the AsyncClient, not from cancelling the task.
+
+    grpc.aio raises CancelledError in a call whose channel closes; the caller's task was not cancelled, and a
+    BaseException it would not catch as a failed call. On Python 3.10, which cannot tell, a closed client wins.
+    """
+    return closed.is_set() and not task_being_cancelled()
+
+
 async def call_with_retry_async(
-    method: str, invoke: Callable[[float | None], Awaitable[T]], timeout: float | None, retry: RetryPolicy
+    method: str,
+    invoke: Callable[[float | None], Awaitable[T]],
+    timeout: float | None,
+    retry: RetryPolicy,
+    closed: asyncio.Event | None = None,
 ) -> T:
     """The asyncio twin of call_with_retry."""
+    closed = closed or asyncio.Event()
     retrier = Retrier(method, retry, timeout)
     while True:
+        if closed.is_set():
+            raise closed_error("AsyncClient")
         try:
             return await invoke(retrier.remaining())
         except grpc.RpcError as error:
+            if closed.is_set():
+                raise closed_error("AsyncClient") from None
             failure = SeqServeError.from_rpc_error(error)
-        await asyncio.sleep(retrier.wait_after(failure))
+        except (asyncio.CancelledError, grpc.aio.UsageError):
+            if closed_under_call(closed):
+                raise closed_error("AsyncClient") from None
+            raise
+        try:  # the backoff, ended at once by close; wait_after raises failure when there is no next attempt
+            await asyncio.wait_for(closed.wait(), retrier.wait_after(failure))
+        except asyncio.TimeoutError:
+            continue
+        raise closed_error("AsyncClient")

@@ -6,12 +6,15 @@ from __future__ import annotations
 import asyncio
 import math
 import socket
+import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health, health_pb2_grpc
 
 from seqserve.clients import AsyncClient, Client, ConnectionConfig, RetryPolicy, SeqServeError
 from seqserve.server.config import ServerConfig
@@ -128,3 +131,99 @@ def test_a_stream_cut_off_by_close_raises_the_closed_error(model_server, transla
     finally:
         release.set()
     assert failure.value.code == grpc.StatusCode.CANCELLED
+
+
+class SlowHealth(health.HealthServicer):
+    """The standard health service, answering after SLOW_ANSWER_S: a call that is surely in flight when closed."""
+
+    def Check(self, request, context):
+        time.sleep(SLOW_ANSWER_S)
+        return super().Check(request, context)
+
+
+SLOW_ANSWER_S = 3.0
+
+
+@pytest.fixture(scope="module")
+def slow_server():
+    server = grpc.server(ThreadPoolExecutor(max_workers=4))
+    health_pb2_grpc.add_HealthServicer_to_server(SlowHealth(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield f"127.0.0.1:{port}"
+    server.stop(0)
+
+
+async def outcome_of(awaitable) -> BaseException | None:
+    """What awaiting it raised (CancelledError included), or None."""
+    try:
+        await awaitable
+    except BaseException as error:  # noqa: BLE001 - the test asserts on whatever it was
+        return error
+    return None
+
+
+def assert_closed_error(error: BaseException | None, client: str = "AsyncClient") -> None:
+    assert isinstance(error, SeqServeError), repr(error)
+    assert error.code == grpc.StatusCode.CANCELLED and f"{client} is closed" in error.message
+
+
+def test_closing_an_async_client_fails_calls_in_flight_with_the_closed_error(slow_server):
+    async def scenario() -> list[BaseException | None]:
+        aclient = AsyncClient(slow_server)
+        calls = [asyncio.create_task(outcome_of(aclient.health())) for _ in range(3)]
+        await asyncio.sleep(0.3)
+        await aclient.close()
+        return await asyncio.wait_for(asyncio.gather(*calls), 10)
+
+    for error in asyncio.run(scenario()):
+        assert_closed_error(error)
+
+
+def test_closing_an_async_client_ends_a_retry_backoff_at_once_with_the_closed_error():
+    async def scenario() -> tuple[BaseException | None, float]:
+        aclient = AsyncClient(f"127.0.0.1:{free_port()}", retry=SLOW_RETRY, timeout_s=60)  # nothing listens there
+        call = asyncio.create_task(outcome_of(aclient.health()))
+        await asyncio.sleep(0.5)  # the first attempt has failed; the call waits out its backoff
+        closed_at = time.monotonic()
+        await aclient.close()
+        error = await asyncio.wait_for(call, 10)
+        return error, time.monotonic() - closed_at
+
+    error, took = asyncio.run(scenario())
+    assert_closed_error(error)
+    assert took < 2
+
+
+def test_an_async_stream_cut_off_by_close_raises_the_closed_error(model_server, translator):
+    async def scenario() -> BaseException | None:
+        aclient = AsyncClient(model_server.address)
+        release = asyncio.Event()
+
+        async def items():
+            yield ("1", "a b")
+            await release.wait()  # the stream stays open, waiting for the caller's next item
+
+        async def consume() -> None:
+            async for _ in aclient.translate_stream(translator, items()):
+                asyncio.get_running_loop().call_later(0.3, asyncio.ensure_future, aclient.close())
+
+        try:
+            return await asyncio.wait_for(outcome_of(consume()), 10)
+        finally:
+            release.set()
+
+    assert_closed_error(asyncio.run(scenario()))
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="Task.cancelling() tells a cancelled task from a closed client")
+def test_a_cancelled_task_still_gets_cancelled_error_when_the_client_closes_too(slow_server):
+    async def scenario() -> BaseException | None:
+        aclient = AsyncClient(slow_server)
+        task = asyncio.create_task(aclient.health())
+        await asyncio.sleep(0.3)
+        task.cancel()
+        await aclient.close()
+        return await outcome_of(task)
+
+    assert isinstance(asyncio.run(scenario()), asyncio.CancelledError)
