@@ -140,6 +140,9 @@ class AsyncClient:
             await call.done_writing()
 
         writer = asyncio.create_task(write_all())
+        # A failed call fails the writer's write too; the caller gets that failure from the reader, so the writer's
+        # copy is retrieved here, else asyncio logs "Task exception was never retrieved" for every failed stream.
+        writer.add_done_callback(lambda task: task.cancelled() or task.exception())
         try:
             while True:
                 try:

@@ -4,6 +4,7 @@ message limits. Models come from the `tiny_repository` fixture (tests/conftest.p
 from __future__ import annotations
 
 import asyncio
+import gc
 import math
 import socket
 import sys
@@ -227,3 +228,19 @@ def test_a_cancelled_task_still_gets_cancelled_error_when_the_client_closes_too(
         return await outcome_of(task)
 
     assert isinstance(asyncio.run(scenario()), asyncio.CancelledError)
+
+
+def test_a_failed_async_stream_leaves_no_unretrieved_task_exception(model_server, translator):
+    async def scenario() -> list[dict]:
+        unhandled: list[dict] = []
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: unhandled.append(context))
+        async with AsyncClient(model_server.address) as aclient:
+            with pytest.raises(SeqServeError):  # DEADLINE_EXCEEDED, or INTERNAL when grpc core is that early
+                async for _ in aclient.translate_stream(translator, [(str(i), "a b") for i in range(50)], timeout=1e-3):
+                    pass
+            await asyncio.sleep(0.2)  # the writer task ends
+            gc.collect()  # asyncio reports an unretrieved exception when the task is collected
+            await asyncio.sleep(0)
+        return unhandled
+
+    assert [context["message"] for context in asyncio.run(scenario())] == []
