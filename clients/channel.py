@@ -34,6 +34,9 @@ LAST_ATTEMPT_MIN_S = 0.05  # less time than this left before the deadline: give 
 # grpc keeps a deadline as int64 nanoseconds from its clock's epoch, so about 7.4e9 s from now overflows into a
 # deadline already past. Anything above this (float("inf") included) is sent as no deadline: it would never be hit.
 MAX_GRPC_TIMEOUT_S = 1e9  # about 31 years
+# The server's default max_message_bytes (server/config.py): the largest answer it sends. grpc's own default receive
+# limit, 4 MiB, would throw away answers the server computed and sent within its limits.
+DEFAULT_MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 T = TypeVar("T")
 
 
@@ -104,7 +107,7 @@ class ConnectionConfig:
     tls: TLSConfig | None = None  # None: plaintext
     token: str | None = None  # sent as "authorization: Bearer <token>"
     metadata: tuple[tuple[str, str], ...] | Mapping[str, str] = ()  # extra headers on every call (kept as pairs)
-    max_message_bytes: int | None = None  # send and receive limit (grpc's default receive limit is 4 MiB)
+    max_message_bytes: int | None = None  # send and receive limit; None: DEFAULT_MAX_MESSAGE_BYTES, the server's
     # grpc client interceptors (tracing, auth, counting): grpc.*ClientInterceptor for Client,
     # grpc.aio.*ClientInterceptor for AsyncClient. They see every attempt, retries included.
     interceptors: tuple[Any, ...] = ()
@@ -126,11 +129,8 @@ class ConnectionConfig:
             ("grpc.initial_reconnect_backoff_ms", max(1, int(self.retry.initial_backoff_s * 1000))),
             ("grpc.max_reconnect_backoff_ms", max(1, int(self.retry.max_backoff_s * 1000))),
         ]
-        if self.max_message_bytes is not None:
-            options += [
-                ("grpc.max_send_message_length", self.max_message_bytes),
-                ("grpc.max_receive_message_length", self.max_message_bytes),
-            ]
+        limit = DEFAULT_MAX_MESSAGE_BYTES if self.max_message_bytes is None else self.max_message_bytes
+        options += [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
         if self.tls is not None and self.tls.server_name_override:
             options.append(("grpc.ssl_target_name_override", self.tls.server_name_override))
         return options

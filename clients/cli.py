@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tls-key", type=Path, help="PEM private key of the client certificate")
     parser.add_argument("--tls-server-name", help="expect this name in the server certificate instead of HOST")
     parser.add_argument("--max-message-mb", type=number(0.0, above=True),
-                        help="send and receive message size limit in MiB (default: grpc's, 4 MiB received)")
+                        help="send and receive message size limit in MiB (default 8, the server's default)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log retries and progress details to stderr")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

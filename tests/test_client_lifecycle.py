@@ -14,10 +14,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from grpc_health.v1 import health, health_pb2_grpc
 
 from seqserve.clients import AsyncClient, Client, ConnectionConfig, RetryPolicy, SeqServeError
+from seqserve.protos.v1 import seqserve_pb2 as pb
+from seqserve.protos.v1 import seqserve_pb2_grpc as pb_grpc
 from seqserve.server.config import ServerConfig
 from seqserve.server.repository import ModelRepository
 from seqserve.server.testing import ServerThread
@@ -244,3 +247,41 @@ def test_a_failed_async_stream_leaves_no_unretrieved_task_exception(model_server
         return unhandled
 
     assert [context["message"] for context in asyncio.run(scenario())] == []
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Message size limits
+
+
+class LargeAnswers(pb_grpc.InferenceServicer):
+    """Encode answers with ``rows`` vectors of 1024 float32 (4 KiB each), whatever was asked."""
+
+    def Encode(self, request, context):
+        rows = int(request.texts[0])
+        data = np.zeros((rows, 1024), dtype="<f4").tobytes()
+        return pb.EncodeResponse(embeddings=pb.Tensor(dtype="float32", shape=[rows, 1024], data=data))
+
+
+@pytest.fixture(scope="module")
+def large_answers():
+    server = grpc.server(ThreadPoolExecutor(max_workers=2), options=[("grpc.max_send_message_length", -1)])
+    pb_grpc.add_InferenceServicer_to_server(LargeAnswers(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield f"127.0.0.1:{port}"
+    server.stop(0)
+
+
+def test_a_default_client_receives_answers_up_to_the_servers_default_message_limit(large_answers):
+    rows = ServerConfig().limits.max_message_bytes // 4096 - 8  # just under the server's limit, over grpc's 4 MiB
+    with Client(large_answers) as client:
+        assert client.encode("any", [str(rows)]).shape == (rows, 1024)
+
+
+def test_a_message_over_the_clients_limit_names_the_option_to_raise(large_answers):
+    with Client(large_answers, max_message_bytes=64 * 1024) as client:
+        with pytest.raises(SeqServeError, match="Received.*max_message_bytes.*--max-message-mb") as received:
+            client.encode("any", ["100"])  # 400 KiB
+        with pytest.raises(SeqServeError, match="Sent.*max_message_bytes.*--max-message-mb") as sent:
+            client.encode("any", ["1", "x" * 100_000])
+    assert received.value.code == sent.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
