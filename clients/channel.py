@@ -309,8 +309,9 @@ async def call_with_retry_async(
             if closed_under_call(closed):
                 raise closed_error("AsyncClient") from None
             raise
-        try:  # the backoff, ended at once by close; wait_after raises failure when there is no next attempt
-            await asyncio.wait_for(closed.wait(), retrier.wait_after(failure))
+        wait = retrier.wait_after(failure)  # raises failure when there is no next attempt
+        try:  # the backoff, ended at once by close
+            await asyncio.wait_for(closed.wait(), wait)
         except asyncio.TimeoutError:
             continue
         raise closed_error("AsyncClient")

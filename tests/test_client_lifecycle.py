@@ -10,6 +10,7 @@ import socket
 import sys
 import threading
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -285,3 +286,16 @@ def test_a_message_over_the_clients_limit_names_the_option_to_raise(large_answer
         with pytest.raises(SeqServeError, match="Sent.*max_message_bytes.*--max-message-mb") as sent:
             client.encode("any", ["1", "x" * 100_000])
     assert received.value.code == sent.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_an_async_call_that_is_not_retried_leaves_no_unawaited_coroutine(large_answers):
+    async def fail() -> None:
+        async with AsyncClient(large_answers) as aclient:
+            with pytest.raises(SeqServeError, match="UNIMPLEMENTED"):
+                await aclient.translate("any", ["a"])  # LargeAnswers serves only Encode
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        asyncio.run(fail())
+        gc.collect()
+    assert [str(w.message) for w in caught if "never awaited" in str(w.message)] == []
