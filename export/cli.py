@@ -21,29 +21,32 @@ log = logging.getLogger(__name__)
 # Option values
 
 
+def _converted(text: str, parse: Callable[[str], Any], what: str, check: Callable[[Any], Any], errors: type) -> Any:
+    """argparse's conversion: `parse` the text ("'x' is not WHAT" when it cannot), then `check` the value (its
+    `errors` become argparse's, with their own message)."""
+    try:
+        value = parse(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+    try:
+        return check(value)
+    except errors as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def version_number(text: str) -> int:
     """argparse type: a version the repository and the API can carry (1 .. 2^32-1)."""
     from seqserve.export.writer import check_version
     from seqserve.server.repository import RepositoryError
 
-    try:
-        return check_version(int(text))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    except RepositoryError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+    return _converted(text, int, "an integer", check_version, RepositoryError)
 
 
 def tolerance_value(text: str) -> float:
     """argparse type: a finite tolerance above 0 and within export.parity.MAX_TOLERANCE."""
     from seqserve.export.pipeline import ExportError, check_tolerance
 
-    try:
-        return check_tolerance(float(text))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    except ExportError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+    return _converted(text, float, "a number", check_tolerance, ExportError)
 
 
 def dev_limit(text: str) -> int:
