@@ -100,3 +100,15 @@ def restore_logging():
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread for a test (modules that train or compare models use it: `pytestmark`): the CI machine's
+    two cores are shared by the whole suite, and one thread keeps runs bit-for-bit repeatable."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -34,12 +34,7 @@ TINY = BertConfig(
 MASK_ID, CLS_ID, SEP_ID, PAD_ID = 4, 2, 3, 0
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

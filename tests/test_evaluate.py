@@ -17,12 +17,7 @@ from seqserve.models.evaluate import EvaluationError, evaluate_bert, evaluate_tr
 from seqserve.models.tokenization import train_tokenizer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -35,12 +35,7 @@ SENTENCES = [
 TINY_WORDS = ["the", "cat", "dog", "sat", "on", "mat", "a", "ran", "##s", "big"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _pad_batch(tokenizer: Tokenizer, texts: list[str], pairs: list[str] | None = None) -> dict[str, torch.Tensor]:

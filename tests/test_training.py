@@ -19,13 +19,7 @@ from seqserve.models.evaluate import evaluate_bert, translate
 from seqserve.models.tokenization import train_tokenizer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The CI machine has two cores shared by the whole suite; one thread also keeps runs bit-for-bit repeatable.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="session")

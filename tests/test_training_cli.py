@@ -7,19 +7,13 @@ import logging
 from pathlib import Path
 
 import pytest
-import torch
 
 from seqserve.cli import main as cli_main
 from seqserve.models import synthetic as S
 from seqserve.models.checkpoint import load_checkpoint
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

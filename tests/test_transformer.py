@@ -39,12 +39,7 @@ NORMS = pytest.mark.parametrize("normalize_before", [False, True], ids=["post-no
 nh, hs = 2, 16
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _model(**overrides) -> TransformerTranslator:
