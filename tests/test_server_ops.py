@@ -7,6 +7,7 @@ import shutil
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import pytest
@@ -225,12 +226,18 @@ def test_copied_version_folders_are_failed_and_leave_their_original_serving(tiny
         assert stub.Translate(request).model.version == 1  # untouched by anything done to its copies
 
 
-def test_a_broken_newest_version_falls_back_to_the_next_one_at_start(tiny_repository, tmp_path):
+def _two_versions(tiny_repository: Path, tmp_path: Path) -> Path:
+    """A repository of tiny-lstm versions 1 and 2 (2 a renumbered copy of 1)."""
     root = tmp_path / "repo"
     shutil.copytree(tiny_repository / "tiny-lstm" / "1", root / "tiny-lstm" / "1")
     shutil.copytree(tiny_repository / "tiny-lstm" / "1", root / "tiny-lstm" / "2")
     manifest = json.loads((root / "tiny-lstm" / "2" / "manifest.json").read_text())
     (root / "tiny-lstm" / "2" / "manifest.json").write_text(json.dumps({**manifest, "version": 2}))
+    return root
+
+
+def test_a_broken_newest_version_falls_back_to_the_next_one_at_start(tiny_repository, tmp_path):
+    root = _two_versions(tiny_repository, tmp_path)
     (root / "tiny-lstm" / "2" / "source_tokenizer.json").unlink()  # a broken new export
     config = ServerConfig(port=0, metrics_port=None, instances=1, threads=1)
     with ServerThread(config, ModelRepository(root)) as running, grpc.insecure_channel(running.address) as ch:
@@ -393,11 +400,7 @@ def test_stream_read_ahead_bounds_the_items_in_flight(tiny_repository):
 
 
 def test_version_zero_is_the_highest_ready_version(tiny_repository, tmp_path):
-    root = tmp_path / "repo"
-    shutil.copytree(tiny_repository / "tiny-lstm" / "1", root / "tiny-lstm" / "1")
-    shutil.copytree(tiny_repository / "tiny-lstm" / "1", root / "tiny-lstm" / "2")
-    manifest = json.loads((root / "tiny-lstm" / "2" / "manifest.json").read_text())
-    (root / "tiny-lstm" / "2" / "manifest.json").write_text(json.dumps({**manifest, "version": 2}))
+    root = _two_versions(tiny_repository, tmp_path)
     config = ServerConfig(port=0, metrics_port=None, instances=1, threads=1)
 
     def translate(stub, version: int) -> pb.TranslateResponse:
