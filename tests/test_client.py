@@ -259,6 +259,35 @@ def test_translate_returns_one_result_per_text_in_order(client, models):
     assert all(r.source_tokens > 0 and r.model.name == models["translate"] for r in together)
 
 
+def test_one_client_shared_by_threads_and_one_async_client_by_tasks_answer_each_caller_its_own(model_server, client,
+                                                                                               models):
+    """A web app's pattern: one client for every worker. Each caller gets the answer to its own request, the same as
+    when it asks alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pairs = [(a, b) for a in SOURCES for b in SOURCES]
+    translations = {text: client.translate(models["translate"], [text])[0].text for text in SOURCES}
+    vectors = {text: client.encode(models["encode"], [text])[0] for text in SOURCES}
+    scores = {pair: client.score_next_sentence(models["nsp"], [pair])[0] for pair in pairs}
+
+    def ask(i: int) -> None:
+        text, pair = SOURCES[i % len(SOURCES)], pairs[i % len(pairs)]
+        assert client.translate(models["translate"], [text])[0].text == translations[text]
+        np.testing.assert_allclose(client.encode(models["encode"], [text])[0], vectors[text], rtol=1e-4, atol=1e-5)
+        assert client.score_next_sentence(models["nsp"], [pair])[0] == pytest.approx(scores[pair], abs=1e-4)
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(ask, range(64)))  # re-raises a caller's failed assertion
+
+    async def tasks() -> list[str]:
+        async with AsyncClient(model_server.address, timeout_s=60) as shared:
+            answers = await asyncio.gather(*(shared.translate(models["translate"], [SOURCES[i % len(SOURCES)]])
+                                             for i in range(64)))  # fmt: skip
+        return [a[0].text for a in answers]
+
+    assert asyncio.run(tasks()) == [translations[SOURCES[i % len(SOURCES)]] for i in range(64)]
+
+
 def test_translate_n_best_gives_hypotheses_best_first_with_token_scores(client, models):
     options = DecodingOptions(beam_size=3, n_best=3, return_token_scores=True)
     (result,) = client.translate(models["translate"], [SOURCES[0]], options)
