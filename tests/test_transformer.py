@@ -369,3 +369,34 @@ def test_a_row_with_a_masked_cache_prefix_decodes_as_it_does_alone(positional_en
             cache_mask = torch.cat([cache_mask, torch.zeros(2, 1, dtype=torch.bool)], dim=1)
     for a, b in zip(alone, together):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+
+
+def test_multi_head_attention_equals_torch_attention_with_padding_and_causal_masks() -> None:
+    """The textbook scaled dot-product attention: ours against torch's nn.MultiheadAttention (weights copied) with a
+    key padding mask, and against F.scaled_dot_product_attention with the causal mask."""
+    import torch.nn.functional as F
+
+    from seqserve.models.transformer import MultiHeadAttention, _attention_bias, causal_mask
+
+    torch.manual_seed(0)
+    hidden, heads, batch, length, keys = 16, 4, 2, 5, 7
+    ours = MultiHeadAttention(hidden, heads, 0.0).double().eval()
+    theirs = nn.MultiheadAttention(hidden, heads, batch_first=True).double().eval()
+    x = torch.randn(batch, length, hidden, dtype=torch.float64)
+    memory = torch.randn(batch, keys, hidden, dtype=torch.float64)
+    padding = torch.tensor([[False] * 7, [False] * 4 + [True] * 3])  # True: a padded key
+    with torch.no_grad():
+        theirs.in_proj_weight.copy_(torch.cat([ours.query.weight, ours.key.weight, ours.value.weight]))
+        theirs.in_proj_bias.copy_(torch.cat([ours.query.bias, ours.key.bias, ours.value.bias]))
+        theirs.out_proj.weight.copy_(ours.out.weight)
+        theirs.out_proj.bias.copy_(ours.out.bias)
+        cross = ours(x, *ours.project_kv(memory), _attention_bias((~padding)[:, None, None, :], torch.float64))
+        expected, _ = theirs(x, memory, memory, key_padding_mask=padding)
+        torch.testing.assert_close(cross, expected, rtol=0, atol=1e-12)
+
+        causal = ours(x, *ours.project_kv(x), _attention_bias(causal_mask(length), torch.float64)[None, None])
+        q = ours.query(x).view(batch, length, heads, hidden // heads).transpose(1, 2)
+        k, v = ours.project_kv(x)
+        reference = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        expected = ours.out(reference.transpose(1, 2).reshape(batch, length, hidden))
+        torch.testing.assert_close(causal, expected, rtol=0, atol=1e-12)
