@@ -136,7 +136,7 @@ class SeqServer:
                 pass
             self._in_delay = False
         log.info("draining: no new work, %.1f s for in-flight requests", grace)
-        self.state.start_draining()
+        self.state.draining = True  # streams waiting on drained() stop reading
         await self.health.end_watches()  # each sends NOT_SERVING and ends: an open Watch held stop() for all of grace
         await self.grpc.stop(grace)
         await self.manager.close()

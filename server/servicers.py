@@ -56,10 +56,10 @@ class ServingState:
 
     @draining.setter
     def draining(self, value: bool) -> None:  # on the server's event loop
-        self._draining.set() if value else self._draining.clear()
-
-    def start_draining(self) -> None:
-        self.draining = True
+        if value:
+            self._draining.set()
+        else:
+            self._draining.clear()
 
     async def drained(self) -> None:
         """Return once the server takes no new work (open streams stop reading then)."""
